@@ -1,0 +1,1 @@
+"""moda_kernels: Triton kernels for MoDA and their PyTorch references (no Lightning, no models)."""

@@ -1,0 +1,83 @@
+"""Input validation shared by every implementation of the MoDA attention op.
+
+The op's public entry points (``moda_lightning.ops.moda_attention`` and the fused
+``moda_attn``) call :func:`check_moda_inputs` once; kernels and the reference then trust
+their inputs.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def _shape(t: Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def check_moda_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    depth_k: Tensor | None,
+    depth_v: Tensor | None,
+    num_depth: int | None,
+) -> int:
+    """Validate the shapes of one MoDA attention call and return the number of depth slots read.
+
+    Args:
+        q: queries ``[B, T, Hq, d]``.
+        k, v: sequence keys and values ``[B, T, Hk, d]`` with ``Hq % Hk == 0``.
+        depth_k, depth_v: depth stream ``[B, T, S, Hk, d]`` or both ``None``.
+        num_depth: how many of the ``S`` slots to read (default: all of them).
+
+    Returns:
+        The number of depth slots the call reads (``0`` when there is no depth stream).
+
+    Raises:
+        ValueError: with the offending shapes and what was expected.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "moda_attention: q, k and v must be 4-d [B, T, H, d]; got q "
+            f"{_shape(q)}, k {_shape(k)}, v {_shape(v)}. Reshape [B, T, H*d] projections with .view(B, T, H, d)."
+        )
+    B, T, Hq, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"moda_attention: k and v must have the same shape; got k {_shape(k)}, v {_shape(v)}.")
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != d:
+        raise ValueError(
+            f"moda_attention: k/v must be [B={B}, T={T}, Hk, d={d}] to match q {_shape(q)}; got {_shape(k)}."
+        )
+    Hk = k.shape[2]
+    if Hq % Hk != 0:
+        raise ValueError(
+            f"moda_attention: the {Hq} query heads must be a multiple of the {Hk} key/value heads "
+            f"(query head h reads KV head h // (Hq // Hk)); got q {_shape(q)}, k {_shape(k)}."
+        )
+    if (depth_k is None) != (depth_v is None):
+        raise ValueError("moda_attention: pass both depth_k and depth_v, or neither.")
+    if depth_k is None:
+        if num_depth:
+            raise ValueError(
+                f"moda_attention: num_depth={num_depth} but no depth_k/depth_v were given; "
+                "pass the depth stream [B, T, S, Hk, d] or num_depth=0."
+            )
+        return 0
+    assert depth_v is not None
+    expected = f"[B={B}, T={T}, S, Hk={Hk}, d={d}]"
+    for name, t in (("depth_k", depth_k), ("depth_v", depth_v)):
+        if t.dim() != 5 or t.shape[0] != B or t.shape[1] != T or t.shape[3] != Hk or t.shape[4] != d:
+            raise ValueError(f"moda_attention: {name} must be {expected}; got {_shape(t)}.")
+    if depth_k.shape != depth_v.shape:
+        raise ValueError(
+            f"moda_attention: depth_k and depth_v must have the same shape; got {_shape(depth_k)} and {_shape(depth_v)}."
+        )
+    S = depth_k.shape[2]
+    if num_depth is None:
+        return S
+    if not 0 <= num_depth <= S:
+        raise ValueError(
+            f"moda_attention: num_depth={num_depth} but the depth stream holds S={S} slots "
+            f"(shape {_shape(depth_k)}); pass 0 <= num_depth <= S."
+        )
+    return num_depth

@@ -1,0 +1,97 @@
+"""The definition of MoDA attention in plain, vectorized PyTorch.
+
+This is the spec every kernel is tested against and the portable backend that trains on
+CPU. Math: arXiv 2603.15619, Section 2; shapes: ``kernels/moda_attn/README.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def moda_attn_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    depth_k: Tensor | None = None,
+    depth_v: Tensor | None = None,
+    *,
+    num_depth: int | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """Attention over ``[sequence | depth]`` keys under one softmax.
+
+    For query head ``h`` of token ``t`` (KV head ``g = h // G``, ``G = Hq // Hk``)::
+
+        s_j = scale * q[t, h] . k[j, g]              for j <= t (all j if not causal)
+        r_s = scale * q[t, h] . depth_k[t, s, g]     for s < num_depth
+        o[t, h] = sum_j softmax(s, r)_j v[j, g] + sum_s softmax(s, r)_s depth_v[t, s, g]
+
+    The matmuls run in the inputs' dtype and the softmax in float32 (float64 for float64
+    inputs), like a low-precision attention kernel, so the reference run in bf16 measures
+    how much error bf16 alone costs.
+
+    Args:
+        q: ``[B, T, Hq, d]``.
+        k, v: ``[B, T, Hk, d]``.
+        depth_k, depth_v: ``[B, T, S, Hk, d]`` or ``None``; only the first ``num_depth``
+            slots are read.
+        num_depth: number of depth slots to read (default: all ``S``; ``0`` with no stream).
+        causal: sequence keys ``j <= t`` only.
+        scale: logit scale, default ``d ** -0.5``.
+        return_lse: also return the row log-sum-exp and the depth part's log-sum-exp.
+
+    Returns:
+        ``o [B, T, Hq, d]`` in ``q.dtype``; with ``return_lse`` also ``lse, lse_depth
+        [B, T, Hq]`` (natural log, float32 or float64; ``lse_depth = -inf`` without depth).
+    """
+    B, T, Hq, d = q.shape
+    Hk = k.shape[2]
+    G = Hq // Hk
+    scale = d**-0.5 if scale is None else scale
+    if depth_k is None or depth_v is None:
+        num_depth = 0
+    elif num_depth is None:
+        num_depth = depth_k.shape[2]
+    softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    # Group the query heads by the KV head they read: [B, Hk, G, T, d]; no K/V copies.
+    q_g = q.view(B, T, Hk, G, d).permute(0, 2, 3, 1, 4)
+    k_h = k.permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hk, 1, T, d]
+    v_h = v.permute(0, 2, 1, 3).unsqueeze(2)
+
+    logits_seq = torch.matmul(q_g, k_h.transpose(-1, -2)).to(softmax_dtype) * scale  # [B, Hk, G, T, T]
+    if causal:
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        logits_seq = logits_seq.masked_fill(future, float("-inf"))
+
+    if num_depth > 0:
+        dk = depth_k[:, :, :num_depth].permute(0, 3, 1, 2, 4).unsqueeze(2)  # [B, Hk, 1, T, S, d]
+        dv = depth_v[:, :, :num_depth].permute(0, 3, 1, 2, 4).unsqueeze(2)
+        # Each token attends only to its own depth slots: a batched [G, d] x [d, S] per token.
+        logits_depth = torch.matmul(q_g.unsqueeze(-2), dk.transpose(-1, -2)).squeeze(-2)  # [B, Hk, G, T, S]
+        logits_depth = logits_depth.to(softmax_dtype) * scale
+    else:
+        logits_depth = logits_seq.new_empty(B, Hk, G, T, 0)
+
+    # One softmax over the concatenated [sequence | depth] logits.
+    logits = torch.cat([logits_seq, logits_depth], dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)  # [B, Hk, G, T]
+    probs = torch.exp(logits - lse.unsqueeze(-1)).to(q.dtype)
+    p_seq, p_depth = probs[..., :T], probs[..., T:]
+
+    o = torch.matmul(p_seq, v_h)  # [B, Hk, G, T, d]
+    if num_depth > 0:
+        o = o + torch.matmul(p_depth.unsqueeze(-2), dv).squeeze(-2)
+    o = o.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, d)
+    if not return_lse:
+        return o
+
+    def to_BTH(x: Tensor) -> Tensor:  # [B, Hk, G, T] -> [B, T, Hq]
+        return x.permute(0, 3, 1, 2).reshape(B, T, Hq)
+
+    lse_depth = torch.logsumexp(logits_depth, dim=-1)  # -inf where there are no depth slots
+    return o, to_BTH(lse), to_BTH(lse_depth)

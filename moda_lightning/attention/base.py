@@ -1,0 +1,37 @@
+"""The shape contract every attention backend of the model follows."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+class AttentionBackend:
+    """One way of computing a layer's attention, selected by a registry key.
+
+    ``__call__(q, k, v, depth_k, depth_v, *, num_depth, scale)`` takes ``q [B, T, Hq, d]``,
+    ``k, v [B, T, Hk, d]`` and the depth stream ``depth_k, depth_v [B, T, S, Hk, d]`` of which
+    the first ``num_depth`` slots are valid, and returns ``o [B, T, Hq, d]``. Attention is
+    causal. Backends that cannot read depth (``reads_depth = False``) get ``None`` for both.
+    """
+
+    reads_depth: bool = True
+    """Whether the backend attends to the depth stream (False: plain causal attention)."""
+
+    def check_available(self) -> None:
+        """Raise ``RuntimeError`` saying why this backend cannot run here and what to use instead."""
+
+    def check_device(self, device_type: str) -> None:
+        """Raise ``RuntimeError`` if the backend cannot run on tensors of this device type."""
+
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        depth_k: Tensor | None = None,
+        depth_v: Tensor | None = None,
+        *,
+        num_depth: int = 0,
+        scale: float | None = None,
+    ) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__")

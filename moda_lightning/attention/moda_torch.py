@@ -1,0 +1,27 @@
+"""Portable MoDA backend: the op's vectorized PyTorch reference; runs on CPU and GPU."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from moda_lightning.attention import register_backend
+from moda_lightning.attention.base import AttentionBackend
+from moda_lightning.ops import moda_attention
+
+
+@register_backend("moda_torch")
+class MoDATorchBackend(AttentionBackend):
+    """MoDA through ``moda_attention(..., backend="reference")``: dense, any device and dtype."""
+
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        depth_k: Tensor | None = None,
+        depth_v: Tensor | None = None,
+        *,
+        num_depth: int = 0,
+        scale: float | None = None,
+    ) -> Tensor:
+        return moda_attention(q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, backend="reference")

@@ -1,0 +1,44 @@
+"""Fused MoDA backend: the Triton kernel (CUDA only). Triton is imported on first use, not here."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from moda_lightning.attention import register_backend
+from moda_lightning.attention.base import AttentionBackend
+from moda_lightning.ops import moda_attention
+
+_CPU_HINT = "Use --model.attention=moda_torch (the portable MoDA backend) or sdpa on this machine."
+
+
+@register_backend("moda_triton")
+class MoDATritonBackend(AttentionBackend):
+    """MoDA through ``moda_attention(..., backend="triton")``: the fused Triton kernel."""
+
+    def check_available(self) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"attention backend 'moda_triton' needs a CUDA GPU, and none is visible. {_CPU_HINT}")
+        if importlib.util.find_spec("triton") is None:
+            raise RuntimeError(f"attention backend 'moda_triton' needs the triton package, which is not installed. {_CPU_HINT}")
+
+    def check_device(self, device_type: str) -> None:
+        if device_type != "cuda":
+            raise RuntimeError(
+                f"attention backend 'moda_triton' runs on CUDA tensors only; the model is on {device_type!r}. {_CPU_HINT}"
+            )
+
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        depth_k: Tensor | None = None,
+        depth_v: Tensor | None = None,
+        *,
+        num_depth: int = 0,
+        scale: float | None = None,
+    ) -> Tensor:
+        return moda_attention(q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, backend="triton")

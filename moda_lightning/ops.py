@@ -1,0 +1,76 @@
+"""The public MoDA attention op: one signature, several backends.
+
+``moda_attention`` is what other projects call; the model's attention backends
+(``moda_lightning.attention``) are thin adapters over it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+from torch import Tensor
+
+from moda_kernels.moda_attn import check_moda_inputs, moda_attn_reference
+
+
+def _triton_op() -> Callable[..., Tensor | tuple[Tensor, Tensor, Tensor]]:
+    # Imported on first use so that `import moda_lightning` never imports Triton.
+    from moda_kernels.moda_attn import moda_attn
+
+    return moda_attn
+
+
+_OP_BACKENDS: dict[str, Callable[[], Callable[..., Tensor | tuple[Tensor, Tensor, Tensor]]]] = {
+    "reference": lambda: moda_attn_reference,
+    "triton": _triton_op,
+}
+
+
+def moda_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    depth_k: Tensor | None = None,
+    depth_v: Tensor | None = None,
+    *,
+    num_depth: int | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str = "reference",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """Mixture-of-Depths attention: sequence and depth keys under one softmax.
+
+    Query head ``h`` of token ``t`` attends to the sequence keys ``k[j]`` (``j <= t`` when
+    causal) and to the first ``num_depth`` depth slots of its own token,
+    ``depth_k[t, :num_depth]``, with one softmax over both; query head ``h`` reads KV
+    head ``h // (Hq // Hk)`` (grouped-query attention).
+
+    Args:
+        q: queries ``[B, T, Hq, d]``.
+        k, v: sequence keys and values ``[B, T, Hk, d]``.
+        depth_k, depth_v: the depth stream ``[B, T, S, Hk, d]`` (any strides), or ``None``.
+        num_depth: how many of the ``S`` slots are read (default: all of them).
+        causal: mask sequence keys after the query's token.
+        scale: logit scale, default ``d ** -0.5``.
+        backend: ``"reference"`` (vectorized PyTorch, any device, fp32/bf16/fp16) or
+            ``"triton"`` (fused kernel, CUDA only).
+        return_lse: also return the log-sum-exp of each row and of its depth part.
+
+    Returns:
+        ``o [B, T, Hq, d]``; with ``return_lse=True`` the tuple ``(o, lse, lse_depth)``,
+        both ``[B, T, Hq]`` natural-log; ``exp(lse_depth - lse)`` is the row's depth mass.
+
+    Raises:
+        ValueError: on inconsistent shapes or an unknown backend.
+    """
+    if backend not in _OP_BACKENDS:
+        hint = difflib.get_close_matches(backend, _OP_BACKENDS, n=1)
+        raise ValueError(
+            f"moda_attention: unknown backend {backend!r}; available: {sorted(_OP_BACKENDS)}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        )
+    num_depth = check_moda_inputs(q, k, v, depth_k, depth_v, num_depth)
+    op = _OP_BACKENDS[backend]()
+    return op(q, k, v, depth_k, depth_v, num_depth=num_depth, causal=causal, scale=scale, return_lse=return_lse)
