@@ -1,0 +1,72 @@
+"""The ``moda`` command: LightningCLI over MoDALightningModule and TextDataModule.
+
+``moda fit --config configs/default.yaml`` trains on the built-in corpus; every init argument
+of the model, data module and trainer is a flag (``--model.attention=sdpa``). Other projects
+can subclass :class:`MoDACLI` to add their own arguments.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from moda_lightning.data import TextDataModule
+from moda_lightning.lightning_module import MoDALightningModule
+
+
+class MoDACLI(LightningCLI):
+    """LightningCLI with the vocabulary linked from the tokenizer, checkpoints, LR logging and
+    bf16 on GPUs / fp32 on CPUs unless ``--trainer.precision`` says otherwise."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The model's vocabulary follows the tokenizer; it is never written twice.
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.filename": "step{step:06d}-val_loss{val/loss:.3f}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.save_last": True,
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "moda"},
+                },
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.precision is None:
+            on_gpu = torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
+            config.trainer.precision = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+    def before_fit(self) -> None:
+        seq_len, max_len = self.datamodule.seq_len, self.model.config.max_seq_len
+        if seq_len > max_len:
+            raise ValueError(
+                f"--data.seq_len={seq_len} is longer than the model's max_seq_len={max_len}; "
+                f"lower --data.seq_len or raise --model.max_seq_len to at least {seq_len}."
+            )
+        # Fail before training, not in the first step, when the backend cannot run on the chosen device.
+        self.model.model.backend.check_device(self.trainer.strategy.root_device.type)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``moda`` console script."""
+    MoDACLI(
+        MoDALightningModule,
+        TextDataModule,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=args if args is not None else sys.argv[1:],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""MoDAConfig: the architecture of a MoDA language model as plain data.
+
+Names (backends, norm placements) are stored as registry keys, not classes, so that
+``hparams.yaml`` and checkpoints stay plain data. Every problem is reported in one error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class MoDAConfig:
+    """Shapes and switches of a decoder-only MoDA LM (see MODA_SPEC.md section 2)."""
+
+    vocab_size: int
+    """Token vocabulary size (follows the tokenizer)."""
+    d_model: int = 256
+    """Model width D."""
+    n_layers: int = 4
+    """Number of layers L (each: attention sublayer + SwiGLU FFN sublayer)."""
+    n_heads: int = 4
+    """Query heads Hq."""
+    n_kv_heads: int = 2
+    """Key/value heads Hk; Hq must be a multiple (G = Hq / Hk query heads share one KV head)."""
+    head_dim: int | None = None
+    """Head dimension d; default D / Hq."""
+    ffn_hidden: int | None = None
+    """SwiGLU hidden width; default 8/3 * D rounded up to a multiple of 64."""
+    max_seq_len: int = 1024
+    """Longest sequence the model accepts (size of the rotary table)."""
+    attention: str = "moda_torch"
+    """Attention backend key: 'sdpa' (baseline), 'moda_torch' or 'moda_triton'."""
+    norm: str = "pre"
+    """Norm placement key: 'pre', 'post' or 'olmo2'."""
+    depth_kv: bool | None = None
+    """Write each attention sublayer's K/V to the depth stream (default: on for MoDA backends)."""
+    ffn_kv: bool | None = None
+    """Project each FFN input into an extra depth K/V slot (default: on for MoDA backends)."""
+    attn_kv_proj: bool = False
+    """Give the attention's depth slot its own K/V projection instead of reusing sequence K/V."""
+    qk_norm: bool = True
+    """RMSNorm on queries and keys (per head) before RoPE, as in OLMo2."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the output projection."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Std of the normal init of linear and embedding weights."""
+
+    def __post_init__(self) -> None:
+        # Registries are imported here, not at module top, to keep this module plain data.
+        from moda_lightning.attention import backend_class, registered_backends
+        from moda_lightning.norms import NORM_PLACEMENTS
+
+        problems: list[str] = []
+        reads_depth = True
+        if self.attention not in registered_backends():
+            try:
+                backend_class(self.attention)
+            except ValueError as err:
+                problems.append(str(err))
+        else:
+            reads_depth = backend_class(self.attention).reads_depth
+        if self.norm not in NORM_PLACEMENTS:
+            problems.append(
+                f"unknown norm placement {self.norm!r}; registered: {sorted(NORM_PLACEMENTS)}. "
+                "Pick one with --model.norm=NAME."
+            )
+        if self.depth_kv is None:
+            self.depth_kv = reads_depth
+        if self.ffn_kv is None:
+            self.ffn_kv = reads_depth
+        if not reads_depth:
+            wanted = [name for name in ("depth_kv", "ffn_kv", "attn_kv_proj") if getattr(self, name)]
+            if wanted:
+                problems.append(
+                    f"attention backend {self.attention!r} reads no depth stream, but {', '.join(wanted)} "
+                    f"{'is' if len(wanted) == 1 else 'are'} on. Use a MoDA backend (--model.attention=moda_torch "
+                    f"or moda_triton) or turn {'it' if len(wanted) == 1 else 'them'} off "
+                    + " ".join(f"(--model.{name}=false)" for name in wanted)
+                    + "."
+                )
+        if self.attn_kv_proj and not self.depth_kv:
+            problems.append(
+                "attn_kv_proj=true gives the attention's depth slot its own K/V projection, so it needs "
+                "depth_kv=true; set --model.depth_kv=true or --model.attn_kv_proj=false."
+            )
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be a positive integer; got {getattr(self, name)}.")
+        if self.n_heads >= 1 and self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads:
+            problems.append(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; each KV head serves "
+                f"n_heads / n_kv_heads query heads. Choose n_kv_heads among "
+                f"{[h for h in range(1, self.n_heads + 1) if self.n_heads % h == 0]}."
+            )
+        if self.head_dim is None and self.n_heads >= 1 and self.d_model % self.n_heads:
+            problems.append(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}, so the head size is not "
+                "an integer; change one of them or set head_dim explicitly."
+            )
+        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
+            problems.append(f"head_dim must be an even number >= 2 for rotary embeddings; got {self.head_dim}.")
+        if problems:
+            raise ValueError("invalid MoDA model configuration:\n  - " + "\n  - ".join(problems))
+        if self.head_dim is None:
+            self.head_dim = self.d_model // self.n_heads
+            if self.head_dim % 2:
+                raise ValueError(
+                    f"invalid MoDA model configuration: head size d_model / n_heads = {self.head_dim} is odd, "
+                    "but rotary embeddings need an even head size; change d_model or n_heads."
+                )
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 64 * -(-(8 * self.d_model // 3) // 64)
+
+    @property
+    def group_size(self) -> int:
+        """G: query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def slots_per_layer(self) -> int:
+        """Depth slots each layer writes: its attention K/V and/or its FFN K/V."""
+        return int(bool(self.depth_kv)) + int(bool(self.ffn_kv))
+
+    @property
+    def reads_depth(self) -> bool:
+        """Whether any layer attends to a depth slot."""
+        return self.slots_per_layer > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,214 @@
+"""Text corpora for the data module: the built-in corpus and the user's own files.
+
+A `Corpus` yields documents (one string each) in a fixed order and has a fingerprint that changes
+when its content does, so the tokenizer and token caches built from it can be keyed by it. This
+module knows nothing of tokenizers or Lightning.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+BUILTIN_CORPUS = "pydoc_data.topics"
+"""Name of the built-in corpus: the help topics of the Python documentation (~79 documents,
+~465 KB of English technical prose), shipped in every CPython install, so no download is needed."""
+
+JSONL_SUFFIXES = (".jsonl",)
+"""Files with these suffixes are read line by line, one JSON object (one document) per line; any
+other file is read whole as one UTF-8 document."""
+
+
+def builtin_documents() -> list[str]:
+    """Return the built-in corpus: the Python documentation's help topics, sorted by topic name.
+
+    Returns:
+        The topic texts, ordered by topic name so every run sees the same document order.
+    """
+    # Imported here: it is a ~0.5 MB module that only the built-in corpus needs.
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)]
+
+
+def resolve_files(files: str | Sequence[str]) -> list[Path]:
+    """Expand paths and globs into a list of readable files.
+
+    Args:
+        files: A path, a glob (``data/*.txt``, ``data/**/*.jsonl``), or a list of them.
+
+    Returns:
+        The matching files in a deterministic order: entries in the order given, the matches of
+        each glob sorted; a file named twice is kept once.
+
+    Raises:
+        ValueError: If a glob matches nothing, a path does not exist or is a directory, or a file
+            cannot be opened for reading.
+    """
+    entries = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    if not entries:
+        raise ValueError(
+            "data: `files` is an empty list; pass a path, a glob, or a list of them "
+            "(e.g. --data.files='data/*.txt'), or leave it unset to use the built-in corpus."
+        )
+    paths: list[Path] = []
+    for entry in entries:
+        entry = os.path.expanduser(str(entry))
+        if glob.has_magic(entry):
+            matches = sorted(glob.glob(entry, recursive=True))
+            matches = [m for m in matches if os.path.isfile(m)]
+            if not matches:
+                raise ValueError(
+                    f"data: the glob {entry!r} matches no files (searched from {os.getcwd()}); "
+                    "check the pattern and the working directory, e.g. --data.files='data/*.txt'."
+                )
+            paths.extend(Path(m) for m in matches)
+        else:
+            path = Path(entry)
+            if not path.exists():
+                raise ValueError(
+                    f"data: file {entry!r} does not exist (searched from {os.getcwd()}); "
+                    "pass an existing path or a glob in --data.files."
+                )
+            if path.is_dir():
+                raise ValueError(
+                    f"data: {entry!r} is a directory, expected a file; pass a glob such as "
+                    f"--data.files='{os.path.join(entry, '*.txt')}' to read the files inside it."
+                )
+            paths.append(path)
+
+    unique: list[Path] = []
+    seen: set[Path] = set()
+    for path in paths:
+        resolved = path.resolve()
+        if resolved in seen:
+            continue
+        seen.add(resolved)
+        try:
+            # Open now so a permission problem shows before any tokenizer training starts.
+            with open(resolved, "rb"):
+                pass
+        except OSError as err:
+            raise ValueError(
+                f"data: cannot read {str(path)!r} ({err.strerror or err}); fix its permissions "
+                "or remove it from --data.files."
+            ) from err
+        unique.append(resolved)
+    return unique
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"data: cannot read {str(path)!r}: it is not UTF-8 text ({err.reason} at byte "
+            f"{err.start}); convert it to UTF-8 or remove it from --data.files."
+        ) from err
+    except OSError as err:
+        raise ValueError(
+            f"data: cannot read {str(path)!r} ({err.strerror or err}); fix its permissions or "
+            "remove it from --data.files."
+        ) from err
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue  # blank lines (often a trailing newline) carry no document
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"data: {str(path)!r} line {lineno} is not valid JSON ({err.msg}); each line of a "
+                ".jsonl file must be one JSON object such as {\"" + text_field + "\": \"...\"}."
+            ) from err
+        if not isinstance(record, dict) or text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(
+                f"data: {str(path)!r} line {lineno} has no {text_field!r} field (found: {keys}); "
+                "set --data.text_field to the field that holds the text."
+            )
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise ValueError(
+                f"data: {str(path)!r} line {lineno}: field {text_field!r} is a "
+                f"{type(text).__name__}, expected a string of text."
+            )
+        yield text
+
+
+class Corpus:
+    """An ordered collection of text documents: the built-in corpus or the user's files.
+
+    Args:
+        files: A path, a glob, or a list of them; ``None`` selects the built-in corpus
+            (`BUILTIN_CORPUS`). Globs are expanded and checked here, so a bad path fails at once.
+        text_field: The field holding the text in each line of a ``.jsonl`` file.
+    """
+
+    def __init__(self, files: str | Sequence[str] | None = None, text_field: str = "text") -> None:
+        self.paths: list[Path] | None = None if files is None else resolve_files(files)
+        self.text_field = text_field
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.paths is None
+
+    def describe(self) -> str:
+        """A short human-readable name for messages: the built-in corpus or the file list."""
+        if self.paths is None:
+            return f"the built-in corpus ({BUILTIN_CORPUS})"
+        shown = ", ".join(str(p) for p in self.paths[:3])
+        more = f" and {len(self.paths) - 3} more" if len(self.paths) > 3 else ""
+        return f"{len(self.paths)} file(s): {shown}{more}"
+
+    def documents(self) -> Iterator[str]:
+        """Yield the documents in a fixed order; empty documents are skipped.
+
+        Raises:
+            ValueError: If a file is not UTF-8 text or cannot be read, or a ``.jsonl`` line is not
+                JSON or lacks `text_field` (the message names the file and the line).
+        """
+        if self.paths is None:
+            yield from (doc for doc in builtin_documents() if doc)
+            return
+        for path in self.paths:
+            if path.suffix.lower() in JSONL_SUFFIXES:
+                yield from (doc for doc in _iter_jsonl(path, self.text_field) if doc)
+            else:
+                text = _read_text(path)
+                if text:
+                    yield text
+
+    def fingerprint(self) -> str:
+        """A hex digest that changes when the corpus does.
+
+        The built-in corpus hashes its content (it differs between Python versions). User files
+        hash their paths, sizes and modification times, which is cheap for large corpora; the
+        `text_field` is included because it changes what a ``.jsonl`` file yields.
+        """
+        h = hashlib.sha256()
+        if self.paths is None:
+            h.update(BUILTIN_CORPUS.encode())
+            for doc in builtin_documents():
+                h.update(doc.encode("utf-8"))
+                h.update(b"\0")
+        else:
+            h.update(f"files;text_field={self.text_field}".encode())
+            for path in self.paths:
+                stat = path.stat()
+                h.update(f"\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        return h.hexdigest()
+
+    def empty_error(self) -> ValueError:
+        """The error to raise when reading the corpus gave no text at all."""
+        return ValueError(
+            f"data: the corpus is empty: {self.describe()} gave no text after reading "
+            "(empty files, or .jsonl lines whose "
+            f"{self.text_field!r} field is empty); pass files that contain text in --data.files."
+        )

@@ -1,0 +1,284 @@
+"""`TextDataModule`: packed fixed-length token windows for language-model training.
+
+Pipeline: corpus (`corpus.py`) -> byte-level BPE tokenizer (`tokenizer.py`) -> one cached token
+file (`token_cache.py`) -> a contiguous train head and validation tail, cut into windows of
+``seq_len + 1`` tokens with stride ``seq_len`` so that the targets of one window chain into the next.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, Dataset
+
+from moda_lightning.data import token_cache as tc
+from moda_lightning.data import tokenizer as tk
+from moda_lightning.data.corpus import Corpus
+
+
+class PackedWindows(Dataset[torch.Tensor]):
+    """Windows of ``seq_len + 1`` tokens cut from a token range ``[start, stop)`` of a token file.
+
+    Window ``i`` covers tokens ``[start + i*seq_len, start + i*seq_len + seq_len + 1)``: the last
+    token of a window is the first of the next, so ``window[1:]`` (targets) continue the stream.
+    The file is opened lazily in each process, so DataLoader workers map it instead of receiving a
+    pickled copy.
+
+    Args:
+        path: The token file written by `token_cache.build_token_cache`.
+        vocab_size: Vocabulary size; decides the stored dtype.
+        start: First token of the range.
+        stop: One past the last token of the range.
+        seq_len: Training sequence length.
+    """
+
+    def __init__(self, path: Path, vocab_size: int, start: int, stop: int, seq_len: int) -> None:
+        self.path, self.vocab_size = path, vocab_size
+        self.start, self.stop, self.seq_len = start, stop, seq_len
+        self._tokens: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return max(0, (self.stop - self.start - 1) // self.seq_len)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """Return window `index` as int64 token ids, [seq_len + 1]."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} is out of range for {len(self)} windows")
+        if self._tokens is None:
+            self._tokens = tc.open_token_cache(self.path, self.vocab_size)
+        begin = self.start + index * self.seq_len
+        return self._tokens[begin : begin + self.seq_len + 1].to(torch.int64)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Send workers the path, not the mapped tensor.
+        return {**self.__dict__, "_tokens": None}
+
+
+class TextDataModule(L.LightningDataModule):
+    """Language-model data: a corpus tokenized once, packed into windows of ``seq_len + 1`` tokens.
+
+    Batches are int64 token ids, [batch_size, seq_len + 1]; use ``batch[:, :-1]`` as inputs and
+    ``batch[:, 1:]`` as targets. The validation split is the contiguous tail of the token stream
+    (``val_fraction`` of the tokens, at least one window), never overlapping the training head.
+
+    Args:
+        files: The training text: a path, a glob (``data/*.txt``), or a list of them. ``.jsonl``
+            files give one document per line (the ``text_field`` field); any other file is read
+            whole as one UTF-8 document. Default ``None``: the built-in corpus, the Python
+            documentation's help topics (``pydoc_data.topics``, ~465 KB), which every Python
+            install has, so nothing is downloaded.
+        tokenizer: Path of a ``tokenizer.json`` (Hugging Face `tokenizers` format, with an
+            ``<|endoftext|>`` token) to use instead of training one. Pass the file a previous run
+            trained to resume from its checkpoint or to compare runs. Default ``None``: train a
+            byte-level BPE on the corpus and cache it in ``cache_dir``.
+        tokenizer_vocab_size: Vocabulary size of the trained tokenizer, including the 256 byte
+            symbols and ``<|endoftext|>`` (ignored when ``tokenizer`` is given). The model's
+            vocabulary size follows the tokenizer's real one (see ``vocab_size``). Default 4096.
+        seq_len: Training sequence length in tokens; each sample holds ``seq_len + 1`` tokens.
+            Default 256.
+        batch_size: Sequences per batch (per device under DDP). Default 16.
+        val_fraction: Fraction of the corpus tokens held out for validation, taken from the end
+            of the token stream; must be in (0, 1). Default 0.05.
+        text_field: Field holding the text in each line of a ``.jsonl`` file. Default ``"text"``.
+        cache_dir: Folder for the trained tokenizer and the token files; reused across runs.
+            Default ``".cache/moda"``.
+        num_workers: DataLoader worker processes; 0 loads in the main process, which is enough
+            here since a batch is a slice of a memory-mapped file. Default 0.
+        seed: Seed of the training-window shuffle (a new order every epoch). Default 0.
+    """
+
+    def __init__(
+        self,
+        files: str | list[str] | None = None,
+        tokenizer: str | None = None,
+        tokenizer_vocab_size: int = 4096,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        val_fraction: float = 0.05,
+        text_field: str = "text",
+        cache_dir: str = ".cache/moda",
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        problems = []
+        if not tk.MIN_VOCAB_SIZE <= tokenizer_vocab_size <= 2**32:
+            problems.append(
+                f"tokenizer_vocab_size={tokenizer_vocab_size}, expected {tk.MIN_VOCAB_SIZE} to 2**32 "
+                "(256 byte symbols + <|endoftext|> at least)"
+            )
+        if seq_len < 1:
+            problems.append(f"seq_len={seq_len}, expected >= 1")
+        if batch_size < 1:
+            problems.append(f"batch_size={batch_size}, expected >= 1")
+        if not 0.0 < val_fraction < 1.0:
+            problems.append(f"val_fraction={val_fraction}, expected a fraction in (0, 1) such as 0.05")
+        if num_workers < 0:
+            problems.append(f"num_workers={num_workers}, expected >= 0")
+        if problems:
+            raise ValueError("TextDataModule: invalid arguments: " + "; ".join(problems) + ".")
+        self.save_hyperparameters()
+
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.tokenizer_vocab_size = tokenizer_vocab_size
+        self.cache_dir = Path(cache_dir)
+        self.num_workers = num_workers
+        self.seed = seed
+        # Resolve paths and globs now: a typo fails at instantiation, before any training work.
+        self.corpus = Corpus(files, text_field=text_field)
+        self.tokenizer_path: Path | None = Path(tokenizer) if tokenizer is not None else None
+        if self.tokenizer_path is not None and not self.tokenizer_path.is_file():
+            tk.load_tokenizer(self.tokenizer_path)  # raises the "does not exist" error
+        self._tokenizer: Tokenizer | None = None
+        self._fingerprint: str | None = None
+        self._cache_path: Path | None = None
+        self.train_dataset: PackedWindows | None = None
+        self.val_dataset: PackedWindows | None = None
+
+    # --- tokenizer ------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer, loaded or trained (and cached) on first access."""
+        if self._tokenizer is None:
+            if self.tokenizer_path is not None:
+                self._tokenizer = tk.load_tokenizer(self.tokenizer_path)
+            else:
+                self._tokenizer, self.tokenizer_path, trained = tk.get_or_train_tokenizer(
+                    self.corpus, self.tokenizer_vocab_size, self.cache_dir
+                )
+                verb = "trained and saved" if trained else "loaded cached"
+                rank_zero_info(
+                    f"TextDataModule: {verb} tokenizer ({tk.vocab_size_of(self._tokenizer)} tokens) "
+                    f"for {self.corpus.describe()} at {self.tokenizer_path}; reuse it with "
+                    f"--data.tokenizer={self.tokenizer_path}"
+                )
+            self._fingerprint = tk.tokenizer_fingerprint(self._tokenizer)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size (largest id + 1); link the model's ``vocab_size`` to it."""
+        return tk.vocab_size_of(self.tokenizer)
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        """SHA-256 of the tokenizer's canonical JSON; identical tokenizers share it."""
+        _ = self.tokenizer  # loads the tokenizer, which sets the fingerprint
+        assert self._fingerprint is not None
+        return self._fingerprint
+
+    # --- token cache and splits -----------------------------------------------------------------
+
+    def _token_file(self) -> Path:
+        """The token file for this corpus and tokenizer, built (once, atomically) if missing."""
+        if self._cache_path is not None and self._cache_path.is_file():
+            return self._cache_path
+        vocab_size = self.vocab_size
+        path = tc.token_cache_path(self.cache_dir, self.corpus.fingerprint(), self.tokenizer_fingerprint, vocab_size)
+        if path.is_file():
+            rank_zero_info(f"TextDataModule: using cached tokens {path}")
+        else:
+            rank_zero_info(f"TextDataModule: tokenizing {self.corpus.describe()} into {path}")
+            eot = tk.eot_id(self.tokenizer, source=str(self.tokenizer_path))
+            n_tokens = tc.build_token_cache(self.corpus, self.tokenizer, eot, vocab_size, path)
+            rank_zero_info(f"TextDataModule: wrote {n_tokens:,} tokens to {path}")
+        self._cache_path = path
+        return path
+
+    def _split(self, n_tokens: int) -> tuple[int, int]:
+        """Return (train tokens, val tokens): a head and a tail that each hold one window or more."""
+        window = self.seq_len + 1
+        n_val = max(math.ceil(self.val_fraction * n_tokens), window)
+        n_train = n_tokens - n_val
+        if n_train < window:
+            raise ValueError(
+                f"data: the corpus is too small: {self.corpus.describe()} has {n_tokens:,} tokens, "
+                f"but one training and one validation sequence of seq_len+1={window} tokens need "
+                f"{2 * window:,} or more (the validation tail takes {n_val:,} tokens at "
+                f"val_fraction={self.val_fraction}). Lower --data.seq_len (at most "
+                f"{max(n_tokens // 2 - 1, 0)} here) or --data.val_fraction, or add text."
+            )
+        return n_train, n_val
+
+    def prepare_data(self) -> None:
+        """Train or load the tokenizer and tokenize the corpus into the cache (once per node)."""
+        self._token_file()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Map the token file and cut it into the training head and the validation tail."""
+        if self.train_dataset is not None:
+            return
+        path = self._token_file()
+        vocab_size = self.vocab_size
+        n_tokens = len(tc.open_token_cache(path, vocab_size))
+        n_train, _ = self._split(n_tokens)
+        self.train_dataset = PackedWindows(path, vocab_size, 0, n_train, self.seq_len)
+        self.val_dataset = PackedWindows(path, vocab_size, n_train, n_tokens, self.seq_len)
+
+    def _loader(self, dataset: PackedWindows | None, train: bool) -> DataLoader[torch.Tensor]:
+        if dataset is None:
+            raise RuntimeError("TextDataModule: call setup() before asking for a dataloader.")
+        if self.num_workers > 0:
+            # Workers only slice tensors; tokenizers would otherwise warn after each fork.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            # Seeded so runs repeat; each epoch draws a fresh order from it. Under DDP Lightning
+            # swaps in a DistributedSampler, which shuffles with its own seed.
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            # Equal batch shapes avoid recompiling a torch.compile'd model on a short last batch.
+            drop_last=train and len(dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader[torch.Tensor]:
+        """Shuffled training windows, [batch_size, seq_len + 1] int64."""
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader[torch.Tensor]:
+        """Validation windows in stream order, [batch_size, seq_len + 1] int64."""
+        return self._loader(self.val_dataset, train=False)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint records about the data: the tokenizer's identity and the seq_len."""
+        return {
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "vocab_size": self.vocab_size,
+            "tokenizer_path": str(self.tokenizer_path),
+            "seq_len": self.seq_len,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check that a checkpoint was trained with the current tokenizer.
+
+        Raises:
+            ValueError: If the checkpoint's tokenizer fingerprint or vocabulary size differs: its
+                token ids would mean different text to the model.
+        """
+        saved_fp, saved_vocab = state.get("tokenizer_fingerprint"), state.get("vocab_size")
+        if saved_fp is None:
+            return  # not written by this class; nothing to compare
+        if saved_fp != self.tokenizer_fingerprint or saved_vocab != self.vocab_size:
+            raise ValueError(
+                "data: the checkpoint was trained with a different tokenizer: checkpoint "
+                f"fingerprint {saved_fp[:16]} (vocab_size={saved_vocab}, file "
+                f"{state.get('tokenizer_path')}), current fingerprint {self.tokenizer_fingerprint[:16]} "
+                f"(vocab_size={self.vocab_size}, file {self.tokenizer_path}). Pass the tokenizer.json "
+                "the run was trained with via --data.tokenizer=<path> (and the same --data.files)."
+            )

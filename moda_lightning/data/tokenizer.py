@@ -1,0 +1,182 @@
+"""Byte-level BPE tokenizers: train one on a corpus (cached), or load a ``tokenizer.json``.
+
+Uses the Hugging Face `tokenizers` library. The fingerprint defined here identifies a tokenizer in
+token-cache keys and checkpoints, so a run never mixes token ids from two vocabularies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from moda_lightning.data.corpus import Corpus
+
+EOT = "<|endoftext|>"
+"""End-of-text special token, appended after every document when documents are packed."""
+
+MIN_VOCAB_SIZE = 257
+"""256 byte symbols plus the end-of-text token: the smallest vocabulary a byte-level BPE can have."""
+
+
+def train_bpe_tokenizer(
+    documents: Iterable[str], vocab_size: int, *, length: int | None = None, show_progress: bool = True
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer.
+
+    Args:
+        documents: The training texts, one string per document.
+        vocab_size: Target vocabulary size, including the 256 byte symbols and `EOT`. A corpus too
+            small to learn that many merges gives a smaller vocabulary.
+        length: Number of documents, only used to size the progress bar.
+        show_progress: Show the `tokenizers` progress bar.
+
+    Returns:
+        The trained tokenizer: ByteLevel pre-tokenizer and decoder, so any text round-trips.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    # add_prefix_space=False keeps decode(encode(text)) == text exactly.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        # All 256 byte symbols, even those the corpus lacks, so no input is ever out of vocabulary.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tokenizer.train_from_iterator(documents, trainer, length=length)
+    return tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """Load a tokenizer from a ``tokenizer.json`` file and check it has the `EOT` token.
+
+    Raises:
+        ValueError: If the file is missing, is not a `tokenizers` JSON file, or lacks `EOT`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"data: tokenizer file {str(path)!r} does not exist; pass the tokenizer.json saved by "
+            "a previous run (its path is printed after training) or leave --data.tokenizer unset "
+            "to train one on the corpus."
+        )
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for malformed files
+        raise ValueError(
+            f"data: {str(path)!r} is not a valid tokenizer.json for the `tokenizers` library ({err}); "
+            "pass a file written by Tokenizer.save() or leave --data.tokenizer unset to train one."
+        ) from err
+    eot_id(tokenizer, source=str(path))
+    return tokenizer
+
+
+def eot_id(tokenizer: Tokenizer, source: str = "the tokenizer") -> int:
+    """Return the id of `EOT`, which separates packed documents.
+
+    Raises:
+        ValueError: If the tokenizer has no such token.
+    """
+    token_id = tokenizer.token_to_id(EOT)
+    if token_id is None:
+        raise ValueError(
+            f"data: {source} has no {EOT!r} token, which separates documents in the packed token "
+            f"stream; add it as a special token (tokenizer.add_special_tokens([{EOT!r}])) or leave "
+            "--data.tokenizer unset to train a tokenizer that has it."
+        )
+    return token_id
+
+
+def vocab_size_of(tokenizer: Tokenizer) -> int:
+    """The size an embedding table needs: the largest token id plus one (special tokens included)."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """A hex digest of everything that decides the token ids a tokenizer produces.
+
+    Hashes the canonical JSON (sorted keys) without the padding and truncation settings, which
+    change at run time without changing the vocabulary, so a tokenizer and its saved file agree.
+    """
+    spec = json.loads(tokenizer.to_str())
+    spec.pop("padding", None)
+    spec.pop("truncation", None)
+    canonical = json.dumps(spec, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _publish_once(tmp: Path, final: Path) -> None:
+    """Move `tmp` to `final` unless another process published `final` first.
+
+    A hard link fails if `final` exists, so concurrent ranks all end up loading one file (the
+    first one written) instead of each keeping its own in-memory copy.
+    """
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        pass
+    except OSError:
+        # Filesystems without hard links: os.replace is still atomic, the last writer wins.
+        os.replace(tmp, final)
+        return
+    tmp.unlink(missing_ok=True)
+
+
+def cached_tokenizer_path(cache_dir: str | os.PathLike[str], corpus_fingerprint: str, vocab_size: int) -> Path:
+    """Where the tokenizer trained on a corpus with a given vocabulary size is cached."""
+    return Path(cache_dir) / f"tokenizer-{corpus_fingerprint[:16]}-v{vocab_size}.json"
+
+
+def get_or_train_tokenizer(
+    corpus: Corpus, vocab_size: int, cache_dir: str | os.PathLike[str], *, show_progress: bool = True
+) -> tuple[Tokenizer, Path, bool]:
+    """Load the tokenizer cached for (corpus, vocab_size), or train and cache it.
+
+    Args:
+        corpus: The corpus to train on.
+        vocab_size: Target vocabulary size.
+        cache_dir: Folder of the cache; the file is ``tokenizer-<corpus hash>-v<vocab>.json``.
+        show_progress: Show the training progress bar.
+
+    Returns:
+        The tokenizer, the path of its ``tokenizer.json``, and whether it was trained just now.
+
+    Raises:
+        ValueError: If the corpus gives no text.
+    """
+    path = cached_tokenizer_path(cache_dir, corpus.fingerprint(), vocab_size)
+    if path.is_file():
+        return Tokenizer.from_file(str(path)), path, False
+
+    n_docs = 0
+
+    def counted(docs: Iterator[str]) -> Iterator[str]:
+        nonlocal n_docs
+        for doc in docs:
+            n_docs += 1
+            yield doc
+
+    # The progress bar needs a document count; only the built-in corpus knows it without a read.
+    length = sum(1 for _ in corpus.documents()) if corpus.is_builtin else None
+    tokenizer = train_bpe_tokenizer(
+        counted(corpus.documents()), vocab_size, length=length, show_progress=show_progress
+    )
+    if n_docs == 0:
+        raise corpus.empty_error()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tokenizer.save(str(tmp))
+        _publish_once(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    # Reload the published file: under a race, every process then uses the same tokenizer.
+    return Tokenizer.from_file(str(path)), path, True

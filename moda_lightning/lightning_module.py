@@ -1,0 +1,182 @@
+"""MoDALightningModule: next-token training of a MoDA language model in Lightning.
+
+Architecture flags are init arguments (``--model.attention=sdpa``, ``--model.norm=post``)
+collected into a :class:`MoDAConfig`; the optimizer is AdamW with linear warmup and cosine
+decay to a fraction of the peak (the paper's recipe).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
+
+from moda_lightning.config import MoDAConfig
+from moda_lightning.model import MoDATransformer
+
+
+class MoDALightningModule(L.LightningModule):
+    """A MoDA (or baseline) decoder-only LM trained on ``[B, T+1]`` token batches.
+
+    Args:
+        vocab_size: token vocabulary; the CLI links it from the data module's tokenizer.
+        d_model: model width D.
+        n_layers: number of layers L.
+        n_heads: query heads Hq.
+        n_kv_heads: key/value heads Hk (Hq must be a multiple of Hk).
+        head_dim: head size d (default D / Hq).
+        ffn_hidden: SwiGLU hidden width (default 8/3 D rounded up to a multiple of 64).
+        max_seq_len: longest sequence the model accepts.
+        attention: attention backend: 'sdpa' (baseline, no depth), 'moda_torch' (portable MoDA)
+            or 'moda_triton' (fused MoDA kernel, CUDA).
+        norm: norm placement: 'pre' x+f(norm(x)), 'post' norm(x+f(x)) or 'olmo2' x+norm(f(x)).
+        depth_kv: write each attention's K/V into the depth stream (default: on for MoDA backends).
+        ffn_kv: add a depth slot projected from each FFN input (default: on for MoDA backends).
+        attn_kv_proj: the attention's depth slot gets its own K/V projection (Table 3, row 5).
+        qk_norm: per-head RMSNorm of queries and keys.
+        tie_embeddings: share input embedding and output projection.
+        rope_theta: RoPE base.
+        init_std: std of the normal weight init.
+        lr: peak learning rate.
+        min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio``.
+        warmup_steps: linear warmup steps (an int) or fraction of all steps (a float < 1).
+        weight_decay: AdamW weight decay on matrices (not on norms or embeddings).
+        betas: AdamW betas.
+        compile: compile the network (not this module) with ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 0,
+        d_model: int = 256,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        n_kv_heads: int = 2,
+        head_dim: int | None = None,
+        ffn_hidden: int | None = None,
+        max_seq_len: int = 1024,
+        attention: str = "moda_torch",
+        norm: str = "pre",
+        depth_kv: bool | None = None,
+        ffn_kv: bool | None = None,
+        attn_kv_proj: bool = False,
+        qk_norm: bool = True,
+        tie_embeddings: bool = False,
+        rope_theta: float = 10000.0,
+        init_std: float = 0.02,
+        lr: float = 3e-3,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int | float = 0.05,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if vocab_size < 1:
+            raise ValueError(
+                "vocab_size is not set: run through `moda fit`, which links it from the data module's tokenizer, "
+                "or pass vocab_size=len(tokenizer) when building the module yourself."
+            )
+        self.config = MoDAConfig(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            ffn_hidden=ffn_hidden,
+            max_seq_len=max_seq_len,
+            attention=attention,
+            norm=norm,
+            depth_kv=depth_kv,
+            ffn_kv=ffn_kv,
+            attn_kv_proj=attn_kv_proj,
+            qk_norm=qk_norm,
+            tie_embeddings=tie_embeddings,
+            rope_theta=rope_theta,
+            init_std=init_std,
+        )
+        self.model = MoDATransformer(self.config)
+        self.val_loss = MeanMetric()
+        self.tokens_seen = 0
+
+    def configure_model(self) -> None:
+        # Compile the network, not the LightningModule: a compiled training_step that calls
+        # self.log breaks on recent torch.
+        if self.hparams.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
+            self.model = torch.compile(self.model)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """Logits ``[B, T, vocab]`` for token ids ``[B, T]``."""
+        return self.model(idx)
+
+    def _loss(self, batch: Tensor) -> Tensor:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = self.model(inputs)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.tokens_seen += batch[:, 1:].numel() * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        self.log("train/tokens_seen", float(self.tokens_seen))
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        loss = self._loss(batch)
+        # Every batch holds the same number of tokens, so the batch mean is the token mean.
+        self.val_loss.update(loss)
+
+    def on_validation_epoch_end(self) -> None:
+        mean_loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", mean_loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(mean_loss))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            betas=self.hparams.betas,
+            fused=self.device.type == "cuda" or None,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = self.hparams.warmup_steps
+        warmup = int(warm * total) if isinstance(warm, float) and warm < 1 else int(warm)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, self.hparams.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved_vocab = checkpoint.get("hyper_parameters", {}).get("vocab_size")
+        if saved_vocab is not None and saved_vocab != self.config.vocab_size:
+            raise ValueError(
+                f"the checkpoint was trained with a vocabulary of {saved_vocab} tokens, but the current tokenizer has "
+                f"{self.config.vocab_size}. Resume with the tokenizer the run was trained with "
+                "(--data.tokenizer=<run folder>/tokenizer.json, or the same corpus and --data.tokenizer_vocab_size)."
+            )
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    """LR multiplier: linear from 0 to 1 over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier

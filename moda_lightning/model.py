@@ -1,0 +1,175 @@
+"""The MoDA decoder-only language model as a plain ``nn.Module`` (no Lightning).
+
+Read it next to MODA_SPEC.md section 2: every layer has an attention and a SwiGLU FFN
+sublayer; each attention reads the depth slots written by the layers above it, then
+writes its own K/V; each FFN may write a K/V projected from its input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moda_lightning.attention import AttentionBackend, build_backend
+from moda_lightning.config import MoDAConfig
+from moda_lightning.depth_stream import DepthStream
+from moda_lightning.norms import NORM_PLACEMENTS, RMSNorm
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE on ``[B, T, H, d]`` tensors: position ``t`` rotates each pair of channels by ``t * theta_i``."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [T_max, d/2]
+        # Not persistent: recomputed from the config, so checkpoints stay small and portable.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        T = x.shape[1]
+        cos = self.cos[:T, None, :].to(x.dtype)  # [T, 1, d/2], broadcast over heads
+        sin = self.sin[:T, None, :].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class DepthKVProjection(nn.Module):
+    """Two small maps ``D -> Hk*d`` that turn a sublayer's input into one depth slot.
+
+    The key gets the same per-head norm as sequence keys and the rotary phase of its own
+    token, so that the query (rotated at ``t``) meets it at relative position zero.
+    """
+
+    def __init__(self, cfg: MoDAConfig) -> None:
+        super().__init__()
+        self.n_kv_heads, self.head_dim = cfg.n_kv_heads, cfg.head_dim
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, h: Tensor, rope: RotaryEmbedding) -> tuple[Tensor, Tensor]:
+        B, T, _ = h.shape
+        k = self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim)
+        return rope(self.k_norm(k)), v
+
+
+class MoDAAttention(nn.Module):
+    """Grouped-query attention over ``[sequence | depth]`` keys; writes its K/V to the depth stream."""
+
+    def __init__(self, cfg: MoDAConfig, backend: AttentionBackend, writes_depth: bool) -> None:
+        super().__init__()
+        self.backend = backend
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        D, d = cfg.d_model, cfg.head_dim
+        self.q_proj = nn.Linear(D, cfg.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(D, cfg.n_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(D, cfg.n_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * d, D, bias=False)
+        self.q_norm = RMSNorm(d, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(d, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.writes_depth = writes_depth and bool(cfg.depth_kv)
+        # Table 3 row 5: the depth slot gets its own projection instead of reusing k, v.
+        self.depth_kv = DepthKVProjection(cfg) if self.writes_depth and cfg.attn_kv_proj else None
+
+    def forward(self, h: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | None) -> Tensor:
+        B, T, _ = h.shape
+        q = rope(self.q_norm(self.q_proj(h).view(B, T, self.n_heads, self.head_dim)))
+        k = rope(self.k_norm(self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim)))
+        v = self.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim)
+
+        # Read the slots of the layers above before writing this layer's own.
+        depth_k, depth_v, num_depth = depth.read() if depth is not None else (None, None, 0)
+        o = self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth)
+
+        if depth is not None and self.writes_depth:
+            depth.append(*(self.depth_kv(h, rope) if self.depth_kv is not None else (k, v)))
+        return self.o_proj(o.reshape(B, T, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """``W_down(silu(W_gate h) * W_up h)``; with ``ffn_kv`` its input also becomes a depth slot."""
+
+    def __init__(self, cfg: MoDAConfig, writes_depth: bool) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+        self.depth_kv = DepthKVProjection(cfg) if writes_depth and cfg.ffn_kv else None
+
+    def forward(self, h: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | None) -> Tensor:
+        if depth is not None and self.depth_kv is not None:
+            depth.append(*self.depth_kv(h, rope))
+        return self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
+
+
+class MoDABlock(nn.Module):
+    """One layer: attention then FFN, each wrapped in the configured norm placement.
+
+    ``writes_depth`` is off for the last layer: no layer below reads its slots, so it gets
+    no depth projections (the paper's Table 3 parameter counts show the same: L - 1 layers).
+    """
+
+    def __init__(self, cfg: MoDAConfig, backend: AttentionBackend, writes_depth: bool = True) -> None:
+        super().__init__()
+        placement = NORM_PLACEMENTS[cfg.norm]
+        self.attn = placement(cfg.d_model, MoDAAttention(cfg, backend, writes_depth), cfg.norm_eps)
+        self.ffn = placement(cfg.d_model, SwiGLU(cfg, writes_depth), cfg.norm_eps)
+
+    def forward(self, x: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | None) -> Tensor:
+        x = self.attn(x, rope=rope, depth=depth)
+        return self.ffn(x, rope=rope, depth=depth)
+
+
+class MoDATransformer(nn.Module):
+    """Token ids ``[B, T]`` to next-token logits ``[B, T, vocab_size]``."""
+
+    def __init__(self, cfg: MoDAConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        backend = build_backend(cfg.attention)
+        self.backend = backend
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(
+            MoDABlock(cfg, backend, writes_depth=layer < cfg.n_layers - 1) for layer in range(cfg.n_layers)
+        )
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.layers:
+            for proj in (block.attn.sublayer.o_proj, block.ffn.sublayer.w_down):
+                nn.init.normal_(proj.weight, std=self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        B, T = idx.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {T} tokens is longer than the model's max_seq_len={self.cfg.max_seq_len}; "
+                f"lower --data.seq_len to at most {self.cfg.max_seq_len} or raise --model.max_seq_len."
+            )
+        self.backend.check_device(idx.device.type)
+        depth = DepthStream((self.cfg.n_layers - 1) * self.cfg.slots_per_layer) if self.cfg.reads_depth else None
+        x = self.embed(idx)
+        for block in self.layers:
+            x = block(x, rope=self.rope, depth=depth)
+        return self.lm_head(self.final_norm(x))
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, tied weights counted once."""
+        return sum(p.numel() for p in self.parameters())

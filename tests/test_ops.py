@@ -1,0 +1,134 @@
+"""The public op ``moda_attention`` (reference backend) against an independent float64 computation."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moda_lightning.ops import moda_attention
+
+S_SLOTS = 6
+
+
+def dense_moda_float64(q, k, v, depth_k, depth_v, num_depth, causal, scale=None):
+    """MoDA written the long way: repeat K/V per query head, build each token's logit row
+    [sequence keys | its own depth keys] explicitly, one softmax, weighted sum."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, T, Hq, d = q.shape
+    G = Hq // k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    k_rep = k.repeat_interleave(G, dim=2)  # [B, T, Hq, d]
+    v_rep = v.repeat_interleave(G, dim=2)
+    seq = torch.einsum("bthd,bshd->bhts", q, k_rep) * scale  # [B, Hq, T, T]
+    if causal:
+        seq = seq.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    dk = depth_k[:, :, :num_depth].double().repeat_interleave(G, dim=3)  # [B, T, n, Hq, d]
+    dv = depth_v[:, :, :num_depth].double().repeat_interleave(G, dim=3)
+    dep = torch.einsum("bthd,btshd->bhts", q, dk) * scale  # [B, Hq, T, n]
+    p = torch.softmax(torch.cat([seq, dep], -1), -1)
+    o = torch.einsum("bhts,bshd->bthd", p[..., :T], v_rep) + torch.einsum("bhts,btshd->bthd", p[..., T:], dv)
+    lse = torch.logsumexp(torch.cat([seq, dep], -1), -1).transpose(1, 2)
+    lse_depth = torch.logsumexp(dep, -1).transpose(1, 2)
+    return o, lse, lse_depth
+
+
+def make_inputs(B, T, Hk, G, d, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
+
+    return rand(B, T, Hk * G, d), rand(B, T, Hk, d), rand(B, T, Hk, d), rand(B, T, S_SLOTS, Hk, d), rand(B, T, S_SLOTS, Hk, d)
+
+
+CASES = [
+    pytest.param(T, G, n, causal, id=f"T{T}-G{G}-n{n}-{'causal' if causal else 'full'}")
+    for T, G, n, causal in itertools.product([1, 7, 63, 130], [1, 2, 3, 4], [0, 1, 5, S_SLOTS], [True, False])
+    # Every T with every G and every num_depth; non-causal on a subset keeps the suite quick.
+    if causal or (n in (1, S_SLOTS))
+]
+
+
+@pytest.mark.parametrize("T,G,num_depth,causal", CASES)
+def test_reference_matches_float64_fp32(T, G, num_depth, causal):
+    inputs = make_inputs(2, T, 2, G, 16, torch.float32, seed=T * 100 + G * 10 + num_depth)
+    o, lse, lse_depth = moda_attention(*inputs, num_depth=num_depth, causal=causal, return_lse=True)
+    o64, lse64, lse_depth64 = dense_moda_float64(*inputs, num_depth, causal)
+    torch.testing.assert_close(o.double(), o64, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), lse64, atol=2e-5, rtol=1e-5)
+    if num_depth == 0:
+        assert torch.isneginf(lse_depth).all()
+    else:
+        torch.testing.assert_close(lse_depth.double(), lse_depth64, atol=2e-5, rtol=1e-5)
+
+    grad_o = torch.randn_like(o)
+    grads = torch.autograd.grad((o * grad_o).sum() + lse.sum(), inputs, materialize_grads=True)
+    grads64 = torch.autograd.grad((o64 * grad_o.double()).sum() + lse64.sum(), inputs, materialize_grads=True)
+    for name, g, g64 in zip(["dq", "dk", "dv", "d_depth_k", "d_depth_v"], grads, grads64):
+        torch.testing.assert_close(g.double(), g64.double(), atol=5e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        if name.startswith("d_depth"):
+            # Slots past num_depth are never read, so they get exactly zero gradient.
+            assert (g[:, :, num_depth:] == 0).all(), f"{name} leaks into unread slots"
+
+
+@pytest.mark.parametrize("T,G,num_depth", [(7, 2, 1), (63, 4, 5), (130, 3, S_SLOTS)], ids=lambda x: str(x))
+def test_reference_bf16_error_is_bf16_sized(T, G, num_depth):
+    """bf16 runs (matmuls in bf16, softmax in fp32) stay within bf16 rounding of the float64 result."""
+    inputs32 = make_inputs(2, T, 2, G, 32, torch.float32, seed=T + G)
+    inputs16 = [x.detach().bfloat16().requires_grad_() for x in inputs32]
+    o, lse, _ = moda_attention(*inputs16, num_depth=num_depth, return_lse=True)
+    assert o.dtype == torch.bfloat16
+    o64, lse64, _ = dense_moda_float64(*inputs32, num_depth, True)
+    torch.testing.assert_close(o.double(), o64, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(lse.double(), lse64, atol=3e-2, rtol=1e-2)
+    grad_o = torch.randn_like(o64)
+    grads = torch.autograd.grad((o.double() * grad_o).sum(), inputs16)
+    grads64 = torch.autograd.grad((o64 * grad_o).sum(), inputs32)
+    for g, g64 in zip(grads, grads64):
+        rel = (g.double() - g64.double()).norm() / g64.double().norm().clamp_min(1e-12)
+        assert rel < 3e-2
+
+
+@pytest.mark.parametrize("G", [1, 2, 4])
+@pytest.mark.parametrize("T", [1, 7, 130])
+def test_no_depth_equals_sdpa(T, G):
+    q, k, v, depth_k, depth_v = make_inputs(2, T, 2, G, 16, torch.float32)
+    expected = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(moda_attention(q, k, v, depth_k, depth_v, num_depth=0), expected)
+    torch.testing.assert_close(moda_attention(q, k, v), expected)
+
+
+def test_depth_mass_from_lse():
+    """exp(lse_depth - lse) is the share of softmax mass on depth: near 1 for dominant depth keys."""
+    q, k, v, depth_k, depth_v = make_inputs(1, 9, 1, 2, 8, torch.float32)
+    strong = 50 * q.detach()[:, :, :1, None, :].expand(1, 9, S_SLOTS, 1, 8)  # depth keys aligned with head 0
+    _, lse, lse_depth = moda_attention(q, k, v, strong, depth_v, return_lse=True)
+    assert (torch.exp(lse_depth - lse)[:, :, 0] > 0.99).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(q=(2, 5, 3, 8), k=(2, 5, 2, 8)), "multiple of the 2 key/value heads"),
+        (dict(q=(2, 5, 4, 8), k=(2, 6, 2, 8)), "k/v must be"),
+        (dict(depth=(2, 5, 3, 2, 4)), "depth_k must be"),
+        (dict(num_depth=4), "num_depth=4 but the depth stream holds S=3"),
+    ],
+)
+def test_bad_shapes_say_what_was_wrong(kwargs, match):
+    q = torch.randn(*kwargs.get("q", (2, 5, 4, 8)))
+    k = torch.randn(*kwargs.get("k", (2, 5, 2, 8)))
+    depth = torch.randn(*kwargs.get("depth", (2, 5, 3, 2, 8)))
+    with pytest.raises(ValueError, match=match):
+        moda_attention(q, k, k.clone(), depth, depth.clone(), num_depth=kwargs.get("num_depth"))
+
+
+def test_unknown_op_backend_lists_the_known_ones():
+    q = torch.randn(1, 3, 2, 8)
+    with pytest.raises(ValueError, match=r"unknown backend 'refrence'.*did you mean 'reference'"):
+        moda_attention(q, q, q, backend="refrence")
