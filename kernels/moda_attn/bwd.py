@@ -1,0 +1,356 @@
+"""MoDA attention backward: Triton kernels for dq (+ depth grads) and for sequence dk, dv.
+
+FlashAttention-2 backward (probabilities recomputed from the saved row log-sum-exp), with the
+G query heads of a KV head packed into tile rows as in ``fwd.py``. Two kernels, no atomics,
+so the backward is deterministic:
+
+- ``moda_bwd_dq_kernel``, one program per (query block, batch, KV head): ``delta = rowsum(o*do)``,
+  ``dq`` over the sequence keys and the depth slots, and the depth gradients of the block's own
+  tokens (a token's depth slots are read by this program only, so it owns their gradients;
+  ``d(depth_k)[t, s]`` and ``d(depth_v)[t, s]`` are sums over the token's G query rows).
+- ``moda_bwd_dkdv_kernel``, one program per (key block, batch, KV head): sequence ``dk, dv``
+  summed over all G query heads in the tile rows.
+
+In merge mode (the sequence part's gradients come from cuDNN) only the dq kernel runs, without
+its sequence loop, and adds the depth part of ``dq`` to the ``dq`` already in its buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moda_kernels.moda_attn.fwd import LOG2E, _next_pow2
+
+
+@triton.jit
+def _seq_bwd_dq(
+    dq,
+    b_q,
+    b_do,
+    lse2,
+    delta,
+    ptr_k,
+    ptr_v,
+    stride_kt,
+    stride_kd,
+    stride_vt,
+    stride_vd,
+    offs_t,
+    offs_d,
+    lo,
+    hi,
+    T,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    """Sequence part of ``dq`` (unscaled) over key blocks ``[lo, hi)``."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        mask_n = offs_n < T
+        # [BLOCK_N, D]
+        b_k = tl.load(ptr_k + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=mask_n[:, None], other=0.0)
+        # [D, BLOCK_N]
+        b_vT = tl.load(ptr_v + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd, mask=mask_n[None, :], other=0.0)
+        qk = tl.dot(b_q, tl.trans(b_k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+        p = tl.exp2(qk - lse2[:, None])
+        if MASK:
+            keep = mask_n[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_t[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(b_do, b_vT)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(b_k.dtype), b_k)
+    return dq
+
+
+@triton.jit
+def moda_bwd_dq_kernel(
+    Q, K, V, DK, DV, O, DO, LSE, DELTA, DQ, DDK, DDV,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_dkb, stride_dkt, stride_dks, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvs, stride_dvh, stride_dvd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_dob, stride_dot, stride_doh, stride_dod,
+    stride_dqb, stride_dqt, stride_dqh, stride_dqd,
+    stride_gkb, stride_gkt, stride_gks, stride_gkh, stride_gkd,  # d(depth_k)
+    stride_gvb, stride_gvt, stride_gvs, stride_gvh, stride_gvd,  # d(depth_v)
+    stride_lb, stride_lh, stride_lt,  # LSE and DELTA: [B, Hq, T] fp32
+    T, Hk, num_depth, sm_scale, qk_scale,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SEQ_IN_KERNEL: tl.constexpr,  # False: DQ holds the sequence part of dq on entry; add to it
+    HAS_DEPTH: tl.constexpr,
+):  # fmt: skip
+    BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hk).to(tl.int64)
+    hk = pid_bh % Hk
+    t0 = pid_m * BLOCK_T
+
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_t = t0 + offs_r // G_PAD
+    offs_g = offs_r % G_PAD
+    offs_h = hk * G + offs_g
+    offs_d = tl.arange(0, D)
+    mask_r = (offs_t < T) & (offs_g < G)
+    offs_t64 = offs_t.to(tl.int64)
+
+    # [BLOCK_M, D]
+    b_q = tl.load(Q + b * stride_qb + offs_t64[:, None] * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=mask_r[:, None], other=0.0)
+    b_do = tl.load(DO + b * stride_dob + offs_t64[:, None] * stride_dot + offs_h[:, None] * stride_doh + offs_d[None, :] * stride_dod, mask=mask_r[:, None], other=0.0)
+    b_o = tl.load(O + b * stride_ob + offs_t64[:, None] * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od, mask=mask_r[:, None], other=0.0)
+    # [BLOCK_M]; delta = rowsum(o * do) = sum_j p_j dp_j over sequence and depth keys
+    delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
+    offs_lse = b * stride_lb + offs_h * stride_lh + offs_t64 * stride_lt
+    if SEQ_IN_KERNEL:
+        tl.store(DELTA + offs_lse, delta, mask=mask_r)
+    # padding rows get lse = +inf, so every probability they would produce is exactly 0
+    lse2 = tl.load(LSE + offs_lse, mask=mask_r, other=float("inf")) * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    if SEQ_IN_KERNEL:
+        ptr_k = K + b * stride_kb + hk * stride_kh
+        ptr_v = V + b * stride_vb + hk * stride_vh
+        if CAUSAL:
+            hi_full = (t0 // BLOCK_N) * BLOCK_N
+            hi = tl.minimum(t0 + BLOCK_T, T)
+        else:
+            hi_full = (T // BLOCK_N) * BLOCK_N
+            hi = T
+        dq = _seq_bwd_dq(
+            dq, b_q, b_do, lse2, delta, ptr_k, ptr_v, stride_kt, stride_kd, stride_vt, stride_vd, offs_t, offs_d,
+            0, hi_full, T, qk_scale, BLOCK_N, False, CAUSAL,
+        )  # fmt: skip
+        dq = _seq_bwd_dq(
+            dq, b_q, b_do, lse2, delta, ptr_k, ptr_v, stride_kt, stride_kd, stride_vt, stride_vd, offs_t, offs_d,
+            hi_full, hi, T, qk_scale, BLOCK_N, True, CAUSAL,
+        )  # fmt: skip
+
+    if HAS_DEPTH:
+        # --- depth slots of the block's own tokens, rows grouped by token: [BLOCK_T, G_PAD, ...] ---
+        offs_tt = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_tt < T
+        offs_tt64 = offs_tt.to(tl.int64)
+        ptr_dk = DK + b * stride_dkb + offs_tt64 * stride_dkt + hk * stride_dkh
+        ptr_dv = DV + b * stride_dvb + offs_tt64 * stride_dvt + hk * stride_dvh
+        ptr_gk = DDK + b * stride_gkb + offs_tt64 * stride_gkt + hk * stride_gkh
+        ptr_gv = DDV + b * stride_gvb + offs_tt64 * stride_gvt + hk * stride_gvh
+        b_q3 = tl.reshape(b_q.to(tl.float32), (BLOCK_T, G_PAD, D))
+        b_do3 = tl.reshape(b_do.to(tl.float32), (BLOCK_T, G_PAD, D))
+        lse3 = tl.reshape(lse2, (BLOCK_T, G_PAD))
+        delta3 = tl.reshape(delta, (BLOCK_T, G_PAD))
+        dq3 = tl.zeros([BLOCK_T, G_PAD, D], tl.float32)
+        for s in range(0, num_depth):
+            # [BLOCK_T, D]: slot s of each token, shared by its G query rows
+            b_dk = tl.load(ptr_dk[:, None] + s * stride_dks + offs_d[None, :] * stride_dkd, mask=mask_t[:, None], other=0.0).to(tl.float32)
+            b_dv = tl.load(ptr_dv[:, None] + s * stride_dvs + offs_d[None, :] * stride_dvd, mask=mask_t[:, None], other=0.0).to(tl.float32)
+            # [BLOCK_T, G_PAD]: recompute the probability of slot s from the row's log-sum-exp
+            p = tl.exp2(tl.sum(b_q3 * b_dk[:, None, :], axis=2) * qk_scale - lse3)
+            dp = tl.sum(b_do3 * b_dv[:, None, :], axis=2)
+            ds = p * (dp - delta3)
+            dq3 += ds[:, :, None] * b_dk[:, None, :]
+            # [BLOCK_T, D]: gradients of slot s, summed over the token's G query rows
+            g_dv = tl.sum(p[:, :, None] * b_do3, axis=1)
+            g_dk = tl.sum(ds[:, :, None] * b_q3, axis=1) * sm_scale
+            tl.store(ptr_gk[:, None] + s * stride_gks + offs_d[None, :] * stride_gkd, g_dk.to(DDK.dtype.element_ty), mask=mask_t[:, None])
+            tl.store(ptr_gv[:, None] + s * stride_gvs + offs_d[None, :] * stride_gvd, g_dv.to(DDV.dtype.element_ty), mask=mask_t[:, None])
+        dq += tl.reshape(dq3, (BLOCK_M, D))
+
+    dq = dq * sm_scale
+    ptr_dq = DQ + b * stride_dqb + offs_t64[:, None] * stride_dqt + offs_h[:, None] * stride_dqh + offs_d[None, :] * stride_dqd
+    if not SEQ_IN_KERNEL:
+        dq += tl.load(ptr_dq, mask=mask_r[:, None], other=0.0).to(tl.float32)
+    tl.store(ptr_dq, dq.to(DQ.dtype.element_ty), mask=mask_r[:, None])
+
+
+@triton.jit
+def _seq_bwd_dkdv(
+    dk,
+    dv,
+    b_k,
+    b_v,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    q_base,
+    do_base,
+    l_base,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_dot,
+    stride_doh,
+    stride_dod,
+    stride_lh,
+    stride_lt,
+    hk,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    T,
+    qk_scale,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    MASK: tl.constexpr,
+):
+    """Accumulate ``dk`` (unscaled) and ``dv`` of one key block over query tokens ``[lo, hi)``."""
+    BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_g = offs_r % G_PAD
+    offs_h = hk * G + offs_g
+    for t0 in range(lo, hi, BLOCK_T):
+        offs_t = t0 + offs_r // G_PAD
+        mask_r = (offs_t < T) & (offs_g < G)
+        offs_t64 = offs_t.to(tl.int64)
+        # [D, BLOCK_M]
+        b_qT = tl.load(Q + q_base + offs_t64[None, :] * stride_qt + offs_h[None, :] * stride_qh + offs_d[:, None] * stride_qd, mask=mask_r[None, :], other=0.0)
+        # [BLOCK_M, D]
+        b_do = tl.load(DO + do_base + offs_t64[:, None] * stride_dot + offs_h[:, None] * stride_doh + offs_d[None, :] * stride_dod, mask=mask_r[:, None], other=0.0)
+        offs_l = l_base + offs_h * stride_lh + offs_t64 * stride_lt
+        lse2 = tl.load(LSE + offs_l, mask=mask_r, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + offs_l, mask=mask_r, other=0.0)
+        qkT = tl.dot(b_k, b_qT) * qk_scale  # [BLOCK_N, BLOCK_M]
+        pT = tl.exp2(qkT - lse2[None, :])
+        if MASK:
+            pT = tl.where(offs_n[:, None] <= offs_t[None, :], pT, 0.0)
+        dv += tl.dot(pT.to(b_do.dtype), b_do)
+        dpT = tl.dot(b_v, tl.trans(b_do))
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(b_qT.dtype), tl.trans(b_qT))
+    return dk, dv
+
+
+@triton.jit
+def moda_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, GK, GV,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_dob, stride_dot, stride_doh, stride_dod,
+    stride_gkb, stride_gkt, stride_gkh, stride_gkd,
+    stride_gvb, stride_gvt, stride_gvh, stride_gvd,
+    stride_lb, stride_lh, stride_lt,
+    T, Hk, sm_scale, qk_scale,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hk).to(tl.int64)
+    hk = pid_bh % Hk
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    mask_n = offs_n < T
+    offs_n64 = offs_n.to(tl.int64)
+
+    # [BLOCK_N, D]
+    b_k = tl.load(K + b * stride_kb + offs_n64[:, None] * stride_kt + hk * stride_kh + offs_d[None, :] * stride_kd, mask=mask_n[:, None], other=0.0)
+    b_v = tl.load(V + b * stride_vb + offs_n64[:, None] * stride_vt + hk * stride_vh + offs_d[None, :] * stride_vd, mask=mask_n[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+
+    if CAUSAL:
+        # query blocks that overlap this key block need the causal mask; later ones see it all
+        lo = (start_n // BLOCK_T) * BLOCK_T
+        mid = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_T) * BLOCK_T, T)
+    else:
+        lo = 0
+        mid = 0
+    dk, dv = _seq_bwd_dkdv(
+        dk, dv, b_k, b_v, Q, DO, LSE, DELTA, b * stride_qb, b * stride_dob, b * stride_lb,
+        stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
+        hk, offs_n, offs_d, lo, mid, T, qk_scale, G, G_PAD, BLOCK_T, True,
+    )  # fmt: skip
+    dk, dv = _seq_bwd_dkdv(
+        dk, dv, b_k, b_v, Q, DO, LSE, DELTA, b * stride_qb, b * stride_dob, b * stride_lb,
+        stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
+        hk, offs_n, offs_d, mid, T, T, qk_scale, G, G_PAD, BLOCK_T, False,
+    )  # fmt: skip
+
+    dk = dk * sm_scale
+    tl.store(GK + b * stride_gkb + offs_n64[:, None] * stride_gkt + hk * stride_gkh + offs_d[None, :] * stride_gkd, dk.to(GK.dtype.element_ty), mask=mask_n[:, None])
+    tl.store(GV + b * stride_gvb + offs_n64[:, None] * stride_gvt + hk * stride_gvh + offs_d[None, :] * stride_gvd, dv.to(GV.dtype.element_ty), mask=mask_n[:, None])
+
+
+def bwd_configs(G: int, d: int, interpret: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """Tile sizes of the dq kernel and of the dk/dv kernel."""
+    G_PAD = _next_pow2(G)
+    if interpret:
+        rows, block_n, warps, stages = max(16, G_PAD * 2), 16, 4, 1
+        dq = dict(BLOCK_T=rows // G_PAD, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        return dict(dq, G_PAD=G_PAD), dict(dq, G_PAD=G_PAD)
+    rows = max(64, G_PAD)
+    warps = 4 if d <= 64 else 8
+    dq = dict(G_PAD=G_PAD, BLOCK_T=rows // G_PAD, BLOCK_N=64, num_warps=warps, num_stages=2)
+    dkdv = dict(G_PAD=G_PAD, BLOCK_T=rows // G_PAD, BLOCK_N=64 if d <= 64 else 64, num_warps=warps, num_stages=2)
+    return dq, dkdv
+
+
+def moda_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    depth_k: torch.Tensor,
+    depth_v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    num_depth: int,
+    causal: bool,
+    scale: float,
+    dq: torch.Tensor,
+    dk: torch.Tensor | None,
+    dv: torch.Tensor | None,
+    d_depth_k: torch.Tensor,
+    d_depth_v: torch.Tensor,
+    seq_in_kernel: bool = True,
+    configs: tuple[dict[str, int], dict[str, int]] | None = None,
+) -> None:
+    """Launch the backward kernels, writing ``dq``, ``dk``, ``dv`` and the first ``num_depth`` slots of the depth grads.
+
+    With ``seq_in_kernel=False``, ``dq`` holds the sequence part of the gradient on entry (from
+    another attention backward run with the merged ``o`` and ``lse``); the depth part is
+    added to it and ``dk``, ``dv`` are not touched.
+    """
+    B, T, Hq, d = q.shape
+    Hk = k.shape[2]
+    G = Hq // Hk
+    cfg_dq, cfg_kv = configs or bwd_configs(G, d, q.device.type == "cpu")
+    delta = torch.empty_like(lse) if seq_in_kernel else lse  # not written in merge mode
+    moda_bwd_dq_kernel[(triton.cdiv(T, cfg_dq["BLOCK_T"]), B * Hk)](
+        q, k, v, depth_k, depth_v, o, do, lse, delta, dq, d_depth_k, d_depth_v,
+        *q.stride(), *k.stride(), *v.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(), *do.stride(),
+        *dq.stride(), *d_depth_k.stride(), *d_depth_v.stride(), *lse.stride(),
+        T, Hk, num_depth, scale, scale * LOG2E,
+        G=G, D=d, CAUSAL=causal, SEQ_IN_KERNEL=seq_in_kernel, HAS_DEPTH=num_depth > 0, **cfg_dq,
+    )  # fmt: skip
+    if not seq_in_kernel:
+        return
+    assert dk is not None and dv is not None
+    moda_bwd_dkdv_kernel[(triton.cdiv(T, cfg_kv["BLOCK_N"]), B * Hk)](
+        q, k, v, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *lse.stride(),
+        T, Hk, scale, scale * LOG2E,
+        G=G, D=d, CAUSAL=causal, **cfg_kv,
+    )  # fmt: skip

@@ -1,0 +1,287 @@
+"""The fused MoDA attention op: ``torch.library`` registration, autograd, FLOP formula, and ``moda_attn()``.
+
+Two custom ops, ``moda::attn_fwd`` and ``moda::attn_bwd``, each with a fake (meta) implementation
+so ``torch.compile`` traces through them without a graph break, and a FLOP formula so
+``torch.utils.flop_counter.FlopCounterMode`` counts them. Autograd is registered on the forward op.
+
+Where the sequence part runs (``MODA_ATTN_SEQ`` environment variable, or :func:`set_seq_backend`):
+
+- ``"triton"``: everything in the fused Triton kernels of ``fwd.py`` / ``bwd.py``.
+- ``"cudnn"``: the sequence part through cuDNN's attention with its log-sum-exp (a private aten
+  op), then the Triton kernel merges the depth slots into the output by log-sum-exp, in place.
+  The backward calls cuDNN's backward with the *merged* output and log-sum-exp, which gives the
+  exact sequence gradients, and the Triton dq kernel adds the depth part.
+- ``"auto"`` (default): ``"cudnn"`` on CUDA for fp16/bf16 where the private op exists and
+  works, else ``"triton"``. A failing cuDNN call falls back to Triton (with one warning).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from moda_kernels.moda_attn.bwd import moda_bwd
+from moda_kernels.moda_attn.checks import check_moda_inputs
+from moda_kernels.moda_attn.fwd import moda_fwd
+
+_SEQ_BACKENDS = ("auto", "triton", "cudnn")
+_seq_backend = os.environ.get("MODA_ATTN_SEQ", "auto")
+_cudnn_broken: str | None = None  # the first error cuDNN raised, if any
+
+
+def set_seq_backend(name: str) -> None:
+    """Choose where the sequence part runs: ``"auto"``, ``"triton"`` or ``"cudnn"`` (see the module docstring)."""
+    global _seq_backend
+    if name not in _SEQ_BACKENDS:
+        raise ValueError(f"moda_attn: unknown sequence backend {name!r}; choose one of {_SEQ_BACKENDS}.")
+    _seq_backend = name
+
+
+def _use_cudnn(q: Tensor) -> bool:
+    if _seq_backend == "triton" or _cudnn_broken is not None:
+        return False
+    ok = (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
+        and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward")
+    )
+    if _seq_backend == "cudnn" and not ok:
+        raise RuntimeError(
+            "moda_attn: sequence backend 'cudnn' needs fp16/bf16 CUDA tensors and torch's private "
+            "aten._scaled_dot_product_cudnn_attention op; use set_seq_backend('triton') or 'auto'."
+        )
+    return ok
+
+
+def _cudnn_failed(err: Exception) -> None:
+    global _cudnn_broken
+    if _seq_backend == "cudnn":
+        raise err
+    _cudnn_broken = f"{type(err).__name__}: {err}"
+    warnings.warn(f"moda_attn: cuDNN attention failed ({_cudnn_broken}); using the Triton kernels from now on.", stacklevel=3)
+
+
+def _BHTd(x: Tensor) -> Tensor:  # [B, T, H, d] -> [B, H, T, d] view, the layout SDPA ops take
+    return x.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- forward op
+
+
+@torch.library.custom_op("moda::attn_fwd", mutates_args=())
+def moda_attn_fwd(
+    q: Tensor, k: Tensor, v: Tensor, depth_k: Tensor, depth_v: Tensor, num_depth: int, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``o [B,T,Hq,d]`` (contiguous), ``lse, lse_depth [B,Hq,T]`` (fp32, natural log)."""
+    B, T, Hq, d = q.shape
+    lse_depth = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    if _use_cudnn(q):
+        try:
+            o_BHTd, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                _BHTd(q), _BHTd(k), _BHTd(v), None, True, 0.0, causal, False, scale=scale
+            )[:2]
+            o, lse = _BHTd(o_BHTd), lse.reshape(B, Hq, T)
+            if not o.is_contiguous() or not lse.is_contiguous():
+                o, lse = o.contiguous(), lse.contiguous()
+            if num_depth > 0:  # merge the depth slots into (o, lse) in place
+                moda_fwd(q, k, v, depth_k, depth_v, num_depth, causal, scale, o, lse, lse_depth, seq_in_kernel=False)
+            else:
+                lse_depth.fill_(float("-inf"))
+            return o, lse, lse_depth
+        except RuntimeError as err:
+            _cudnn_failed(err)
+    o = torch.empty(B, T, Hq, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    moda_fwd(q, k, v, depth_k, depth_v, num_depth, causal, scale, o, lse, lse_depth)
+    return o, lse, lse_depth
+
+
+@moda_attn_fwd.register_fake
+def _(q, k, v, depth_k, depth_v, num_depth, causal, scale):
+    B, T, Hq, d = q.shape
+    lse = q.new_empty(B, Hq, T, dtype=torch.float32)
+    return q.new_empty(B, T, Hq, d), lse, torch.empty_like(lse)
+
+
+# ----------------------------------------------------------------------------- backward op
+
+
+@torch.library.custom_op("moda::attn_bwd", mutates_args=())
+def moda_attn_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    depth_k: Tensor,
+    depth_v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    num_depth: int,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``d(depth_k), d(depth_v)`` ``[B,T,S,Hk,d]`` (zero past ``num_depth``)."""
+    do = do.contiguous()
+    S = depth_k.shape[2]
+    new_depth_grad = torch.empty if num_depth == S else torch.zeros
+    d_depth_k = new_depth_grad(depth_k.shape, device=q.device, dtype=depth_k.dtype)
+    d_depth_v = new_depth_grad(depth_v.shape, device=q.device, dtype=depth_v.dtype)
+    if _use_cudnn(q):
+        try:
+            B, T = q.shape[:2]
+            empty = q.new_empty(0)
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                _BHTd(do), _BHTd(q), _BHTd(k), _BHTd(v), _BHTd(o), lse.unsqueeze(-1),
+                empty, empty, None, empty, empty, T, T, 0.0, causal, scale=scale,
+            )  # fmt: skip
+            dq, dk, dv = _BHTd(dq), _BHTd(dk), _BHTd(dv)
+            if num_depth > 0:  # add the depth part of dq; write the depth gradients
+                moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale,
+                         dq, None, None, d_depth_k, d_depth_v, seq_in_kernel=False)  # fmt: skip
+            return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_depth_k, d_depth_v
+        except RuntimeError as err:
+            _cudnn_failed(err)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale, dq, dk, dv, d_depth_k, d_depth_v)
+    return dq, dk, dv, d_depth_k, d_depth_v
+
+
+@moda_attn_bwd.register_fake
+def _(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale):
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        depth_k.new_empty(depth_k.shape),
+        depth_v.new_empty(depth_v.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, depth_k, depth_v, num_depth, causal, scale = inputs
+    o, lse, lse_depth = output
+    ctx.save_for_backward(q, k, v, depth_k, depth_v, o, lse)
+    ctx.num_depth, ctx.causal, ctx.scale = num_depth, causal, scale
+    ctx.mark_non_differentiable(lse, lse_depth)
+
+
+def _backward(ctx, do, _dlse, _dlse_depth):
+    q, k, v, depth_k, depth_v, o, lse = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv, d_depth_k, d_depth_v = moda_attn_bwd(
+        do, q, k, v, depth_k, depth_v, o, lse, ctx.num_depth, ctx.causal, ctx.scale
+    )
+    return dq, dk, dv, d_depth_k, d_depth_v, None, None, None
+
+
+moda_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- FLOP formulas
+
+
+def _attn_flops(q_shape, num_depth: int, causal: bool) -> int:
+    """Matmul FLOPs of the forward: ``4 * B * Hq * d * (visible sequence pairs + T * num_depth)``.
+
+    Counts ``q.k`` and ``p.v`` (2 FLOPs per multiply-add) over the keys each row actually sees:
+    ``T (T + 1) / 2`` sequence pairs when causal, ``T^2`` otherwise, plus ``num_depth`` depth
+    slots per row. Leaves out the softmax. (torch's own SDPA formula counts ``T^2`` even when
+    causal.)
+    """
+    B, T, Hq, d = q_shape
+    pairs = T * (T + 1) // 2 if causal else T * T
+    return 4 * B * Hq * d * (pairs + T * num_depth)
+
+
+@register_flop_formula(torch.ops.moda.attn_fwd)
+def _fwd_flop(q_shape, k_shape, v_shape, dk_shape, dv_shape, num_depth, causal, scale, *args, out_shape=None, **kwargs) -> int:
+    return _attn_flops(q_shape, num_depth, causal)
+
+
+@register_flop_formula(torch.ops.moda.attn_bwd)
+def _bwd_flop(do_shape, q_shape, *args, out_shape=None, **kwargs) -> int:
+    # recompute q.k, then dv, dp, dq, dk: 5 products where the forward has 2 (torch's SDPA ratio)
+    num_depth, causal = args[6], args[7]
+    return _attn_flops(q_shape, num_depth, causal) * 5 // 2
+
+
+# ----------------------------------------------------------------------------- public boundary
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_kernel_inputs(tensors: dict[str, Tensor]) -> None:
+    q = tensors["q"]
+    for name, t in tensors.items():
+        if t.device != q.device or t.dtype != q.dtype:
+            raise ValueError(
+                f"moda_attn: every tensor must share q's device and dtype ({q.device}, {q.dtype}); "
+                f"{name} is on {t.device} with {t.dtype}. Move or cast it with .to(q)."
+            )
+    if q.device.type != "cuda" and not (_interpreting() and q.device.type == "cpu"):
+        raise RuntimeError(
+            f"moda_attn: the fused Triton kernel needs CUDA tensors; got device {q.device.type!r}. "
+            "On CPU use moda_attention(..., backend='reference') (the 'moda_torch' attention backend)."
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(
+            f"moda_attn: dtype {q.dtype} is not supported; use bfloat16 or float16 "
+            "(float32 runs with tf32 matmuls on the GPU)."
+        )
+    d = q.shape[-1]
+    if d not in (16, 32, 64, 128):
+        raise ValueError(f"moda_attn: head dim d={d} is not supported by the Triton kernel; use 32, 64 or 128.")
+
+
+def moda_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    depth_k: Tensor | None = None,
+    depth_v: Tensor | None = None,
+    *,
+    num_depth: int | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """Fused MoDA attention (CUDA; same contract as :func:`moda_attn_reference`).
+
+    Args:
+        q: ``[B, T, Hq, d]``, fp16/bf16 (fp32 runs with tf32 matmuls), d in {32, 64, 128}.
+        k, v: ``[B, T, Hk, d]``, ``Hq % Hk == 0``.
+        depth_k, depth_v: the depth stream ``[B, T, S, Hk, d]`` with any strides (read in place),
+            or ``None``.
+        num_depth: depth slots to read, ``0 <= num_depth <= S`` (default: all ``S``).
+        causal: sequence keys ``j <= t`` only.
+        scale: logit scale, default ``d ** -0.5``.
+        return_lse: also return ``lse`` and ``lse_depth`` ``[B, T, Hq]`` (fp32, natural log; not
+            differentiable).
+
+    Returns:
+        ``o [B, T, Hq, d]``, or ``(o, lse, lse_depth)``; gradients flow to q, k, v, depth_k, depth_v.
+    """
+    num_depth = check_moda_inputs(q, k, v, depth_k, depth_v, num_depth)
+    tensors = {"q": q, "k": k, "v": v}
+    if depth_k is not None and depth_v is not None:
+        tensors.update(depth_k=depth_k, depth_v=depth_v)
+    _check_kernel_inputs(tensors)
+    B, T, Hq, d = q.shape
+    if depth_k is None or depth_v is None:
+        depth_k = depth_v = q.new_empty(B, T, 0, k.shape[2], d)
+    scale = d**-0.5 if scale is None else float(scale)
+    o, lse, lse_depth = torch.ops.moda.attn_fwd(q, k, v, depth_k, depth_v, num_depth, causal, scale)
+    if not return_lse:
+        return o
+    return o, lse.transpose(1, 2), lse_depth.transpose(1, 2)
+
+
+__all__ = ["moda_attn", "set_seq_backend"]

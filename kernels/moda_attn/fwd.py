@@ -1,0 +1,263 @@
+"""MoDA attention forward: one Triton kernel, one online softmax over ``[depth | sequence]`` keys.
+
+Algorithm 1 of arXiv 2603.15619 (Section 3), with the query heads of one KV head packed into
+the rows of a tile (GQA). Math and layout: ``kernels/moda_attn/README.md``.
+
+Row packing: a program owns ``BLOCK_T`` tokens of one ``(batch, KV head)``; its
+``BLOCK_M = BLOCK_T * G_PAD`` rows are ``row = t_local * G_PAD + g`` (query head
+``hk * G + g``; rows with ``g >= G`` are padding when ``G`` is not a power of two). Sequence
+keys are loaded once for all ``G`` heads; a token's depth slots are loaded once as
+``[BLOCK_T, D]`` and broadcast to its ``G`` rows (the paper's "group-aware" load).
+
+Two modes share the kernel (``SEQ_IN_KERNEL``):
+- fused: depth slots first, then the sequence key blocks, all in one ``(m, l, acc)`` state;
+- merge: the sequence part was computed elsewhere (cuDNN, with its log-sum-exp); the kernel
+  runs the depth slots and merges both parts by log-sum-exp, in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # 1 / ln 2: logits are kept in base 2 (exp2 is one instruction)
+LN2 = 0.6931471805599453
+LN2_C: tl.constexpr = tl.constexpr(LN2)
+
+
+@triton.jit
+def _depth_fwd(
+    b_q3,  # [BLOCK_T, G_PAD, D] fp32 queries of the block, grouped by token
+    ptr_dk,  # [BLOCK_T] pointers to depth_k[b, t, 0, hk, 0]
+    ptr_dv,
+    offs_d,
+    mask_t,
+    num_depth,
+    stride_dks,
+    stride_dkd,
+    stride_dvs,
+    stride_dvd,
+    qk_scale,
+    BLOCK_T: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+):
+    """Online softmax over a token's own depth slots; returns the base-2 state ``(m, l, acc)``."""
+    m3 = tl.full([BLOCK_T, G_PAD], float("-inf"), tl.float32)
+    l3 = tl.zeros([BLOCK_T, G_PAD], tl.float32)
+    acc3 = tl.zeros([BLOCK_T, G_PAD, D], tl.float32)
+    for s in range(0, num_depth):
+        # [BLOCK_T, D]: slot s of each token, loaded once for its G query rows
+        b_dk = tl.load(ptr_dk[:, None] + s * stride_dks + offs_d[None, :] * stride_dkd, mask=mask_t[:, None], other=0.0)
+        b_dv = tl.load(ptr_dv[:, None] + s * stride_dvs + offs_d[None, :] * stride_dvd, mask=mask_t[:, None], other=0.0)
+        # [BLOCK_T, G_PAD]: one depth logit per query row
+        x = tl.sum(b_q3 * b_dk.to(tl.float32)[:, None, :], axis=2) * qk_scale
+        # online-softmax update with one new key per row
+        m_new = tl.maximum(m3, x)
+        alpha = tl.exp2(m3 - m_new)
+        p = tl.exp2(x - m_new)
+        l3 = l3 * alpha + p
+        acc3 = acc3 * alpha[:, :, None] + p[:, :, None] * b_dv.to(tl.float32)[:, None, :]
+        m3 = m_new
+    return m3, l3, acc3
+
+
+@triton.jit
+def _seq_fwd(
+    acc,
+    l_i,
+    m_i,
+    b_q,  # [BLOCK_M, D] in the input dtype
+    ptr_k,  # base of k[b, :, hk, :]
+    ptr_v,
+    stride_kt,
+    stride_kd,
+    stride_vt,
+    stride_vd,
+    offs_t,  # [BLOCK_M] token of each row
+    offs_d,
+    lo,
+    hi,
+    T,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    MASK: tl.constexpr,  # apply the causal and key-bound masks (boundary blocks only)
+    CAUSAL: tl.constexpr,
+):
+    """FlashAttention-2 inner loop over sequence key blocks ``[lo, hi)``."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        mask_n = offs_n < T
+        # [D, BLOCK_N]
+        b_kT = tl.load(ptr_k + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=mask_n[None, :], other=0.0)
+        # [BLOCK_N, D]
+        b_v = tl.load(ptr_v + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=mask_n[:, None], other=0.0)
+        qk = tl.dot(b_q, b_kT) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if MASK:
+            keep = mask_n[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_t[:, None])
+            qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def moda_fwd_kernel(
+    Q, K, V, DK, DV, O, LSE, LSE_D,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_dkb, stride_dkt, stride_dks, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvs, stride_dvh, stride_dvd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_lt,  # LSE (and LSE_D): [B, Hq, T] fp32
+    T, Hk, num_depth, qk_scale,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SEQ_IN_KERNEL: tl.constexpr,  # False: O/LSE hold the sequence part on entry (merge mode)
+    HAS_DEPTH: tl.constexpr,
+):  # fmt: skip
+    BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hk).to(tl.int64)
+    hk = pid_bh % Hk
+    t0 = pid_m * BLOCK_T
+
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_t = t0 + offs_r // G_PAD  # token of each row
+    offs_g = offs_r % G_PAD
+    offs_h = hk * G + offs_g  # query head of each row
+    offs_d = tl.arange(0, D)
+    mask_r = (offs_t < T) & (offs_g < G)
+
+    offs_t64 = offs_t.to(tl.int64)
+    # [BLOCK_M, D]
+    ptr_q = Q + b * stride_qb + offs_t64[:, None] * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    b_q = tl.load(ptr_q, mask=mask_r[:, None], other=0.0)
+
+    # --- stage 1: depth slots of the block's own tokens (group-aware) ---
+    if HAS_DEPTH:
+        offs_tt = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_tt < T
+        ptr_dk = DK + b * stride_dkb + offs_tt.to(tl.int64) * stride_dkt + hk * stride_dkh
+        ptr_dv = DV + b * stride_dvb + offs_tt.to(tl.int64) * stride_dvt + hk * stride_dvh
+        b_q3 = tl.reshape(b_q.to(tl.float32), (BLOCK_T, G_PAD, D))
+        m3, l3, acc3 = _depth_fwd(
+            b_q3, ptr_dk, ptr_dv, offs_d, mask_t, num_depth, stride_dks, stride_dkd, stride_dvs, stride_dvd,
+            qk_scale, BLOCK_T, G_PAD, D,
+        )  # fmt: skip
+        m_i = tl.reshape(m3, (BLOCK_M,))
+        l_i = tl.reshape(l3, (BLOCK_M,))
+        acc = tl.reshape(acc3, (BLOCK_M, D))
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+    # log-sum-exp of the depth part alone (natural log; -inf without depth slots)
+    lse_depth = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * LN2_C, float("-inf"))
+
+    offs_lse = b * stride_lb + offs_h * stride_lh + offs_t64 * stride_lt
+    ptr_o = O + b * stride_ob + offs_t64[:, None] * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od
+    if SEQ_IN_KERNEL:
+        # --- stage 2: sequence keys, continuing the same online softmax ---
+        ptr_k = K + b * stride_kb + hk * stride_kh
+        ptr_v = V + b * stride_vb + hk * stride_vh
+        if CAUSAL:
+            # key blocks entirely below the block's first token need no mask
+            hi_full = (t0 // BLOCK_N) * BLOCK_N
+            hi = tl.minimum(t0 + BLOCK_T, T)
+        else:
+            hi_full = (T // BLOCK_N) * BLOCK_N
+            hi = T
+        acc, l_i, m_i = _seq_fwd(
+            acc, l_i, m_i, b_q, ptr_k, ptr_v, stride_kt, stride_kd, stride_vt, stride_vd, offs_t, offs_d,
+            0, hi_full, T, qk_scale, BLOCK_M, BLOCK_N, D, False, CAUSAL,
+        )  # fmt: skip
+        acc, l_i, m_i = _seq_fwd(
+            acc, l_i, m_i, b_q, ptr_k, ptr_v, stride_kt, stride_kd, stride_vt, stride_vd, offs_t, offs_d,
+            hi_full, hi, T, qk_scale, BLOCK_M, BLOCK_N, D, True, CAUSAL,
+        )  # fmt: skip
+        lse = (m_i + tl.log2(l_i)) * LN2_C
+        b_o = acc / l_i[:, None]
+    else:
+        # --- merge: o = o_seq * exp(lse_seq - lse) + o_depth * exp(lse_depth - lse) ---
+        lse_seq = tl.load(LSE + offs_lse, mask=mask_r, other=0.0)
+        b_o_seq = tl.load(ptr_o, mask=mask_r[:, None], other=0.0).to(tl.float32)
+        lse = tl.maximum(lse_seq, lse_depth)
+        lse = lse + tl.log(tl.exp(lse_seq - lse) + tl.exp(lse_depth - lse))
+        w_depth = tl.where(l_i > 0, tl.exp(lse_depth - lse) / l_i, 0.0)
+        b_o = b_o_seq * tl.exp(lse_seq - lse)[:, None] + acc * w_depth[:, None]
+
+    tl.store(ptr_o, b_o.to(O.dtype.element_ty), mask=mask_r[:, None])
+    tl.store(LSE + offs_lse, lse, mask=mask_r)
+    tl.store(LSE_D + offs_lse, lse_depth, mask=mask_r)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def fwd_config(G: int, d: int, interpret: bool) -> dict[str, int]:
+    """Tile sizes: ``BLOCK_M = BLOCK_T * G_PAD`` packed query rows, ``BLOCK_N`` keys."""
+    G_PAD = _next_pow2(G)
+    if interpret:
+        rows, block_n, warps, stages = max(16, G_PAD * 2), 16, 4, 1
+    elif d <= 64:
+        rows, block_n, warps, stages = 128, 64, 4, 3
+    else:
+        rows, block_n, warps, stages = 128, 64, 8, 2
+    rows = max(rows, G_PAD)
+    return dict(G_PAD=G_PAD, BLOCK_T=rows // G_PAD, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+def moda_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    depth_k: torch.Tensor,
+    depth_v: torch.Tensor,
+    num_depth: int,
+    causal: bool,
+    scale: float,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    lse_depth: torch.Tensor,
+    seq_in_kernel: bool = True,
+    config: dict[str, int] | None = None,
+) -> None:
+    """Launch the forward kernel, writing ``o [B,T,Hq,d]`` (any strides), ``lse, lse_depth [B,Hq,T]``.
+
+    With ``seq_in_kernel=False``, ``o`` and ``lse`` must hold the sequence-only output and
+    log-sum-exp on entry; they are overwritten with the merged ones (merge mode).
+    """
+    B, T, Hq, d = q.shape
+    Hk = k.shape[2]
+    G = Hq // Hk
+    cfg = dict(config or fwd_config(G, d, q.device.type == "cpu"))
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * Hk)
+    moda_fwd_kernel[grid](
+        q, k, v, depth_k, depth_v, o, lse, lse_depth,
+        *q.stride(), *k.stride(), *v.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(),
+        *lse.stride(),
+        T, Hk, num_depth, scale * LOG2E,
+        G=G, D=d, CAUSAL=causal, SEQ_IN_KERNEL=seq_in_kernel, HAS_DEPTH=num_depth > 0,
+        **cfg,
+    )  # fmt: skip
+
+
+__all__ = ["LN2", "LOG2E", "fwd_config", "moda_fwd"]
