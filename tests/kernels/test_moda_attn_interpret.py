@@ -1,0 +1,202 @@
+"""The MoDA Triton kernels under ``TRITON_INTERPRET=1`` on CPU, against the PyTorch reference.
+
+Tiny shapes (odd T, G in {1, 2, 3, 4}, num_depth in {0, 1, 3}), forward, both log-sum-exps and
+every gradient. fp32 and fp16 only: bf16 arithmetic does not run under the interpreter.
+On a CUDA machine these are skipped; ``test_moda_attn_cuda.py`` covers the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+    reason="interpreter tests run on CPU-only machines (tests/kernels/conftest.py sets TRITON_INTERPRET=1)",
+)
+
+triton = pytest.importorskip("triton")
+
+from _tolerance import check_close  # noqa: E402
+
+from moda_kernels.moda_attn import moda_attn_reference  # noqa: E402
+
+
+def _inputs(B, T, Hq, Hk, d, S, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, Hq, d, generator=g).to(dtype)
+    k = torch.randn(B, T, Hk, d, generator=g).to(dtype)
+    v = torch.randn(B, T, Hk, d, generator=g).to(dtype)
+    depth_k = torch.randn(B, T, S, Hk, d, generator=g).to(dtype)
+    depth_v = torch.randn(B, T, S, Hk, d, generator=g).to(dtype)
+    do = torch.randn(B, T, Hq, d, generator=g).to(dtype)
+    return [q, k, v, depth_k, depth_v], do
+
+
+def _run(fn, inputs, do, **kw):
+    """Output, both LSEs and the five gradients (zeros where a depth input is unused)."""
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    o, lse, lse_depth = fn(*xs, return_lse=True, **kw)
+    grads = torch.autograd.grad(o, xs, do.to(o.dtype), allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs)]
+    return [o, lse, lse_depth, *grads]
+
+
+NAMES = ["o", "lse", "lse_depth", "dq", "dk", "dv", "d_depth_k", "d_depth_v"]
+
+
+def _compare(inputs, do, *, num_depth, causal, dtype):
+    from moda_kernels.moda_attn import moda_attn
+
+    kw = dict(num_depth=num_depth, causal=causal)
+    out = _run(moda_attn, inputs, do, **kw)
+    ref64 = _run(moda_attn_reference, [x.double() for x in inputs], do.double(), **kw)
+    ref_lowp = _run(moda_attn_reference, inputs, do, **kw)
+    floor = 1e-5 if dtype == torch.float32 else 1e-3
+    for name, a, r64, rl in zip(NAMES, out, ref64, ref_lowp):
+        check_close(name, a, r64, rl, floor=floor)
+
+
+CASES = [
+    # B, T, Hq, Hk, d, S, num_depth
+    (1, 7, 1, 1, 16, 1, 1),
+    (2, 19, 2, 2, 16, 3, 3),
+    (1, 19, 4, 2, 32, 4, 3),
+    (1, 21, 4, 1, 16, 3, 0),
+    (1, 23, 8, 2, 16, 2, 1),
+    (1, 17, 6, 2, 16, 5, 3),  # G = 3: padded rows in the tile
+]
+
+
+def _case_id(c):
+    B, T, Hq, Hk, d, S, L = c
+    return f"B{B}-T{T}-Hq{Hq}-Hk{Hk}-L{L}-D{d}"
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_fused_matches_reference_fp32(case, causal):
+    B, T, Hq, Hk, d, S, L = case
+    inputs, do = _inputs(B, T, Hq, Hk, d, S, torch.float32)
+    _compare(inputs, do, num_depth=L, causal=causal, dtype=torch.float32)
+
+
+def test_fused_matches_reference_fp16():
+    inputs, do = _inputs(1, 19, 4, 2, 32, 3, torch.float16, seed=1)
+    _compare(inputs, do, num_depth=2, causal=True, dtype=torch.float16)
+
+
+def test_no_depth_stream_is_plain_causal_attention():
+    """num_depth=0 without a depth stream equals causal GQA SDPA; lse_depth is -inf."""
+    from moda_kernels.moda_attn import moda_attn
+
+    (q, k, v, _, _), _ = _inputs(1, 13, 4, 2, 16, 1, torch.float32)
+    o, lse, lse_depth = moda_attn(q, k, v, return_lse=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(o, sdpa, atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(lse_depth).all() and lse.isfinite().all()
+
+
+def test_depth_read_in_place_from_strided_view():
+    """Depth slots come from a slice of a larger buffer (non-contiguous) and only num_depth are read."""
+    from moda_kernels.moda_attn import moda_attn
+
+    (q, k, v, _, _), do = _inputs(1, 11, 4, 2, 16, 1, torch.float32)
+    buf = torch.randn(1, 11, 6, 4, 16)
+    depth_k, depth_v = buf[:, :, :4, :2], buf[:, :, 1:5, 2:]
+    buf_poisoned = buf.clone()
+    buf_poisoned[:, :, 3:] = float("nan")  # slots past num_depth=2 of both views
+    dk_p, dv_p = buf_poisoned[:, :, :4, :2], buf_poisoned[:, :, 1:5, 2:]
+    out = _run(moda_attn, [q, k, v, dk_p, dv_p], do, num_depth=2)
+    ref = _run(moda_attn_reference, [q, k, v, depth_k, depth_v], do, num_depth=2)
+    for name, a, r in zip(NAMES, out, ref):
+        if name == "d_depth_k":
+            r = torch.cat([r[:, :, :2], torch.zeros_like(r[:, :, 2:])], dim=2)
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_merge_mode_matches_reference():
+    """The split design on CPU: sequence part from elsewhere (here the reference), depth merged by LSE.
+
+    Forward: the kernel starts from the sequence-only (o, lse) and must produce the full op.
+    Backward: sequence grads from a sequence-only backward run with the *merged* o and lse (our own
+    kernel with num_depth=0 stands in for cuDNN), then the merge-mode dq kernel adds the depth part.
+    """
+    from moda_kernels.moda_attn.bwd import moda_bwd
+    from moda_kernels.moda_attn.fwd import moda_fwd
+
+    B, T, Hq, Hk, d, S, L = 1, 19, 4, 2, 16, 4, 3
+    (q, k, v, depth_k, depth_v), do = _inputs(B, T, Hq, Hk, d, S, torch.float32, seed=3)
+    scale = d**-0.5
+    o_seq, lse_seq, _ = moda_attn_reference(q, k, v, return_lse=True)
+    o = o_seq.clone()
+    lse = lse_seq.transpose(1, 2).contiguous()
+    lse_depth = torch.empty_like(lse)
+    moda_fwd(q, k, v, depth_k, depth_v, L, True, scale, o, lse, lse_depth, seq_in_kernel=False)
+    o_ref, lse_ref, lse_depth_ref = moda_attn_reference(q, k, v, depth_k, depth_v, num_depth=L, return_lse=True)
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.transpose(1, 2), lse_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse_depth.transpose(1, 2), lse_depth_ref, atol=1e-5, rtol=1e-5)
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    g_dk, g_dv = torch.zeros_like(depth_k), torch.zeros_like(depth_v)
+    moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, 0, True, scale, dq, dk, dv, g_dk, g_dv)  # "cuDNN"
+    moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, L, True, scale, dq, None, None, g_dk, g_dv, seq_in_kernel=False)
+    ref = _run(moda_attn_reference, [q, k, v, depth_k, depth_v], do, num_depth=L)
+    for name, a, r in zip(NAMES[3:], [dq, dk, dv, g_dk, g_dv], ref[3:]):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_flop_counter_counts_the_op():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moda_kernels.moda_attn import moda_attn
+
+    (q, k, v, depth_k, depth_v), _ = _inputs(1, 9, 4, 2, 16, 3, torch.float32)
+    q.requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        moda_attn(q, k, v, depth_k, depth_v, num_depth=3).sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    fwd = 4 * 1 * 4 * 16 * (9 * 10 // 2 + 9 * 3)
+    assert counts == {"moda.attn_fwd": fwd, "moda.attn_bwd": fwd * 5 // 2}
+
+
+def test_fake_tensor_shapes():
+    """The fake implementations give torch.compile the right output shapes without running a kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import moda_kernels.moda_attn.function  # noqa: F401  (registers the ops)
+
+    with FakeTensorMode():
+        q, k, v = torch.empty(2, 5, 4, 16), torch.empty(2, 5, 2, 16), torch.empty(2, 5, 2, 16)
+        dk = torch.empty(2, 5, 3, 2, 16)
+        o, lse, lse_depth = torch.ops.moda.attn_fwd(q, k, v, dk, dk, 3, True, 0.25)
+        grads = torch.ops.moda.attn_bwd(o, q, k, v, dk, dk, o, lse, 3, True, 0.25)
+    assert o.shape == q.shape and lse.shape == (2, 4, 5) and lse_depth.shape == (2, 4, 5)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape, dk.shape, dk.shape]
+
+
+def test_errors_name_the_problem():
+    from moda_kernels.moda_attn import moda_attn
+
+    q, k = torch.randn(1, 4, 2, 24), torch.randn(1, 4, 1, 24)
+    with pytest.raises(ValueError, match="head dim d=24"):
+        moda_attn(q, k, k)
+    q, k = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 1, 16)
+    with pytest.raises(ValueError, match="share q's device and dtype"):
+        moda_attn(q, k.half(), k)
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        moda_attn(q.double(), k.double(), k.double())
+
+
+def test_cpu_tensors_without_interpreter_name_moda_torch(monkeypatch):
+    from moda_kernels.moda_attn import moda_attn
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(RuntimeError, match="moda_torch"):
+        moda_attn(q, q, q)
