@@ -1,0 +1,226 @@
+"""Time MoDA attention against SDPA (flash, cuDNN), FlexAttention-MoDA and the reference.
+
+    python -m moda_kernels.moda_attn.bench                 # the issue's grid (Table 2 + training shape)
+    python -m moda_kernels.moda_attn.bench --quick         # three small shapes
+    python -m moda_kernels.moda_attn.bench --impls moda,moda_fused,sdpa_cudnn --json out.json
+
+Prints, per shape and implementation, forward and forward+backward milliseconds (median of
+``triton.testing.do_bench``), TFLOP/s (causal FLOPs actually needed, ``4*B*Hq*d*(T(T+1)/2+T*L)``
+forward, 3.5x that forward+backward), and MoDA's time over the fastest SDPA backend of the same run.
+The byte and FLOP floors per shape use the ceilings measured at start (a device copy and a matmul).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+@dataclass
+class Shape:
+    B: int
+    T: int
+    Hq: int
+    Hk: int
+    L: int
+    d: int = 64
+
+    @property
+    def name(self) -> str:
+        return f"B{self.B} T{self.T // 1024}K G{self.Hq // self.Hk} Hq{self.Hq} L{self.L}"
+
+    def flops_fwd(self) -> float:
+        return 4.0 * self.B * self.Hq * self.d * (self.T * (self.T + 1) / 2 + self.T * self.L)
+
+    def bytes_fwd(self, elt: int = 2) -> float:  # q, o; k, v; depth k, v (each read/written once)
+        return elt * self.B * self.T * self.d * (2 * self.Hq + 2 * self.Hk + 2 * self.L * self.Hk)
+
+    def bytes_fwd_bwd(self, elt: int = 2) -> float:
+        # fwd, then bwd: read q k v o do + depth k v; write dq dk dv + depth grads
+        bwd = elt * self.B * self.T * self.d * (4 * self.Hq + 4 * self.Hk + 4 * self.L * self.Hk)
+        return self.bytes_fwd(elt) + bwd
+
+
+GRID = [
+    Shape(1, 4096, 64, 8, 64),
+    Shape(1, 16384, 64, 8, 64),
+    Shape(1, 65536, 64, 8, 64),
+    Shape(1, 16384, 16, 8, 64),
+    Shape(1, 16384, 32, 8, 64),
+    Shape(1, 16384, 128, 8, 64),
+    Shape(1, 16384, 64, 8, 128),
+    Shape(1, 16384, 64, 8, 256),
+    Shape(8, 4096, 16, 8, 36),
+    Shape(1, 16384, 64, 8, 0),  # num_depth = 0 must cost what SDPA costs
+]
+QUICK = [Shape(1, 4096, 64, 8, 64), Shape(8, 4096, 16, 8, 36), Shape(1, 4096, 64, 8, 0)]
+
+
+def make_inputs(s: Shape, dtype=torch.bfloat16):
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", dtype=dtype)
+
+    q, k, v = rand(s.B, s.T, s.Hq, s.d), rand(s.B, s.T, s.Hk, s.d), rand(s.B, s.T, s.Hk, s.d)
+    S = max(s.L, 1)
+    depth_k, depth_v = rand(s.B, s.T, S, s.Hk, s.d), rand(s.B, s.T, S, s.Hk, s.d)
+    return q, k, v, depth_k, depth_v
+
+
+def impl_fns(s: Shape):
+    """name -> f(q, k, v, depth_k, depth_v) -> o [B, T, Hq, d]; None where it cannot run."""
+    from moda_kernels.moda_attn import moda_attn, moda_attn_reference
+    from moda_kernels.moda_attn.function import set_seq_backend
+
+    def sdpa(backend):
+        def f(q, k, v, dk, dv):
+            with sdpa_kernel(backend):
+                o = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+                )
+            return o.transpose(1, 2)
+
+        return f
+
+    def moda(seq):
+        def f(q, k, v, dk, dv):
+            set_seq_backend(seq)
+            return moda_attn(q, k, v, dk, dv, num_depth=s.L)
+
+        return f
+
+    fns = {
+        "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+        "moda": moda("auto"),
+        "moda_fused": moda("triton"),
+        "flex_moda": flex_moda(s),
+        "reference": None,
+    }
+    # the reference materialises [B, Hq, T, T] fp32 logits several times over
+    if s.B * s.Hq * s.T * s.T * 4 * 8 < 60e9:
+        fns["reference"] = lambda q, k, v, dk, dv: moda_attn_reference(q, k, v, dk, dv, num_depth=s.L)
+    return fns
+
+
+def flex_moda(s: Shape):
+    """MoDA through FlexAttention: keys ``[sequence | depth slots of every token]``, a block mask."""
+    if s.T >= 65536 or s.L >= 256 or s.L == 0:  # the issue reports int32 overflow crashes there
+        return None
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T, L = s.T, s.L
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        seq = (kv_idx < T) & (kv_idx <= q_idx)
+        depth = (kv_idx >= T) & ((kv_idx - T) // L == q_idx)
+        return seq | depth
+
+    block_mask = create_block_mask(mask_mod, None, None, T, T + T * L, device="cuda")
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def f(q, k, v, dk, dv):
+        B, Hk, d = q.shape[0], k.shape[2], q.shape[3]
+        kk = torch.cat([k, dk[:, :, :L].reshape(B, T * L, Hk, d)], dim=1).transpose(1, 2)
+        vv = torch.cat([v, dv[:, :, :L].reshape(B, T * L, Hk, d)], dim=1).transpose(1, 2)
+        o = flex(q.transpose(1, 2), kk, vv, block_mask=block_mask, enable_gqa=True)
+        return o.transpose(1, 2)
+
+    return f
+
+
+def bench_ms(fn, warmup=50, rep=300) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def time_impl(f, inputs, do):
+    q, k, v, dk, dv = inputs
+    fwd = bench_ms(lambda: f(q, k, v, dk, dv))
+    xs = [x.detach().requires_grad_() for x in inputs]
+
+    def fwd_bwd():
+        o = f(*xs)
+        torch.autograd.grad(o, [x for x in xs if x.requires_grad], do, allow_unused=True)
+
+    return fwd, bench_ms(fwd_bwd)
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(bytes/s of a device copy counting read + write, bf16 matmul FLOP/s), measured here."""
+    x = torch.empty(2**30 // 2, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    ms = bench_ms(lambda: y.copy_(x))
+    bw = 2 * x.numel() * 2 / (ms * 1e-3)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench_ms(lambda: a @ b)
+    return bw, 2 * 8192**3 / (ms * 1e-3)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="three small shapes instead of the full grid")
+    p.add_argument("--impls", default="sdpa_flash,sdpa_cudnn,moda,moda_fused,flex_moda,reference")
+    p.add_argument("--shapes", default="", help="indices into the grid, e.g. 0,3,8")
+    p.add_argument("--json", default="", help="write all numbers to this file")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    shapes = QUICK if args.quick else GRID
+    if args.shapes:
+        shapes = [shapes[int(i)] for i in args.shapes.split(",")]
+    wanted = args.impls.split(",")
+    dev = torch.cuda.get_device_name()
+    bw, peak = measure_ceilings()
+    print(f"device: {dev}; torch {torch.__version__}; cuDNN {torch.backends.cudnn.version()}; "
+          f"measured copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)  # fmt: skip
+    rows = []
+    for s in shapes:
+        inputs = make_inputs(s)
+        do = torch.randn(s.B, s.T, s.Hq, s.d, device="cuda", dtype=torch.bfloat16)
+        fns = impl_fns(s)
+        res: dict[str, tuple[float, float] | str] = {}
+        for name in wanted:
+            f = fns.get(name)
+            if f is None:
+                res[name] = "skip"
+                continue
+            try:
+                res[name] = time_impl(f, inputs, do)
+            except Exception as err:  # report and go on: one failing baseline must not end the run
+                res[name] = f"error: {type(err).__name__}: {str(err)[:120]}"
+                torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        floor_fwd = max(s.flops_fwd() / peak, s.bytes_fwd() / bw) * 1e3
+        floor_fb = max(3.5 * s.flops_fwd() / peak, s.bytes_fwd_bwd() / bw) * 1e3
+        row = dict(shape=asdict(s), name=s.name, results=res,
+                   floor_ms=dict(fwd=floor_fwd, fwd_bwd=floor_fb,
+                                 flop_fwd_bwd=3.5 * s.flops_fwd() / peak * 1e3,
+                                 byte_fwd_bwd=s.bytes_fwd_bwd() / bw * 1e3))  # fmt: skip
+        rows.append(row)
+        sdpa = [r for k, r in res.items() if k.startswith("sdpa") and isinstance(r, tuple)]
+        best = (min(r[0] for r in sdpa), min(r[1] for r in sdpa)) if sdpa else (math.nan, math.nan)
+        print(f"\n{s.name}: floors fwd {floor_fwd:.2f} ms, fwd+bwd {floor_fb:.2f} ms "
+              f"(FLOP {3.5 * s.flops_fwd() / peak * 1e3:.2f}, bytes {s.bytes_fwd_bwd() / bw * 1e3:.2f})")  # fmt: skip
+        print(f"  {'impl':<11} {'fwd ms':>9} {'f+b ms':>9} {'fwd TF/s':>9} {'f+b TF/s':>9} {'fwd/SDPA':>9} {'f+b/SDPA':>9}")
+        for name, r in res.items():
+            if not isinstance(r, tuple):
+                print(f"  {name:<11} {r}")
+                continue
+            tf = s.flops_fwd() / (r[0] * 1e-3) / 1e12, 3.5 * s.flops_fwd() / (r[1] * 1e-3) / 1e12
+            print(f"  {name:<11} {r[0]:9.3f} {r[1]:9.3f} {tf[0]:9.1f} {tf[1]:9.1f} {r[0] / best[0]:9.2f} {r[1] / best[1]:9.2f}")
+        del inputs, do
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(device=dev, torch=torch.__version__, copy_bytes_per_s=bw, matmul_flops=peak, rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
