@@ -137,7 +137,7 @@ class TextDataModule(L.LightningDataModule):
         self.corpus = Corpus(files, text_field=text_field)
         self.tokenizer_path: Path | None = Path(tokenizer) if tokenizer is not None else None
         if self.tokenizer_path is not None and not self.tokenizer_path.is_file():
-            tk.load_tokenizer(self.tokenizer_path)  # raises the "does not exist" error
+            tk.load_tokenizer(self.tokenizer_path)  # fails here with the "does not exist" message
         self._tokenizer: Tokenizer | None = None
         self._fingerprint: str | None = None
         self._cache_path: Path | None = None
