@@ -7,7 +7,7 @@ can subclass :class:`MoDACLI` to add their own arguments.
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -15,6 +15,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from moda_lightning.data import TextDataModule
 from moda_lightning.lightning_module import MoDALightningModule
+
+
+_DEFAULT_RUN_NAME = "moda"
 
 
 class MoDACLI(LightningCLI):
@@ -31,9 +34,10 @@ class MoDACLI(LightningCLI):
                 "checkpoint.filename": "step{step:06d}-val_loss{val/loss:.3f}",
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.save_last": True,
+                "trainer.gradient_clip_val": 1.0,
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "moda"},
+                    "init_args": {"save_dir": "runs", "name": _DEFAULT_RUN_NAME},
                 },
             }
         )
@@ -45,6 +49,21 @@ class MoDACLI(LightningCLI):
         if config.trainer.precision is None:
             on_gpu = torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
             config.trainer.precision = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+        self._name_run(config)
+
+    @staticmethod
+    def _name_run(config) -> None:
+        """Put a run under ``runs/<config name>/<attention>-<norm>/version_N`` unless the logger is named,
+        so baseline and MoDA runs of one config sit side by side in TensorBoard."""
+        logger = config.trainer.logger
+        init_args = getattr(logger, "init_args", None)
+        if not str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger") or init_args is None:
+            return
+        if init_args.get("name") != _DEFAULT_RUN_NAME:
+            return
+        config_files = config.get("config") or []
+        stem = Path(str(config_files[0])).stem if config_files else _DEFAULT_RUN_NAME
+        init_args.name = f"{stem}/{config.model.attention}-{config.model.norm}"
 
     def before_fit(self) -> None:
         seq_len, max_len = self.datamodule.seq_len, self.model.config.max_seq_len
@@ -58,13 +77,13 @@ class MoDACLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``moda`` console script."""
+    """Entry point of the ``moda`` console script; ``args`` replaces ``sys.argv[1:]`` when given."""
     MoDACLI(
         MoDALightningModule,
         TextDataModule,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        args=args if args is not None else sys.argv[1:],
+        args=args,
     )
 
 

@@ -1,0 +1,90 @@
+"""`moda fit` end to end: the installed console script trains, writes one run folder, resumes;
+bad configurations fail before training with advice."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moda_lightning.cli import main
+
+TINY = [
+    "--model.d_model=32",
+    "--model.n_layers=2",
+    "--model.n_heads=2",
+    "--model.n_kv_heads=1",
+    "--model.max_seq_len=32",
+    "--data.tokenizer_vocab_size=300",
+    "--data.seq_len=32",
+    "--data.batch_size=4",
+    "--trainer.limit_val_batches=2",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def moda_script() -> str:
+    script = Path(sys.executable).with_name("moda")
+    return str(script) if script.exists() else shutil.which("moda")
+
+
+def run_moda(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [moda_script(), "fit", *TINY, f"--data.cache_dir={tmp_path / 'cache'}", *args]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"moda fit failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.mark.slow
+def test_console_script_trains_then_resumes(tmp_path):
+    run_moda(tmp_path, "--trainer.max_steps=4", "--trainer.val_check_interval=2")
+    run_dir = tmp_path / "runs" / "moda" / "moda_torch-pre" / "version_0"
+    assert (run_dir / "config.yaml").exists() and list(run_dir.glob("events.out.tfevents.*"))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    first = torch.load(last, weights_only=False)
+    assert first["global_step"] == 4 and first["tokens_seen"] == 4 * 4 * 32
+
+    run_moda(tmp_path, "--trainer.max_steps=6", "--trainer.val_check_interval=2", f"--ckpt_path={last}")
+    resumed_dir = tmp_path / "runs" / "moda" / "moda_torch-pre" / "version_1"
+    resumed = torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    # The resumed run continues the step count, the LR schedule and the token count.
+    assert resumed["global_step"] == 6 and resumed["tokens_seen"] == 6 * 4 * 32
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 6
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        (["--model.attention=moda_triton"], RuntimeError, r"needs a CUDA GPU.*--model.attention=moda_torch"),
+        (["--model.attention=flash"], ValueError, r"unknown attention backend 'flash'; registered: \["),
+        (["--model.norm=sandwich"], ValueError, r"unknown norm placement 'sandwich'"),
+        (["--model.n_heads=3", "--model.n_kv_heads=2"], ValueError, r"n_heads=3 is not a multiple of n_kv_heads=2"),
+        (["--model.attention=sdpa", "--model.ffn_kv=true"], ValueError, r"'sdpa' reads no depth stream"),
+        (["--data.seq_len=64", "--model.max_seq_len=32"], ValueError, r"--data.seq_len=64 is longer than the model's max_seq_len=32"),
+        (["--data.files=/nonexistent/*.txt"], ValueError, r"/nonexistent/\*\.txt"),
+    ],
+    ids=["triton-on-cpu", "unknown-backend", "unknown-norm", "heads", "depth-with-sdpa", "seq-too-long", "no-files"],
+)
+def test_bad_config_fails_before_training(tmp_path, monkeypatch, args, error, match):
+    monkeypatch.chdir(tmp_path)
+    if "--model.attention=moda_triton" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    base = [a for a in TINY if not any(a.startswith(o.split("=")[0] + "=") for o in args)]
+    with pytest.raises(error, match=match):
+        main(["fit", *base, f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.max_steps=1", *args])
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_resuming_with_another_tokenizer_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = [*TINY, f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.max_steps=1", "--trainer.val_check_interval=1"]
+    main(["fit", *common])
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    other_vocab = [a for a in common if not a.startswith("--data.tokenizer_vocab_size")] + ["--data.tokenizer_vocab_size=320"]
+    with pytest.raises(ValueError, match=r"vocabulary of \d+ tokens, but the current tokenizer has \d+"):
+        main(["fit", *other_vocab, "--trainer.max_steps=2", f"--ckpt_path={last}"])
