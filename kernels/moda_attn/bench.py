@@ -99,6 +99,7 @@ def impl_fns(s: Shape):
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
         "moda": moda("auto"),
         "moda_fused": moda("triton"),
+        "moda_split": moda("triton_split"),
         "flex_moda": flex_moda(s),
         "reference": None,
     }
@@ -164,12 +165,28 @@ def measure_ceilings() -> tuple[float, float]:
     return bw, 2 * 8192**3 / (ms * 1e-3)
 
 
+def tune_depth(shapes: list[Shape], configs: list[str]) -> None:
+    """Time the cuDNN + depth-kernel path with several depth tile shapes (MODA_DEPTH_ROWS/COLS)."""
+    import os
+
+    for s in shapes:
+        inputs = make_inputs(s)
+        do = torch.randn(s.B, s.T, s.Hq, s.d, device="cuda", dtype=torch.bfloat16)
+        f = impl_fns(s)["moda"]
+        for cfg in configs:
+            os.environ["MODA_DEPTH_ROWS"], os.environ["MODA_DEPTH_COLS"] = cfg.split("x")
+            fwd, fb = time_impl(f, inputs, do)
+            print(f"{s.name:<28} depth tile {cfg:>7}: fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms", flush=True)
+        os.environ.pop("MODA_DEPTH_ROWS"), os.environ.pop("MODA_DEPTH_COLS")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="three small shapes instead of the full grid")
-    p.add_argument("--impls", default="sdpa_flash,sdpa_cudnn,moda,moda_fused,flex_moda,reference")
+    p.add_argument("--impls", default="sdpa_flash,sdpa_cudnn,moda,moda_split,moda_fused,flex_moda,reference")
     p.add_argument("--shapes", default="", help="indices into the grid, e.g. 0,3,8")
     p.add_argument("--json", default="", help="write all numbers to this file")
+    p.add_argument("--depth-configs", default="", help="tune the depth kernels: ROWSxCOLS,... (times 'moda' only)")
     args = p.parse_args()
     torch.manual_seed(0)
     shapes = QUICK if args.quick else GRID
@@ -180,6 +197,9 @@ def main() -> None:
     bw, peak = measure_ceilings()
     print(f"device: {dev}; torch {torch.__version__}; cuDNN {torch.backends.cudnn.version()}; "
           f"measured copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)  # fmt: skip
+    if args.depth_configs:
+        tune_depth(shapes, args.depth_configs.split(","))
+        return
     rows = []
     for s in shapes:
         inputs = make_inputs(s)

@@ -11,8 +11,9 @@ so the backward is deterministic:
 - ``moda_bwd_dkdv_kernel``, one program per (key block, batch, KV head): sequence ``dk, dv``
   summed over all G query heads in the tile rows.
 
-In merge mode (the sequence part's gradients come from cuDNN) only the dq kernel runs, without
-its sequence loop, and adds the depth part of ``dq`` to the ``dq`` already in its buffer.
+For the split design (sequence part by cuDNN or by these kernels with ``num_depth=0``, run with
+the *merged* output and log-sum-exp), ``moda_depth_bwd_kernel`` computes the depth gradients and
+adds the depth part of ``dq`` to the ``dq`` already in its buffer; again no atomics.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moda_kernels.moda_attn.fwd import LOG2E, _next_pow2
+from moda_kernels.moda_attn.fwd import LOG2E, _next_pow2, depth_config
 
 
 @triton.jit
@@ -90,7 +91,6 @@ def moda_bwd_dq_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
-    SEQ_IN_KERNEL: tl.constexpr,  # False: DQ holds the sequence part of dq on entry; add to it
     HAS_DEPTH: tl.constexpr,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
@@ -115,29 +115,27 @@ def moda_bwd_dq_kernel(
     # [BLOCK_M]; delta = rowsum(o * do) = sum_j p_j dp_j over sequence and depth keys
     delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
     offs_lse = b * stride_lb + offs_h * stride_lh + offs_t64 * stride_lt
-    if SEQ_IN_KERNEL:
-        tl.store(DELTA + offs_lse, delta, mask=mask_r)
+    tl.store(DELTA + offs_lse, delta, mask=mask_r)
     # padding rows get lse = +inf, so every probability they would produce is exactly 0
     lse2 = tl.load(LSE + offs_lse, mask=mask_r, other=float("inf")) * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    if SEQ_IN_KERNEL:
-        ptr_k = K + b * stride_kb + hk * stride_kh
-        ptr_v = V + b * stride_vb + hk * stride_vh
-        if CAUSAL:
-            hi_full = (t0 // BLOCK_N) * BLOCK_N
-            hi = tl.minimum(t0 + BLOCK_T, T)
-        else:
-            hi_full = (T // BLOCK_N) * BLOCK_N
-            hi = T
-        dq = _seq_bwd_dq(
-            dq, b_q, b_do, lse2, delta, ptr_k, ptr_v, stride_kt, stride_kd, stride_vt, stride_vd, offs_t, offs_d,
-            0, hi_full, T, qk_scale, BLOCK_N, False, CAUSAL,
-        )  # fmt: skip
-        dq = _seq_bwd_dq(
-            dq, b_q, b_do, lse2, delta, ptr_k, ptr_v, stride_kt, stride_kd, stride_vt, stride_vd, offs_t, offs_d,
-            hi_full, hi, T, qk_scale, BLOCK_N, True, CAUSAL,
-        )  # fmt: skip
+    ptr_k = K + b * stride_kb + hk * stride_kh
+    ptr_v = V + b * stride_vb + hk * stride_vh
+    if CAUSAL:
+        hi_full = (t0 // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(t0 + BLOCK_T, T)
+    else:
+        hi_full = (T // BLOCK_N) * BLOCK_N
+        hi = T
+    dq = _seq_bwd_dq(
+        dq, b_q, b_do, lse2, delta, ptr_k, ptr_v, stride_kt, stride_kd, stride_vt, stride_vd, offs_t, offs_d,
+        0, hi_full, T, qk_scale, BLOCK_N, False, CAUSAL,
+    )  # fmt: skip
+    dq = _seq_bwd_dq(
+        dq, b_q, b_do, lse2, delta, ptr_k, ptr_v, stride_kt, stride_kd, stride_vt, stride_vd, offs_t, offs_d,
+        hi_full, hi, T, qk_scale, BLOCK_N, True, CAUSAL,
+    )  # fmt: skip
 
     if HAS_DEPTH:
         # --- depth slots of the block's own tokens, rows grouped by token: [BLOCK_T, G_PAD, ...] ---
@@ -171,8 +169,6 @@ def moda_bwd_dq_kernel(
 
     dq = dq * sm_scale
     ptr_dq = DQ + b * stride_dqb + offs_t64[:, None] * stride_dqt + offs_h[:, None] * stride_dqh + offs_d[None, :] * stride_dqd
-    if not SEQ_IN_KERNEL:
-        dq += tl.load(ptr_dq, mask=mask_r[:, None], other=0.0).to(tl.float32)
     tl.store(ptr_dq, dq.to(DQ.dtype.element_ty), mask=mask_r[:, None])
 
 
@@ -320,37 +316,137 @@ def moda_bwd(
     causal: bool,
     scale: float,
     dq: torch.Tensor,
-    dk: torch.Tensor | None,
-    dv: torch.Tensor | None,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
     d_depth_k: torch.Tensor,
     d_depth_v: torch.Tensor,
-    seq_in_kernel: bool = True,
     configs: tuple[dict[str, int], dict[str, int]] | None = None,
 ) -> None:
-    """Launch the backward kernels, writing ``dq``, ``dk``, ``dv`` and the first ``num_depth`` slots of the depth grads.
-
-    With ``seq_in_kernel=False``, ``dq`` holds the sequence part of the gradient on entry (from
-    another attention backward run with the merged ``o`` and ``lse``); the depth part is
-    added to it and ``dk``, ``dv`` are not touched.
-    """
+    """Launch the fused backward: ``dq, dk, dv`` and the first ``num_depth`` slots of the depth grads."""
     B, T, Hq, d = q.shape
     Hk = k.shape[2]
     G = Hq // Hk
     cfg_dq, cfg_kv = configs or bwd_configs(G, d, q.device.type == "cpu")
-    delta = torch.empty_like(lse) if seq_in_kernel else lse  # not written in merge mode
+    delta = torch.empty_like(lse)
     moda_bwd_dq_kernel[(triton.cdiv(T, cfg_dq["BLOCK_T"]), B * Hk)](
         q, k, v, depth_k, depth_v, o, do, lse, delta, dq, d_depth_k, d_depth_v,
         *q.stride(), *k.stride(), *v.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(), *do.stride(),
         *dq.stride(), *d_depth_k.stride(), *d_depth_v.stride(), *lse.stride(),
         T, Hk, num_depth, scale, scale * LOG2E,
-        G=G, D=d, CAUSAL=causal, SEQ_IN_KERNEL=seq_in_kernel, HAS_DEPTH=num_depth > 0, **cfg_dq,
+        G=G, D=d, CAUSAL=causal, HAS_DEPTH=num_depth > 0, **cfg_dq,
     )  # fmt: skip
-    if not seq_in_kernel:
-        return
-    assert dk is not None and dv is not None
     moda_bwd_dkdv_kernel[(triton.cdiv(T, cfg_kv["BLOCK_N"]), B * Hk)](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *lse.stride(),
         T, Hk, scale, scale * LOG2E,
         G=G, D=d, CAUSAL=causal, **cfg_kv,
+    )  # fmt: skip
+
+
+@triton.jit
+def moda_depth_bwd_kernel(
+    Q, DK, DV, O, DO, LSE, DQ, GK, GV,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_dkb, stride_dkt, stride_dks, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvs, stride_dvh, stride_dvd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_dob, stride_dot, stride_doh, stride_dod,
+    stride_dqb, stride_dqt, stride_dqh, stride_dqd,
+    stride_gkb, stride_gkt, stride_gks, stride_gkh, stride_gkd,
+    stride_gvb, stride_gvt, stride_gvs, stride_gvh, stride_gvd,
+    stride_lb, stride_lh, stride_lt,
+    T, Hk, num_depth, sm_scale, qk_scale,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    SC: tl.constexpr,
+):  # fmt: skip
+    """Depth gradients and the depth part of dq (added to DQ), from the merged ``o`` and ``lse``.
+
+    Same tiling as ``moda_depth_fwd_kernel``: a step's keys are ``BLOCK_T * SC`` (token, slot)
+    pairs, masked to the row's own token, so ``p^T do`` and ``ds^T q`` sum exactly over the G
+    query rows of each token. Each (token, slot) belongs to one program: plain stores, no atomics.
+    """
+    BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
+    BLOCK_N: tl.constexpr = BLOCK_T * SC
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hk).to(tl.int64)
+    hk = pid_bh % Hk
+    t0 = pid_m * BLOCK_T
+
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_t = t0 + offs_r // G_PAD
+    offs_g = offs_r % G_PAD
+    offs_h = hk * G + offs_g
+    offs_d = tl.arange(0, D)
+    mask_r = (offs_t < T) & (offs_g < G)
+    offs_t64 = offs_t.to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_N)
+    offs_ct = t0 + offs_c // SC
+    offs_cs = offs_c % SC
+    mask_ct = offs_ct < T
+    offs_ct64 = offs_ct.to(tl.int64)
+    ptr_dk = DK + b * stride_dkb + offs_ct64 * stride_dkt + hk * stride_dkh
+    ptr_dv = DV + b * stride_dvb + offs_ct64 * stride_dvt + hk * stride_dvh
+    ptr_gk = GK + b * stride_gkb + offs_ct64 * stride_gkt + hk * stride_gkh
+    ptr_gv = GV + b * stride_gvb + offs_ct64 * stride_gvt + hk * stride_gvh
+    same_token = offs_t[:, None] == offs_ct[None, :]
+
+    # [BLOCK_M, D]
+    b_q = tl.load(Q + b * stride_qb + offs_t64[:, None] * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=mask_r[:, None], other=0.0)
+    b_do = tl.load(DO + b * stride_dob + offs_t64[:, None] * stride_dot + offs_h[:, None] * stride_doh + offs_d[None, :] * stride_dod, mask=mask_r[:, None], other=0.0)
+    b_o = tl.load(O + b * stride_ob + offs_t64[:, None] * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od, mask=mask_r[:, None], other=0.0)
+    delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
+    lse2 = tl.load(LSE + b * stride_lb + offs_h * stride_lh + offs_t64 * stride_lt, mask=mask_r, other=float("inf")) * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for s0 in range(0, num_depth, SC):
+        slot = s0 + offs_cs
+        mask_c = mask_ct & (slot < num_depth)
+        # [BLOCK_N, D]
+        b_dk = tl.load(ptr_dk[:, None] + slot[:, None] * stride_dks + offs_d[None, :] * stride_dkd, mask=mask_c[:, None], other=0.0)
+        b_dv = tl.load(ptr_dv[:, None] + slot[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, mask=mask_c[:, None], other=0.0)
+        # [BLOCK_M, BLOCK_N]: probabilities of the depth keys, recomputed from the merged lse
+        p = tl.exp2(tl.dot(b_q, tl.trans(b_dk)) * qk_scale - lse2[:, None])
+        p = tl.where(same_token & (slot < num_depth)[None, :], p, 0.0)
+        dp = tl.dot(b_do, tl.trans(b_dv))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(b_dk.dtype), b_dk)
+        # [BLOCK_N, D]: each (token, slot) sums over its own token's G rows (others are masked)
+        g_dv = tl.dot(tl.trans(p.to(b_do.dtype)), b_do)
+        g_dk = tl.dot(tl.trans(ds.to(b_q.dtype)), b_q) * sm_scale
+        tl.store(ptr_gk[:, None] + slot[:, None] * stride_gks + offs_d[None, :] * stride_gkd, g_dk.to(GK.dtype.element_ty), mask=mask_c[:, None])
+        tl.store(ptr_gv[:, None] + slot[:, None] * stride_gvs + offs_d[None, :] * stride_gvd, g_dv.to(GV.dtype.element_ty), mask=mask_c[:, None])
+
+    ptr_dq = DQ + b * stride_dqb + offs_t64[:, None] * stride_dqt + offs_h[:, None] * stride_dqh + offs_d[None, :] * stride_dqd
+    dq = dq * sm_scale + tl.load(ptr_dq, mask=mask_r[:, None], other=0.0).to(tl.float32)
+    tl.store(ptr_dq, dq.to(DQ.dtype.element_ty), mask=mask_r[:, None])
+
+
+def moda_depth_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    depth_k: torch.Tensor,
+    depth_v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    num_depth: int,
+    scale: float,
+    dq: torch.Tensor,
+    d_depth_k: torch.Tensor,
+    d_depth_v: torch.Tensor,
+    config: dict[str, int] | None = None,
+) -> None:
+    """Write the first ``num_depth > 0`` slots of the depth grads and add the depth part of dq to ``dq``."""
+    B, T, Hq, d = q.shape
+    Hk = depth_k.shape[3]
+    cfg = dict(config or depth_config(Hq // Hk, q.device.type == "cpu"))
+    moda_depth_bwd_kernel[(triton.cdiv(T, cfg["BLOCK_T"]), B * Hk)](
+        q, depth_k, depth_v, o, do, lse, dq, d_depth_k, d_depth_v,
+        *q.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(), *do.stride(), *dq.stride(),
+        *d_depth_k.stride(), *d_depth_v.stride(), *lse.stride(),
+        T, Hk, num_depth, scale, scale * LOG2E,
+        G=Hq // Hk, D=d, **cfg,
     )  # fmt: skip

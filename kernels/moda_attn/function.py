@@ -6,11 +6,12 @@ so ``torch.compile`` traces through them without a graph break, and a FLOP formu
 
 Where the sequence part runs (``MODA_ATTN_SEQ`` environment variable, or :func:`set_seq_backend`):
 
-- ``"triton"``: everything in the fused Triton kernels of ``fwd.py`` / ``bwd.py``.
+- ``"triton"``: fully fused, sequence and depth in one Triton kernel each way (``fwd.py`` / ``bwd.py``).
 - ``"cudnn"``: the sequence part through cuDNN's attention with its log-sum-exp (a private aten
-  op), then the Triton kernel merges the depth slots into the output by log-sum-exp, in place.
+  op), then a Triton depth kernel merges the depth slots into the output by log-sum-exp, in place.
   The backward calls cuDNN's backward with the *merged* output and log-sum-exp, which gives the
-  exact sequence gradients, and the Triton dq kernel adds the depth part.
+  exact sequence gradients, and the Triton depth kernel adds the depth part of dq.
+- ``"triton_split"``: as ``"cudnn"``, with the fused Triton kernels (no depth) for the sequence part.
 - ``"auto"`` (default): ``"cudnn"`` on CUDA for fp16/bf16 where the private op exists and
   works, else ``"triton"``. A failing cuDNN call falls back to Triton (with one warning).
 """
@@ -24,38 +25,41 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from moda_kernels.moda_attn.bwd import moda_bwd
+from moda_kernels.moda_attn.bwd import moda_bwd, moda_depth_bwd
 from moda_kernels.moda_attn.checks import check_moda_inputs
-from moda_kernels.moda_attn.fwd import moda_fwd
+from moda_kernels.moda_attn.fwd import moda_depth_fwd, moda_fwd
 
-_SEQ_BACKENDS = ("auto", "triton", "cudnn")
+_SEQ_BACKENDS = ("auto", "triton", "triton_split", "cudnn")
 _seq_backend = os.environ.get("MODA_ATTN_SEQ", "auto")
 _cudnn_broken: str | None = None  # the first error cuDNN raised, if any
 
 
 def set_seq_backend(name: str) -> None:
-    """Choose where the sequence part runs: ``"auto"``, ``"triton"`` or ``"cudnn"`` (see the module docstring)."""
+    """Choose where the sequence part runs: one of ``"auto"``, ``"triton"``, ``"triton_split"``, ``"cudnn"``."""
     global _seq_backend
     if name not in _SEQ_BACKENDS:
         raise ValueError(f"moda_attn: unknown sequence backend {name!r}; choose one of {_SEQ_BACKENDS}.")
     _seq_backend = name
 
 
-def _use_cudnn(q: Tensor) -> bool:
-    if _seq_backend == "triton" or _cudnn_broken is not None:
-        return False
-    ok = (
-        q.is_cuda
+def _seq_path(q: Tensor) -> str:
+    """The path this call takes: ``"cudnn"``, ``"triton"`` (fully fused) or ``"triton_split"``."""
+    cudnn_ok = (
+        _cudnn_broken is None
+        and q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
         and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
         and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward")
     )
-    if _seq_backend == "cudnn" and not ok:
+    if _seq_backend == "cudnn" and not cudnn_ok:
         raise RuntimeError(
             "moda_attn: sequence backend 'cudnn' needs fp16/bf16 CUDA tensors and torch's private "
-            "aten._scaled_dot_product_cudnn_attention op; use set_seq_backend('triton') or 'auto'."
+            f"aten._scaled_dot_product_cudnn_attention op (last cuDNN error: {_cudnn_broken}); "
+            "use set_seq_backend('triton') or 'auto'."
         )
-    return ok
+    if _seq_backend == "auto":
+        return "cudnn" if cudnn_ok else "triton"
+    return _seq_backend
 
 
 def _cudnn_failed(err: Exception) -> None:
@@ -80,7 +84,8 @@ def moda_attn_fwd(
     """Returns ``o [B,T,Hq,d]`` (contiguous), ``lse, lse_depth [B,Hq,T]`` (fp32, natural log)."""
     B, T, Hq, d = q.shape
     lse_depth = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    if _use_cudnn(q):
+    path = _seq_path(q)
+    if path == "cudnn":
         try:
             o_BHTd, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
                 _BHTd(q), _BHTd(k), _BHTd(v), None, True, 0.0, causal, False, scale=scale
@@ -88,16 +93,21 @@ def moda_attn_fwd(
             o, lse = _BHTd(o_BHTd), lse.reshape(B, Hq, T)
             if not o.is_contiguous() or not lse.is_contiguous():
                 o, lse = o.contiguous(), lse.contiguous()
-            if num_depth > 0:  # merge the depth slots into (o, lse) in place
-                moda_fwd(q, k, v, depth_k, depth_v, num_depth, causal, scale, o, lse, lse_depth, seq_in_kernel=False)
-            else:
-                lse_depth.fill_(float("-inf"))
-            return o, lse, lse_depth
         except RuntimeError as err:
             _cudnn_failed(err)
-    o = torch.empty(B, T, Hq, d, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    moda_fwd(q, k, v, depth_k, depth_v, num_depth, causal, scale, o, lse, lse_depth)
+            path = "triton"
+    if path != "cudnn":
+        o = torch.empty(B, T, Hq, d, device=q.device, dtype=q.dtype)
+        lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+        # fully fused: sequence and depth in one kernel; split: sequence only, depth merged below
+        fused_depth = num_depth if path == "triton" else 0
+        moda_fwd(q, k, v, depth_k, depth_v, fused_depth, causal, scale, o, lse, lse_depth)
+        if path == "triton" or num_depth == 0:
+            return o, lse, lse_depth
+    if num_depth > 0:  # merge the depth slots into (o, lse) in place
+        moda_depth_fwd(q, depth_k, depth_v, num_depth, scale, o, lse, lse_depth)
+    else:
+        lse_depth.fill_(float("-inf"))
     return o, lse, lse_depth
 
 
@@ -131,24 +141,28 @@ def moda_attn_bwd(
     new_depth_grad = torch.empty if num_depth == S else torch.zeros
     d_depth_k = new_depth_grad(depth_k.shape, device=q.device, dtype=depth_k.dtype)
     d_depth_v = new_depth_grad(depth_v.shape, device=q.device, dtype=depth_v.dtype)
-    if _use_cudnn(q):
+    path = _seq_path(q)
+    if path == "cudnn":
+        # cuDNN's backward with the *merged* o and lse gives the exact sequence gradients
         try:
-            B, T = q.shape[:2]
-            empty = q.new_empty(0)
+            T = q.shape[1]
             dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
                 _BHTd(do), _BHTd(q), _BHTd(k), _BHTd(v), _BHTd(o), lse.unsqueeze(-1),
-                empty, empty, None, empty, empty, T, T, 0.0, causal, scale=scale,
+                None, None, None, None, None, T, T, 0.0, causal, scale=scale,
             )  # fmt: skip
             dq, dk, dv = _BHTd(dq), _BHTd(dk), _BHTd(dv)
-            if num_depth > 0:  # add the depth part of dq; write the depth gradients
-                moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale,
-                         dq, None, None, d_depth_k, d_depth_v, seq_in_kernel=False)  # fmt: skip
-            return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_depth_k, d_depth_v
         except RuntimeError as err:
             _cudnn_failed(err)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale, dq, dk, dv, d_depth_k, d_depth_v)
-    return dq, dk, dv, d_depth_k, d_depth_v
+            path = "triton"
+    if path != "cudnn":
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        fused_depth = num_depth if path == "triton" else 0
+        moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, fused_depth, causal, scale, dq, dk, dv, d_depth_k, d_depth_v)
+        if path == "triton":
+            return dq, dk, dv, d_depth_k, d_depth_v
+    if num_depth > 0:  # depth gradients, and the depth part of dq added in place
+        moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq, d_depth_k, d_depth_v)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_depth_k, d_depth_v
 
 
 @moda_attn_bwd.register_fake

@@ -9,13 +9,17 @@ Row packing: a program owns ``BLOCK_T`` tokens of one ``(batch, KV head)``; its
 keys are loaded once for all ``G`` heads; a token's depth slots are loaded once as
 ``[BLOCK_T, D]`` and broadcast to its ``G`` rows (the paper's "group-aware" load).
 
-Two modes share the kernel (``SEQ_IN_KERNEL``):
-- fused: depth slots first, then the sequence key blocks, all in one ``(m, l, acc)`` state;
-- merge: the sequence part was computed elsewhere (cuDNN, with its log-sum-exp); the kernel
-  runs the depth slots and merges both parts by log-sum-exp, in place.
+Two kernels:
+- ``moda_fwd_kernel`` (fused): depth slots first, then the sequence key blocks, all in one
+  ``(m, l, acc)`` state (depth on CUDA cores, one slot at a time, ``[BLOCK_T, G_PAD, D]``).
+- ``moda_depth_fwd_kernel`` (merge): the sequence part was computed elsewhere (cuDNN or the fused
+  kernel without depth) and left its output and log-sum-exp; this kernel runs the depth slots on
+  tensor cores and merges both parts by log-sum-exp, in place.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -128,7 +132,6 @@ def moda_fwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
-    SEQ_IN_KERNEL: tl.constexpr,  # False: O/LSE hold the sequence part on entry (merge mode)
     HAS_DEPTH: tl.constexpr,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
@@ -171,38 +174,29 @@ def moda_fwd_kernel(
     # log-sum-exp of the depth part alone (natural log; -inf without depth slots)
     lse_depth = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * LN2_C, float("-inf"))
 
+    # --- stage 2: sequence keys, continuing the same online softmax ---
+    ptr_k = K + b * stride_kb + hk * stride_kh
+    ptr_v = V + b * stride_vb + hk * stride_vh
+    if CAUSAL:
+        # key blocks entirely below the block's first token need no mask
+        hi_full = (t0 // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(t0 + BLOCK_T, T)
+    else:
+        hi_full = (T // BLOCK_N) * BLOCK_N
+        hi = T
+    acc, l_i, m_i = _seq_fwd(
+        acc, l_i, m_i, b_q, ptr_k, ptr_v, stride_kt, stride_kd, stride_vt, stride_vd, offs_t, offs_d,
+        0, hi_full, T, qk_scale, BLOCK_M, BLOCK_N, D, False, CAUSAL,
+    )  # fmt: skip
+    acc, l_i, m_i = _seq_fwd(
+        acc, l_i, m_i, b_q, ptr_k, ptr_v, stride_kt, stride_kd, stride_vt, stride_vd, offs_t, offs_d,
+        hi_full, hi, T, qk_scale, BLOCK_M, BLOCK_N, D, True, CAUSAL,
+    )  # fmt: skip
+    lse = (m_i + tl.log2(l_i)) * LN2_C
+    b_o = acc / l_i[:, None]
+
     offs_lse = b * stride_lb + offs_h * stride_lh + offs_t64 * stride_lt
     ptr_o = O + b * stride_ob + offs_t64[:, None] * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od
-    if SEQ_IN_KERNEL:
-        # --- stage 2: sequence keys, continuing the same online softmax ---
-        ptr_k = K + b * stride_kb + hk * stride_kh
-        ptr_v = V + b * stride_vb + hk * stride_vh
-        if CAUSAL:
-            # key blocks entirely below the block's first token need no mask
-            hi_full = (t0 // BLOCK_N) * BLOCK_N
-            hi = tl.minimum(t0 + BLOCK_T, T)
-        else:
-            hi_full = (T // BLOCK_N) * BLOCK_N
-            hi = T
-        acc, l_i, m_i = _seq_fwd(
-            acc, l_i, m_i, b_q, ptr_k, ptr_v, stride_kt, stride_kd, stride_vt, stride_vd, offs_t, offs_d,
-            0, hi_full, T, qk_scale, BLOCK_M, BLOCK_N, D, False, CAUSAL,
-        )  # fmt: skip
-        acc, l_i, m_i = _seq_fwd(
-            acc, l_i, m_i, b_q, ptr_k, ptr_v, stride_kt, stride_kd, stride_vt, stride_vd, offs_t, offs_d,
-            hi_full, hi, T, qk_scale, BLOCK_M, BLOCK_N, D, True, CAUSAL,
-        )  # fmt: skip
-        lse = (m_i + tl.log2(l_i)) * LN2_C
-        b_o = acc / l_i[:, None]
-    else:
-        # --- merge: o = o_seq * exp(lse_seq - lse) + o_depth * exp(lse_depth - lse) ---
-        lse_seq = tl.load(LSE + offs_lse, mask=mask_r, other=0.0)
-        b_o_seq = tl.load(ptr_o, mask=mask_r[:, None], other=0.0).to(tl.float32)
-        lse = tl.maximum(lse_seq, lse_depth)
-        lse = lse + tl.log(tl.exp(lse_seq - lse) + tl.exp(lse_depth - lse))
-        w_depth = tl.where(l_i > 0, tl.exp(lse_depth - lse) / l_i, 0.0)
-        b_o = b_o_seq * tl.exp(lse_seq - lse)[:, None] + acc * w_depth[:, None]
-
     tl.store(ptr_o, b_o.to(O.dtype.element_ty), mask=mask_r[:, None])
     tl.store(LSE + offs_lse, lse, mask=mask_r)
     tl.store(LSE_D + offs_lse, lse_depth, mask=mask_r)
@@ -237,13 +231,10 @@ def moda_fwd(
     o: torch.Tensor,
     lse: torch.Tensor,
     lse_depth: torch.Tensor,
-    seq_in_kernel: bool = True,
     config: dict[str, int] | None = None,
 ) -> None:
     """Launch the forward kernel, writing ``o [B,T,Hq,d]`` (any strides), ``lse, lse_depth [B,Hq,T]``.
 
-    With ``seq_in_kernel=False``, ``o`` and ``lse`` must hold the sequence-only output and
-    log-sum-exp on entry; they are overwritten with the merged ones (merge mode).
     """
     B, T, Hq, d = q.shape
     Hk = k.shape[2]
@@ -255,9 +246,125 @@ def moda_fwd(
         *q.stride(), *k.stride(), *v.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(),
         *lse.stride(),
         T, Hk, num_depth, scale * LOG2E,
-        G=G, D=d, CAUSAL=causal, SEQ_IN_KERNEL=seq_in_kernel, HAS_DEPTH=num_depth > 0,
+        G=G, D=d, CAUSAL=causal, HAS_DEPTH=num_depth > 0,
         **cfg,
     )  # fmt: skip
 
 
-__all__ = ["LN2", "LOG2E", "fwd_config", "moda_fwd"]
+
+
+
+@triton.jit
+def moda_depth_fwd_kernel(
+    Q, DK, DV, O, LSE, LSE_D,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_dkb, stride_dkt, stride_dks, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvs, stride_dvh, stride_dvd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_lt,
+    T, Hk, num_depth, qk_scale,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    SC: tl.constexpr,  # depth slots per token per step
+):  # fmt: skip
+    """Depth part of MoDA merged into a sequence-only ``(o, lse)`` by log-sum-exp, in place.
+
+    Depth keys of a step are the ``BLOCK_N = BLOCK_T * SC`` pairs (token, slot) of the block's
+    tokens, one tensor-core product ``[BLOCK_M, D] x [D, BLOCK_N]``; entries whose key belongs to
+    another token are masked. The waste (a factor ``BLOCK_T``) is kept small by small row tiles.
+    """
+    BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
+    BLOCK_N: tl.constexpr = BLOCK_T * SC
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hk).to(tl.int64)
+    hk = pid_bh % Hk
+    t0 = pid_m * BLOCK_T
+
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_t = t0 + offs_r // G_PAD
+    offs_g = offs_r % G_PAD
+    offs_h = hk * G + offs_g
+    offs_d = tl.arange(0, D)
+    mask_r = (offs_t < T) & (offs_g < G)
+    offs_t64 = offs_t.to(tl.int64)
+    # depth key columns: (token, slot-in-step) pairs
+    offs_c = tl.arange(0, BLOCK_N)
+    offs_ct = t0 + offs_c // SC
+    offs_cs = offs_c % SC
+    mask_ct = offs_ct < T
+    ptr_dk = DK + b * stride_dkb + offs_ct.to(tl.int64) * stride_dkt + hk * stride_dkh
+    ptr_dv = DV + b * stride_dvb + offs_ct.to(tl.int64) * stride_dvt + hk * stride_dvh
+    same_token = offs_t[:, None] == offs_ct[None, :]  # [BLOCK_M, BLOCK_N]
+
+    # [BLOCK_M, D]
+    b_q = tl.load(Q + b * stride_qb + offs_t64[:, None] * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=mask_r[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for s0 in range(0, num_depth, SC):
+        slot = s0 + offs_cs
+        mask_c = mask_ct & (slot < num_depth)
+        # [D, BLOCK_N]
+        b_dkT = tl.load(ptr_dk[None, :] + slot[None, :] * stride_dks + offs_d[:, None] * stride_dkd, mask=mask_c[None, :], other=0.0)
+        # [BLOCK_N, D]
+        b_dv = tl.load(ptr_dv[:, None] + slot[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, mask=mask_c[:, None], other=0.0)
+        x = tl.dot(b_q, b_dkT) * qk_scale
+        x = tl.where(same_token & (slot < num_depth)[None, :], x, float("-inf"))
+        # online-softmax update (every row has at least one valid slot in each step)
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(x - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(b_dv.dtype), b_dv)
+        m_i = m_new
+
+    # --- merge: o = o_seq * exp(lse_seq - lse) + o_depth * exp(lse_depth - lse) ---
+    lse_depth = (m_i + tl.log2(l_i)) * LN2_C
+    offs_lse = b * stride_lb + offs_h * stride_lh + offs_t64 * stride_lt
+    ptr_o = O + b * stride_ob + offs_t64[:, None] * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od
+    lse_seq = tl.load(LSE + offs_lse, mask=mask_r, other=0.0)
+    b_o_seq = tl.load(ptr_o, mask=mask_r[:, None], other=0.0).to(tl.float32)
+    lse = tl.maximum(lse_seq, lse_depth)
+    lse = lse + tl.log(tl.exp(lse_seq - lse) + tl.exp(lse_depth - lse))
+    b_o = b_o_seq * tl.exp(lse_seq - lse)[:, None] + acc * (tl.exp(lse_depth - lse) / l_i)[:, None]
+    tl.store(ptr_o, b_o.to(O.dtype.element_ty), mask=mask_r[:, None])
+    tl.store(LSE + offs_lse, lse, mask=mask_r)
+    tl.store(LSE_D + offs_lse, lse_depth, mask=mask_r)
+
+
+def depth_config(G: int, interpret: bool) -> dict[str, int]:
+    """Row tile of the depth kernels: small, since the masked product wastes a factor ``BLOCK_T``."""
+    G_PAD = _next_pow2(G)
+    rows = int(os.environ.get("MODA_DEPTH_ROWS", 16))
+    cols = int(os.environ.get("MODA_DEPTH_COLS", 64))
+    rows = max(rows, G_PAD)
+    block_t = rows // G_PAD
+    sc = max(cols // block_t, 1) if not interpret else 2
+    return dict(G_PAD=G_PAD, BLOCK_T=block_t, SC=sc, num_warps=4, num_stages=1 if interpret else 3)
+
+
+def moda_depth_fwd(
+    q: torch.Tensor,
+    depth_k: torch.Tensor,
+    depth_v: torch.Tensor,
+    num_depth: int,
+    scale: float,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    lse_depth: torch.Tensor,
+    config: dict[str, int] | None = None,
+) -> None:
+    """Merge the first ``num_depth > 0`` depth slots into the sequence-only ``o [B,T,Hq,d]``, ``lse [B,Hq,T]``, in place."""
+    B, T, Hq, d = q.shape
+    Hk = depth_k.shape[3]
+    cfg = dict(config or depth_config(Hq // Hk, q.device.type == "cpu"))
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * Hk)
+    moda_depth_fwd_kernel[grid](
+        q, depth_k, depth_v, o, lse, lse_depth,
+        *q.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(), *lse.stride(),
+        T, Hk, num_depth, scale * LOG2E,
+        G=Hq // Hk, D=d, **cfg,
+    )  # fmt: skip

@@ -1,7 +1,7 @@
 """The compiled MoDA Triton kernels on a GPU: a sweep of shapes against a float64 reference.
 
-Run through the device tool: ``pytest tests/kernels -m cuda``. Every case runs both sequence
-paths of the op (fused Triton, and cuDNN + Triton depth merge) and checks the output, both
+Run through the device tool: ``pytest tests/kernels -m cuda``. Every case runs the three paths
+of the op (fully fused Triton; Triton or cuDNN sequence part + Triton depth kernel) and checks the output, both
 log-sum-exps and all five gradients with the tolerance rule of CONVENTIONS.md.
 """
 
@@ -57,7 +57,7 @@ def _run(fn, inputs, do, **kw):
     return [o, lse, lse_depth, *[torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs)]]
 
 
-@pytest.mark.parametrize("seq", ["triton", "cudnn"])
+@pytest.mark.parametrize("seq", ["triton", "triton_split", "cudnn"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_float64_reference(case, dtype, seq):
@@ -89,7 +89,7 @@ def test_no_depth_matches_sdpa():
     torch.testing.assert_close(o, sdpa, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("seq", ["triton", "cudnn"])
+@pytest.mark.parametrize("seq", ["triton", "triton_split", "cudnn"])
 def test_forward_deterministic(seq):
     from moda_kernels.moda_attn import moda_attn
     from moda_kernels.moda_attn.function import set_seq_backend
@@ -103,13 +103,14 @@ def test_forward_deterministic(seq):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
-def test_triton_backward_deterministic():
-    """The fused Triton backward uses no atomics: repeated runs are bitwise equal."""
+@pytest.mark.parametrize("seq", ["triton", "triton_split"])
+def test_triton_backward_deterministic(seq):
+    """The Triton backward kernels use no atomics: repeated runs are bitwise equal."""
     from moda_kernels.moda_attn import moda_attn
     from moda_kernels.moda_attn.function import set_seq_backend
 
     inputs, do = _inputs(1, 1000, 16, 2, 64, 16, torch.bfloat16)
-    set_seq_backend("triton")
+    set_seq_backend(seq)
     try:
         runs = [_run(moda_attn, inputs, do, num_depth=16) for _ in range(3)]
     finally:

@@ -47,11 +47,16 @@ def _run(fn, inputs, do, **kw):
 NAMES = ["o", "lse", "lse_depth", "dq", "dk", "dv", "d_depth_k", "d_depth_v"]
 
 
-def _compare(inputs, do, *, num_depth, causal, dtype):
+def _compare(inputs, do, *, num_depth, causal, dtype, seq="triton"):
     from moda_kernels.moda_attn import moda_attn
+    from moda_kernels.moda_attn.function import set_seq_backend
 
     kw = dict(num_depth=num_depth, causal=causal)
-    out = _run(moda_attn, inputs, do, **kw)
+    set_seq_backend(seq)
+    try:
+        out = _run(moda_attn, inputs, do, **kw)
+    finally:
+        set_seq_backend("auto")
     ref64 = _run(moda_attn_reference, [x.double() for x in inputs], do.double(), **kw)
     ref_lowp = _run(moda_attn_reference, inputs, do, **kw)
     floor = 1e-5 if dtype == torch.float32 else 1e-3
@@ -75,17 +80,20 @@ def _case_id(c):
     return f"B{B}-T{T}-Hq{Hq}-Hk{Hk}-L{L}-D{d}"
 
 
+@pytest.mark.parametrize("seq", ["triton", "triton_split"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_fused_matches_reference_fp32(case, causal):
+def test_matches_reference_fp32(case, causal, seq):
+    """Both Triton designs: fully fused, and sequence kernel + depth kernel merged by LSE."""
     B, T, Hq, Hk, d, S, L = case
     inputs, do = _inputs(B, T, Hq, Hk, d, S, torch.float32)
-    _compare(inputs, do, num_depth=L, causal=causal, dtype=torch.float32)
+    _compare(inputs, do, num_depth=L, causal=causal, dtype=torch.float32, seq=seq)
 
 
-def test_fused_matches_reference_fp16():
+@pytest.mark.parametrize("seq", ["triton", "triton_split"])
+def test_matches_reference_fp16(seq):
     inputs, do = _inputs(1, 19, 4, 2, 32, 3, torch.float16, seed=1)
-    _compare(inputs, do, num_depth=2, causal=True, dtype=torch.float16)
+    _compare(inputs, do, num_depth=2, causal=True, dtype=torch.float16, seq=seq)
 
 
 def test_no_depth_stream_is_plain_causal_attention():
@@ -101,9 +109,11 @@ def test_no_depth_stream_is_plain_causal_attention():
     assert torch.isneginf(lse_depth).all() and lse.isfinite().all()
 
 
-def test_depth_read_in_place_from_strided_view():
+@pytest.mark.parametrize("seq", ["triton", "triton_split"])
+def test_depth_read_in_place_from_strided_view(seq):
     """Depth slots come from a slice of a larger buffer (non-contiguous) and only num_depth are read."""
     from moda_kernels.moda_attn import moda_attn
+    from moda_kernels.moda_attn.function import set_seq_backend
 
     (q, k, v, _, _), do = _inputs(1, 11, 4, 2, 16, 1, torch.float32)
     buf = torch.randn(1, 11, 6, 4, 16)
@@ -111,7 +121,11 @@ def test_depth_read_in_place_from_strided_view():
     buf_poisoned = buf.clone()
     buf_poisoned[:, :, 3:] = float("nan")  # slots past num_depth=2 of both views
     dk_p, dv_p = buf_poisoned[:, :, :4, :2], buf_poisoned[:, :, 1:5, 2:]
-    out = _run(moda_attn, [q, k, v, dk_p, dv_p], do, num_depth=2)
+    set_seq_backend(seq)
+    try:
+        out = _run(moda_attn, [q, k, v, dk_p, dv_p], do, num_depth=2)
+    finally:
+        set_seq_backend("auto")
     ref = _run(moda_attn_reference, [q, k, v, depth_k, depth_v], do, num_depth=2)
     for name, a, r in zip(NAMES, out, ref):
         if name == "d_depth_k":
@@ -119,15 +133,16 @@ def test_depth_read_in_place_from_strided_view():
         torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_merge_mode_matches_reference():
-    """The split design on CPU: sequence part from elsewhere (here the reference), depth merged by LSE.
+def test_depth_kernels_merge_into_reference_sequence_part():
+    """The split design with the sequence part from the reference (standing in for cuDNN).
 
-    Forward: the kernel starts from the sequence-only (o, lse) and must produce the full op.
-    Backward: sequence grads from a sequence-only backward run with the *merged* o and lse (our own
-    kernel with num_depth=0 stands in for cuDNN), then the merge-mode dq kernel adds the depth part.
+    Forward: the depth kernel starts from the reference's sequence-only (o, lse) and must give the
+    full op. Backward: the sequence grads come from a sequence-only backward run with the *merged*
+    o and lse (our fused kernel with num_depth=0 plays cuDNN here), then the depth kernel writes
+    the depth grads and adds its part of dq.
     """
-    from moda_kernels.moda_attn.bwd import moda_bwd
-    from moda_kernels.moda_attn.fwd import moda_fwd
+    from moda_kernels.moda_attn.bwd import moda_bwd, moda_depth_bwd
+    from moda_kernels.moda_attn.fwd import moda_depth_fwd
 
     B, T, Hq, Hk, d, S, L = 1, 19, 4, 2, 16, 4, 3
     (q, k, v, depth_k, depth_v), do = _inputs(B, T, Hq, Hk, d, S, torch.float32, seed=3)
@@ -136,7 +151,7 @@ def test_merge_mode_matches_reference():
     o = o_seq.clone()
     lse = lse_seq.transpose(1, 2).contiguous()
     lse_depth = torch.empty_like(lse)
-    moda_fwd(q, k, v, depth_k, depth_v, L, True, scale, o, lse, lse_depth, seq_in_kernel=False)
+    moda_depth_fwd(q, depth_k, depth_v, L, scale, o, lse, lse_depth)
     o_ref, lse_ref, lse_depth_ref = moda_attn_reference(q, k, v, depth_k, depth_v, num_depth=L, return_lse=True)
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.transpose(1, 2), lse_ref, atol=1e-5, rtol=1e-5)
@@ -145,7 +160,7 @@ def test_merge_mode_matches_reference():
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     g_dk, g_dv = torch.zeros_like(depth_k), torch.zeros_like(depth_v)
     moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, 0, True, scale, dq, dk, dv, g_dk, g_dv)  # "cuDNN"
-    moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, L, True, scale, dq, None, None, g_dk, g_dv, seq_in_kernel=False)
+    moda_depth_bwd(do, q, depth_k, depth_v, o, lse, L, scale, dq, g_dk, g_dv)
     ref = _run(moda_attn_reference, [q, k, v, depth_k, depth_v], do, num_depth=L)
     for name, a, r in zip(NAMES[3:], [dq, dk, dv, g_dk, g_dv], ref[3:]):
         torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
