@@ -1,8 +1,16 @@
 """The depth stream: the keys/values that earlier sublayers wrote for each token.
 
 Sublayers ``append`` their slot as the forward pass goes down the stack and a layer asks
-``read`` for what it may attend to. Nothing else in the model knows how slots are stored,
-so the storage can change (one preallocated buffer read in place) without touching it.
+``read`` for what it may attend to. Nothing else in the model knows how slots are stored.
+
+Storage is one preallocated ``[B, T, S, Hk, d]`` buffer per keys and values: each slot is
+written once and every layer reads a view of the first slots in place, so memory grows
+linearly with depth (a naive ``torch.stack`` of earlier slots per layer grows as L^2).
+Plain autograd refuses in-place writes into a tensor that earlier readers saved, so writes
+and reads have their own autograd functions: a read's backward adds its slot gradients into
+one gradient buffer, and a write's backward hands its slot of that buffer to the sublayer
+that produced it. A write's output token is an input of every later read, which makes
+autograd run all of a slot's readers before its writer.
 """
 
 from __future__ import annotations
@@ -15,32 +23,103 @@ class DepthStream:
     """Depth slots of one forward pass, ``[B, T, S, Hk, d]`` as the op expects.
 
     Args:
-        max_slots: how many slots the whole stack writes (``L * slots_per_layer``); a write
-            past it is a bug in the model, not a user error.
+        max_slots: how many slots the whole stack writes (``(L - 1) * slots_per_layer``);
+            a write past it is a bug in the model, not a user error.
     """
 
     def __init__(self, max_slots: int) -> None:
         self.max_slots = max_slots
-        self._keys: list[Tensor] = []
-        self._values: list[Tensor] = []
+        self.keys: Tensor | None = None  # [B, T, max_slots, Hk, d], allocated on the first write
+        self.values: Tensor | None = None
+        self.grad_keys: Tensor | None = None  # gradient buffers, allocated by the first read's backward
+        self.grad_values: Tensor | None = None
+        self._tokens: list[Tensor] = []  # one autograd token per written slot
+        self._cursor = 0
 
     def __len__(self) -> int:
         """Number of slots written so far."""
-        return len(self._keys)
+        return self._cursor
+
+    def seek(self, slot: int) -> None:
+        """Move the write cursor back to ``slot``; activation checkpointing replays a layer's
+        writes from its first slot (it rewrites the same values)."""
+        assert 0 <= slot <= self._cursor, f"cannot seek to slot {slot}; {self._cursor} are written"
+        self._cursor = slot
 
     def append(self, k: Tensor, v: Tensor) -> None:
         """Write one slot: ``k, v [B, T, Hk, d]`` for every token (keys already rotated at their token)."""
-        assert len(self._keys) < self.max_slots, f"depth stream holds {self.max_slots} slots; one more was written"
-        self._keys.append(k)
-        self._values.append(v)
+        slot = self._cursor
+        assert slot < self.max_slots, f"depth stream holds {self.max_slots} slots; one more was written"
+        if self.keys is None:
+            B, T, Hk, d = k.shape
+            self.keys = k.new_empty(B, T, self.max_slots, Hk, d)
+            self.values = v.new_empty(B, T, self.max_slots, Hk, d)
+        token = _WriteSlot.apply(self, slot, k, v)
+        if slot < len(self._tokens):
+            self._tokens[slot] = token
+        else:
+            self._tokens.append(token)
+        self._cursor += 1
 
     def read(self) -> tuple[Tensor | None, Tensor | None, int]:
-        """Every slot written so far: ``(depth_k, depth_v, num_depth)``, ``[B, T, S, Hk, d]`` each.
+        """Every slot written so far: ``(depth_k, depth_v, num_depth)``, ``[B, T, S, Hk, d]`` views.
 
-        Returns ``(None, None, 0)`` before the first write (layer 0 reads no depth).
+        The views are strided (``S`` of them hold ``max_slots`` slots apart); returns
+        ``(None, None, 0)`` before the first write (layer 0 reads no depth).
         """
-        if not self._keys:
+        n = self._cursor
+        if n == 0:
             return None, None, 0
-        # Stacking copies all earlier slots for every layer (O(L^2) memory over the stack);
-        # correct and simple, to be replaced by an in-place buffer when memory matters.
-        return torch.stack(self._keys, dim=2), torch.stack(self._values, dim=2), len(self._keys)
+        depth_k, depth_v = _ReadSlots.apply(self, n, *self._tokens[:n])
+        return depth_k, depth_v, n
+
+
+def _detached_storage_view(buffer: Tensor) -> Tensor:
+    # `.data` shares the memory but not the version counter, so later writes into other
+    # slots do not invalidate the views that earlier readers saved for backward. This is
+    # safe because a slot is never changed after it is written (replays write the same values).
+    return buffer.data
+
+
+class _WriteSlot(torch.autograd.Function):
+    """Copy ``k, v`` into slot ``slot``; output a token that later reads depend on."""
+
+    @staticmethod
+    def forward(ctx, stream: DepthStream, slot: int, k: Tensor, v: Tensor) -> Tensor:
+        ctx.stream, ctx.slot = stream, slot
+        with torch.no_grad():
+            _detached_storage_view(stream.keys)[:, :, slot].copy_(k)
+            _detached_storage_view(stream.values)[:, :, slot].copy_(v)
+        return k.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _grad_token: Tensor) -> tuple[None, None, Tensor | None, Tensor | None]:
+        stream: DepthStream = ctx.stream
+        if stream.grad_keys is None:  # no later layer read this slot with gradients
+            return None, None, None, None
+        # Every reader of this slot has already added its gradient into the buffer.
+        return None, None, stream.grad_keys[:, :, ctx.slot].clone(), stream.grad_values[:, :, ctx.slot].clone()
+
+
+class _ReadSlots(torch.autograd.Function):
+    """Views of the first ``n`` slots; their gradients are added into the stream's gradient buffer."""
+
+    @staticmethod
+    def forward(ctx, stream: DepthStream, n: int, *tokens: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.stream, ctx.n = stream, n
+        depth_k = _detached_storage_view(stream.keys)[:, :, :n]
+        depth_v = _detached_storage_view(stream.values)[:, :, :n]
+        return depth_k, depth_v
+
+    @staticmethod
+    def backward(ctx, grad_k: Tensor | None, grad_v: Tensor | None) -> tuple:
+        stream: DepthStream = ctx.stream
+        if stream.grad_keys is None:
+            stream.grad_keys = torch.zeros_like(stream.keys)
+            stream.grad_values = torch.zeros_like(stream.values)
+        if grad_k is not None:
+            stream.grad_keys[:, :, : ctx.n] += grad_k
+        if grad_v is not None:
+            stream.grad_values[:, :, : ctx.n] += grad_v
+        # A zero (not None) for each token keeps every writer's backward scheduled after this read.
+        return (None, None) + tuple(torch.zeros((), device=stream.keys.device) for _ in range(ctx.n))

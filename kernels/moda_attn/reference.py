@@ -71,8 +71,10 @@ def moda_attn_reference(
     if num_depth > 0:
         dk = depth_k[:, :, :num_depth].permute(0, 3, 1, 2, 4).unsqueeze(2)  # [B, Hk, 1, T, S, d]
         dv = depth_v[:, :, :num_depth].permute(0, 3, 1, 2, 4).unsqueeze(2)
-        # Each token attends only to its own depth slots: a batched [G, d] x [d, S] per token.
-        logits_depth = torch.matmul(q_g.unsqueeze(-2), dk.transpose(-1, -2)).squeeze(-2)  # [B, Hk, G, T, S]
+        # Each token attends only to its own depth slots. Multiply-and-sum rather than a
+        # broadcast matmul: matmul would save a G-fold copy of the slots for backward, and the
+        # model's depth stream relies on reads being views, not copies.
+        logits_depth = (q_g.unsqueeze(-2) * dk).sum(-1)  # [B, Hk, G, T, S]
         logits_depth = logits_depth.to(softmax_dtype) * scale
     else:
         logits_depth = logits_seq.new_empty(B, Hk, G, T, 0)
@@ -85,7 +87,7 @@ def moda_attn_reference(
 
     o = torch.matmul(p_seq, v_h)  # [B, Hk, G, T, d]
     if num_depth > 0:
-        o = o + torch.matmul(p_depth.unsqueeze(-2), dv).squeeze(-2)
+        o = o + (p_depth.unsqueeze(-1) * dv).sum(-2)
     o = o.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, d)
     if not return_lse:
         return o

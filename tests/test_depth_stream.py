@@ -1,0 +1,104 @@
+"""The depth stream's buffer: same gradients as a naive stack of slots, memory linear in depth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moda_lightning.config import MoDAConfig
+from moda_lightning.depth_stream import DepthStream
+from moda_lightning.model import MoDATransformer
+
+VOCAB = 40
+
+
+class StackedDepthStream:
+    """The obvious implementation: keep every slot, stack them for each read (O(L^2) memory)."""
+
+    def __init__(self, max_slots: int) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def append(self, k, v) -> None:
+        self.keys.append(k)
+        self.values.append(v)
+
+    def read(self):
+        if not self.keys:
+            return None, None, 0
+        return torch.stack(self.keys, 2), torch.stack(self.values, 2), len(self.keys)
+
+
+def tiny_model(n_layers: int = 3, **overrides) -> MoDATransformer:
+    torch.manual_seed(0)
+    shape = dict(d_model=32, n_heads=4, n_kv_heads=2) | overrides
+    cfg = MoDAConfig(vocab_size=VOCAB, n_layers=n_layers, max_seq_len=64, **shape)
+    return MoDATransformer(cfg)
+
+
+def loss_and_grads(model: MoDATransformer, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("options", [dict(), dict(ffn_kv=False), dict(attn_kv_proj=True), dict(norm="post")], ids=str)
+def test_buffer_gives_the_gradients_of_a_naive_stack(monkeypatch, options):
+    model = tiny_model(n_layers=4, **options)
+    idx = torch.randint(0, VOCAB, (2, 13))
+    loss, grads = loss_and_grads(model, idx)
+    monkeypatch.setattr("moda_lightning.model.DepthStream", StackedDepthStream)
+    expected_loss, expected = loss_and_grads(model, idx)
+    torch.testing.assert_close(loss, expected_loss)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+def saved_bytes(model: MoDATransformer, idx: torch.Tensor) -> int:
+    """Bytes of distinct storages autograd saves for backward in one forward pass."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx).sum()
+    return sum(storages.values())
+
+
+def quadratic_coefficient(sizes: dict[int, int]) -> float:
+    """c in bytes(L) = a + b L + c L^2 through three (layers, bytes) points."""
+    (l1, b1), (l2, b2), (l3, b3) = sorted(sizes.items())
+    return ((b3 - b2) / (l3 - l2) - (b2 - b1) / (l2 - l1)) / (l3 - l1)
+
+
+def test_saved_memory_keeps_no_copies_of_earlier_slots(monkeypatch):
+    """Bytes saved for backward at 4, 8 and 16 layers. A stream that copies earlier slots for every
+    layer grows as L^2 through those copies; the buffer must not. What stays quadratic is the
+    reference op's softmax over [sequence | depth], which keeps [B, Hq, T, S] probabilities per
+    layer (G/d of a slot copy; the Triton kernel keeps none), so the quadratic term must be a small
+    fraction of the naive stream's. Head dim 32 with G=1 makes that fraction about 5%."""
+    idx = torch.randint(0, VOCAB, (2, 32))
+    shape = dict(d_model=64, n_heads=2, n_kv_heads=2)
+    buffered = {n: saved_bytes(tiny_model(n_layers=n, **shape), idx) for n in (4, 8, 16)}
+    monkeypatch.setattr("moda_lightning.model.DepthStream", StackedDepthStream)
+    naive = {n: saved_bytes(tiny_model(n_layers=n, **shape), idx) for n in (4, 8, 16)}
+    assert quadratic_coefficient(naive) > 0
+    assert quadratic_coefficient(buffered) < 0.1 * quadratic_coefficient(naive), f"buffered {buffered}, naive {naive}"
+
+
+def test_stream_reads_views_of_one_buffer():
+    stream = DepthStream(max_slots=3)
+    k = torch.randn(2, 5, 2, 4)
+    stream.append(k, k + 1)
+    stream.append(k + 2, k + 3)
+    depth_k, depth_v, n = stream.read()
+    assert n == 2 and depth_k.shape == (2, 5, 2, 2, 4)
+    assert depth_k.untyped_storage().data_ptr() == stream.keys.untyped_storage().data_ptr()
+    torch.testing.assert_close(depth_v[:, :, 1], k + 3)
