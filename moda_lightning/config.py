@@ -49,6 +49,8 @@ class MoDAConfig:
     """RMSNorm epsilon."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them."""
 
     def __post_init__(self) -> None:
         # Registries are imported here, not at module top, to keep this module plain data.

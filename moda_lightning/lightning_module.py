@@ -42,6 +42,7 @@ class MoDALightningModule(L.LightningModule):
         tie_embeddings: share input embedding and output projection.
         rope_theta: RoPE base.
         init_std: std of the normal weight init.
+        activation_checkpointing: recompute each layer in the backward pass to save memory.
         lr: peak learning rate.
         min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio``.
         warmup_steps: linear warmup steps (an int) or fraction of all steps (a float < 1).
@@ -69,6 +70,7 @@ class MoDALightningModule(L.LightningModule):
         tie_embeddings: bool = False,
         rope_theta: float = 10000.0,
         init_std: float = 0.02,
+        activation_checkpointing: bool = False,
         lr: float = 3e-3,
         min_lr_ratio: float = 0.1,
         warmup_steps: int | float = 0.05,
@@ -101,6 +103,7 @@ class MoDALightningModule(L.LightningModule):
             tie_embeddings=tie_embeddings,
             rope_theta=rope_theta,
             init_std=init_std,
+            activation_checkpointing=activation_checkpointing,
         )
         self.model = MoDATransformer(self.config)
         self.val_loss = MeanMetric()

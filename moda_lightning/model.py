@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moda_lightning.attention import AttentionBackend, build_backend
 from moda_lightning.config import MoDAConfig
@@ -166,9 +167,20 @@ class MoDATransformer(nn.Module):
         self.backend.check_device(idx.device.type)
         depth = DepthStream((self.cfg.n_layers - 1) * self.cfg.slots_per_layer) if self.cfg.reads_depth else None
         x = self.embed(idx)
-        for block in self.layers:
-            x = block(x, rope=self.rope, depth=depth)
+        for layer, block in enumerate(self.layers):
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                first_slot = layer * self.cfg.slots_per_layer
+                x = checkpoint(self._replayable_block, block, x, depth, first_slot, use_reentrant=False)
+            else:
+                x = block(x, rope=self.rope, depth=depth)
         return self.lm_head(self.final_norm(x))
+
+    def _replayable_block(self, block: MoDABlock, x: Tensor, depth: DepthStream | None, first_slot: int) -> Tensor:
+        # The recomputation in backward replays the block's depth writes: it rewinds the
+        # stream to the block's first slot and writes the same values again.
+        if depth is not None:
+            depth.seek(first_slot)
+        return block(x, rope=self.rope, depth=depth)
 
     def num_parameters(self) -> int:
         """Trainable parameters, tied weights counted once."""

@@ -102,3 +102,22 @@ def test_stream_reads_views_of_one_buffer():
     assert n == 2 and depth_k.shape == (2, 5, 2, 2, 4)
     assert depth_k.untyped_storage().data_ptr() == stream.keys.untyped_storage().data_ptr()
     torch.testing.assert_close(depth_v[:, :, 1], k + 3)
+
+
+@pytest.mark.parametrize("attention", ["moda_torch", "sdpa"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(attention):
+    """Checkpointed layers replay their depth writes in backward; results must not change."""
+    idx = torch.randint(0, VOCAB, (2, 13))
+    loss, grads = loss_and_grads(tiny_model(n_layers=4, attention=attention), idx)
+    model = tiny_model(n_layers=4, attention=attention, activation_checkpointing=True)
+    loss_ckpt, grads_ckpt = loss_and_grads(model, idx)
+    torch.testing.assert_close(loss_ckpt, loss)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_activation_checkpointing_saves_memory():
+    idx = torch.randint(0, VOCAB, (2, 32))
+    full = saved_bytes(tiny_model(n_layers=8), idx)
+    checkpointed = saved_bytes(tiny_model(n_layers=8, activation_checkpointing=True), idx)
+    assert checkpointed < 0.5 * full
