@@ -75,7 +75,7 @@ def make_inputs(s: Shape, dtype=torch.bfloat16):
 def impl_fns(s: Shape):
     """name -> f(q, k, v, depth_k, depth_v) -> o [B, T, Hq, d]; None where it cannot run."""
     from moda_kernels.moda_attn import moda_attn, moda_attn_reference
-    from moda_kernels.moda_attn.function import set_seq_backend
+    from moda_kernels.moda_attn.function import set_overlap, set_seq_backend
 
     def sdpa(backend):
         def f(q, k, v, dk, dv):
@@ -87,9 +87,10 @@ def impl_fns(s: Shape):
 
         return f
 
-    def moda(seq):
+    def moda(seq, overlap=True):
         def f(q, k, v, dk, dv):
             set_seq_backend(seq)
+            set_overlap(overlap)
             return moda_attn(q, k, v, dk, dv, num_depth=s.L)
 
         return f
@@ -98,6 +99,7 @@ def impl_fns(s: Shape):
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
         "moda": moda("auto"),
+        "moda_serial": moda("cudnn", overlap=False),
         "moda_fused": moda("triton"),
         "moda_split": moda("triton_split"),
         "flex_moda": flex_moda(s),
@@ -165,6 +167,34 @@ def measure_ceilings() -> tuple[float, float]:
     return bw, 2 * 8192**3 / (ms * 1e-3)
 
 
+def breakdown(shapes: list[Shape]) -> None:
+    """Time the parts of the cuDNN + depth-kernel path one by one."""
+    from moda_kernels.moda_attn.bwd import moda_depth_bwd
+    from moda_kernels.moda_attn.function import _cudnn_bwd, _cudnn_fwd
+    from moda_kernels.moda_attn.fwd import moda_depth_fwd
+
+    for s in shapes:
+        q, k, v, dk, dv = make_inputs(s)
+        do = torch.randn_like(q)
+        scale = s.d**-0.5
+        o, lse = _cudnn_fwd(q, k, v, True, scale)
+        lse_d = torch.empty_like(lse)
+        o2, lse2 = o.clone(), lse.clone()
+        dq = torch.empty_like(q)
+        gk, gv = torch.empty_like(dk), torch.empty_like(dv)
+        t = dict(
+            cudnn_fwd=bench_ms(lambda: _cudnn_fwd(q, k, v, True, scale)),
+            depth_fwd=bench_ms(lambda: moda_depth_fwd(q, dk, dv, s.L, scale, o2, lse2, lse_d)),
+            cudnn_bwd=bench_ms(lambda: _cudnn_bwd(do, q, k, v, o, lse, True, scale)),
+            depth_bwd=bench_ms(lambda: moda_depth_bwd(do, q, dk, dv, o, lse, s.L, scale, dq, gk, gv)),
+        )
+        depth_bytes = 2 * s.B * s.T * s.d * (2 * s.L * s.Hk)
+        print(f"{s.name:<28} " + "  ".join(f"{k} {v:7.3f}" for k, v in t.items())
+              + f"  (depth k+v read once: {depth_bytes / 1e9:.2f} GB)", flush=True)  # fmt: skip
+        del q, k, v, dk, dv, do, o, o2, dq, gk, gv
+        torch.cuda.empty_cache()
+
+
 def tune_depth(shapes: list[Shape], configs: list[str]) -> None:
     """Time the cuDNN + depth-kernel path with several depth tile shapes (MODA_DEPTH_ROWS/COLS)."""
     import os
@@ -183,9 +213,10 @@ def tune_depth(shapes: list[Shape], configs: list[str]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="three small shapes instead of the full grid")
-    p.add_argument("--impls", default="sdpa_flash,sdpa_cudnn,moda,moda_split,moda_fused,flex_moda,reference")
+    p.add_argument("--impls", default="sdpa_flash,sdpa_cudnn,moda,moda_serial,moda_split,moda_fused,flex_moda,reference")
     p.add_argument("--shapes", default="", help="indices into the grid, e.g. 0,3,8")
     p.add_argument("--json", default="", help="write all numbers to this file")
+    p.add_argument("--breakdown", action="store_true", help="time cuDNN and the depth kernels separately")
     p.add_argument("--depth-configs", default="", help="tune the depth kernels: ROWSxCOLS,... (times 'moda' only)")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -197,6 +228,9 @@ def main() -> None:
     bw, peak = measure_ceilings()
     print(f"device: {dev}; torch {torch.__version__}; cuDNN {torch.backends.cudnn.version()}; "
           f"measured copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)  # fmt: skip
+    if args.breakdown:
+        breakdown(shapes)
+        return
     if args.depth_configs:
         tune_depth(shapes, args.depth_configs.split(","))
         return

@@ -361,6 +361,7 @@ def moda_depth_bwd_kernel(
     D: tl.constexpr,
     BLOCK_T: tl.constexpr,
     SC: tl.constexpr,
+    ACCUM_DQ: tl.constexpr,  # add to the dq in DQ (False: overwrite, e.g. a separate buffer)
 ):  # fmt: skip
     """Depth gradients and the depth part of dq (added to DQ), from the merged ``o`` and ``lse``.
 
@@ -421,7 +422,9 @@ def moda_depth_bwd_kernel(
         tl.store(ptr_gv[:, None] + slot[:, None] * stride_gvs + offs_d[None, :] * stride_gvd, g_dv.to(GV.dtype.element_ty), mask=mask_c[:, None])
 
     ptr_dq = DQ + b * stride_dqb + offs_t64[:, None] * stride_dqt + offs_h[:, None] * stride_dqh + offs_d[None, :] * stride_dqd
-    dq = dq * sm_scale + tl.load(ptr_dq, mask=mask_r[:, None], other=0.0).to(tl.float32)
+    dq = dq * sm_scale
+    if ACCUM_DQ:
+        dq += tl.load(ptr_dq, mask=mask_r[:, None], other=0.0).to(tl.float32)
     tl.store(ptr_dq, dq.to(DQ.dtype.element_ty), mask=mask_r[:, None])
 
 
@@ -438,8 +441,12 @@ def moda_depth_bwd(
     d_depth_k: torch.Tensor,
     d_depth_v: torch.Tensor,
     config: dict[str, int] | None = None,
+    accum_dq: bool = True,
 ) -> None:
-    """Write the first ``num_depth > 0`` slots of the depth grads and add the depth part of dq to ``dq``."""
+    """Write the first ``num_depth > 0`` slots of the depth grads and add the depth part of dq to ``dq``.
+
+    With ``accum_dq=False`` the depth part of dq overwrites ``dq`` instead.
+    """
     B, T, Hq, d = q.shape
     Hk = depth_k.shape[3]
     cfg = dict(config or depth_config(Hq // Hk, q.device.type == "cpu"))
@@ -448,5 +455,5 @@ def moda_depth_bwd(
         *q.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         *d_depth_k.stride(), *d_depth_v.stride(), *lse.stride(),
         T, Hk, num_depth, scale, scale * LOG2E,
-        G=Hq // Hk, D=d, **cfg,
+        G=Hq // Hk, D=d, ACCUM_DQ=accum_dq, **cfg,
     )  # fmt: skip

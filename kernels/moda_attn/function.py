@@ -27,7 +27,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from moda_kernels.moda_attn.bwd import moda_bwd, moda_depth_bwd
 from moda_kernels.moda_attn.checks import check_moda_inputs
-from moda_kernels.moda_attn.fwd import moda_depth_fwd, moda_fwd
+from moda_kernels.moda_attn.fwd import moda_depth_fwd, moda_fwd, moda_merge
 
 _SEQ_BACKENDS = ("auto", "triton", "triton_split", "cudnn")
 _seq_backend = os.environ.get("MODA_ATTN_SEQ", "auto")
@@ -45,8 +45,8 @@ def set_seq_backend(name: str) -> None:
 def _seq_path(q: Tensor) -> str:
     """The path this call takes: ``"cudnn"``, ``"triton"`` (fully fused) or ``"triton_split"``."""
     cudnn_ok = (
-        _cudnn_broken is None
-        and q.is_cuda
+        q.is_cuda
+        and q.shape[1] > 1  # cuDNN rejects s_q = s_kv = 1
         and q.dtype in (torch.float16, torch.bfloat16)
         and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
         and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward")
@@ -58,16 +58,54 @@ def _seq_path(q: Tensor) -> str:
             "use set_seq_backend('triton') or 'auto'."
         )
     if _seq_backend == "auto":
-        return "cudnn" if cudnn_ok else "triton"
+        return "cudnn" if cudnn_ok else ("triton_split" if q.is_cuda else "triton")
     return _seq_backend
 
 
-def _cudnn_failed(err: Exception) -> None:
+def _cudnn_failed(err: Exception) -> str:
+    """Re-raise when cuDNN was asked for; else warn (once) and name the fallback path."""
     global _cudnn_broken
     if _seq_backend == "cudnn":
         raise err
-    _cudnn_broken = f"{type(err).__name__}: {err}"
-    warnings.warn(f"moda_attn: cuDNN attention failed ({_cudnn_broken}); using the Triton kernels from now on.", stacklevel=3)
+    if _cudnn_broken is None:
+        _cudnn_broken = f"{type(err).__name__}: {err}"
+        warnings.warn(f"moda_attn: cuDNN attention failed ({_cudnn_broken}); this call uses the Triton kernels.", stacklevel=3)
+    return "triton_split"
+
+
+_overlap = os.environ.get("MODA_ATTN_OVERLAP", "1") == "1"
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def set_overlap(on: bool) -> None:
+    """Run the depth kernels on a second CUDA stream beside cuDNN's attention (the default), or after it."""
+    global _overlap
+    _overlap = bool(on)
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
+def _cudnn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Sequence-only attention through cuDNN: ``o [B,T,Hq,d]`` and ``lse [B,Hq,T]``, both contiguous."""
+    B, T, Hq, _ = q.shape
+    o_BHTd, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        _BHTd(q), _BHTd(k), _BHTd(v), None, True, 0.0, causal, False, scale=scale
+    )[:2]
+    return _BHTd(o_BHTd).contiguous(), lse.reshape(B, Hq, T).contiguous()
+
+
+def _cudnn_bwd(do, q, k, v, o, lse, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """cuDNN's attention backward, fed the *merged* ``o`` and ``lse``: the exact sequence gradients."""
+    T = q.shape[1]
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        _BHTd(do), _BHTd(q), _BHTd(k), _BHTd(v), _BHTd(o), lse.unsqueeze(-1),
+        None, None, None, None, None, T, T, 0.0, causal, scale=scale,
+    )  # fmt: skip
+    return _BHTd(dq), _BHTd(dk), _BHTd(dv)
 
 
 def _BHTd(x: Tensor) -> Tensor:  # [B, T, H, d] -> [B, H, T, d] view, the layout SDPA ops take
@@ -86,28 +124,33 @@ def moda_attn_fwd(
     lse_depth = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     path = _seq_path(q)
     if path == "cudnn":
+        overlap = _overlap and num_depth > 0
+        if overlap:  # depth-only part on a side stream while cuDNN runs the sequence part
+            main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+            o_depth = torch.empty(B, T, Hq, d, device=q.device, dtype=torch.float32)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                moda_depth_fwd(q, depth_k, depth_v, num_depth, scale, o_depth, lse_depth, lse_depth, merge=False)
         try:
-            o_BHTd, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                _BHTd(q), _BHTd(k), _BHTd(v), None, True, 0.0, causal, False, scale=scale
-            )[:2]
-            o, lse = _BHTd(o_BHTd), lse.reshape(B, Hq, T)
-            if not o.is_contiguous() or not lse.is_contiguous():
-                o, lse = o.contiguous(), lse.contiguous()
+            o, lse = _cudnn_fwd(q, k, v, causal, scale)
         except RuntimeError as err:
-            _cudnn_failed(err)
-            path = "triton"
-    if path != "cudnn":
-        o = torch.empty(B, T, Hq, d, device=q.device, dtype=q.dtype)
-        lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-        # fully fused: sequence and depth in one kernel; split: sequence only, depth merged below
-        fused_depth = num_depth if path == "triton" else 0
-        moda_fwd(q, k, v, depth_k, depth_v, fused_depth, causal, scale, o, lse, lse_depth)
-        if path == "triton" or num_depth == 0:
+            path = _cudnn_failed(err)
+        if overlap:
+            main.wait_stream(side)
+        if path == "cudnn":
+            if overlap:
+                moda_merge(o, lse, o_depth, lse_depth)
+            elif num_depth > 0:
+                moda_depth_fwd(q, depth_k, depth_v, num_depth, scale, o, lse, lse_depth)
+            else:
+                lse_depth.fill_(float("-inf"))
             return o, lse, lse_depth
-    if num_depth > 0:  # merge the depth slots into (o, lse) in place
+    o = torch.empty(B, T, Hq, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    # fully fused: sequence and depth in one kernel; split: sequence only, then the depth kernel
+    moda_fwd(q, k, v, depth_k, depth_v, num_depth if path == "triton" else 0, causal, scale, o, lse, lse_depth)
+    if path == "triton_split" and num_depth > 0:
         moda_depth_fwd(q, depth_k, depth_v, num_depth, scale, o, lse, lse_depth)
-    else:
-        lse_depth.fill_(float("-inf"))
     return o, lse, lse_depth
 
 
@@ -143,26 +186,31 @@ def moda_attn_bwd(
     d_depth_v = new_depth_grad(depth_v.shape, device=q.device, dtype=depth_v.dtype)
     path = _seq_path(q)
     if path == "cudnn":
-        # cuDNN's backward with the *merged* o and lse gives the exact sequence gradients
+        overlap = _overlap and num_depth > 0
+        if overlap:  # depth gradients on a side stream while cuDNN runs the sequence backward
+            main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+            dq_depth = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq_depth, d_depth_k, d_depth_v, accum_dq=False)
         try:
-            T = q.shape[1]
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                _BHTd(do), _BHTd(q), _BHTd(k), _BHTd(v), _BHTd(o), lse.unsqueeze(-1),
-                None, None, None, None, None, T, T, 0.0, causal, scale=scale,
-            )  # fmt: skip
-            dq, dk, dv = _BHTd(dq), _BHTd(dk), _BHTd(dv)
+            dq, dk, dv = _cudnn_bwd(do, q, k, v, o, lse, causal, scale)
         except RuntimeError as err:
-            _cudnn_failed(err)
-            path = "triton"
-    if path != "cudnn":
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        fused_depth = num_depth if path == "triton" else 0
-        moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, fused_depth, causal, scale, dq, dk, dv, d_depth_k, d_depth_v)
-        if path == "triton":
-            return dq, dk, dv, d_depth_k, d_depth_v
-    if num_depth > 0:  # depth gradients, and the depth part of dq added in place
+            path = _cudnn_failed(err)
+        if overlap:
+            main.wait_stream(side)
+        if path == "cudnn":
+            if overlap:
+                dq.add_(dq_depth)
+            elif num_depth > 0:  # the depth gradients, and the depth part of dq added in place
+                moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq, d_depth_k, d_depth_v)
+            return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_depth_k, d_depth_v
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, num_depth if path == "triton" else 0, causal, scale,
+             dq, dk, dv, d_depth_k, d_depth_v)  # fmt: skip
+    if path == "triton_split" and num_depth > 0:
         moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq, d_depth_k, d_depth_v)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_depth_k, d_depth_v
+    return dq, dk, dv, d_depth_k, d_depth_v
 
 
 @moda_attn_bwd.register_fake
@@ -298,4 +346,4 @@ def moda_attn(
     return o, lse.transpose(1, 2), lse_depth.transpose(1, 2)
 
 
-__all__ = ["moda_attn", "set_seq_backend"]
+__all__ = ["moda_attn", "set_overlap", "set_seq_backend"]

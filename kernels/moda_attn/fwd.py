@@ -268,8 +268,12 @@ def moda_depth_fwd_kernel(
     D: tl.constexpr,
     BLOCK_T: tl.constexpr,
     SC: tl.constexpr,  # depth slots per token per step
+    MERGE: tl.constexpr,  # True: merge into (O, LSE) in place; False: write the depth-only output to O (fp32)
 ):  # fmt: skip
     """Depth part of MoDA merged into a sequence-only ``(o, lse)`` by log-sum-exp, in place.
+
+    With ``MERGE=False`` it writes the normalised depth-only output and ``lse_depth`` instead, so it
+    can run beside the sequence part (another stream); ``moda_merge_kernel`` combines them after.
 
     Depth keys of a step are the ``BLOCK_N = BLOCK_T * SC`` pairs (token, slot) of the block's
     tokens, one tensor-core product ``[BLOCK_M, D] x [D, BLOCK_N]``; entries whose key belongs to
@@ -325,14 +329,51 @@ def moda_depth_fwd_kernel(
     lse_depth = (m_i + tl.log2(l_i)) * LN2_C
     offs_lse = b * stride_lb + offs_h * stride_lh + offs_t64 * stride_lt
     ptr_o = O + b * stride_ob + offs_t64[:, None] * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od
+    tl.store(LSE_D + offs_lse, lse_depth, mask=mask_r)
+    if MERGE:
+        lse_seq = tl.load(LSE + offs_lse, mask=mask_r, other=0.0)
+        b_o_seq = tl.load(ptr_o, mask=mask_r[:, None], other=0.0).to(tl.float32)
+        lse = tl.maximum(lse_seq, lse_depth)
+        lse = lse + tl.log(tl.exp(lse_seq - lse) + tl.exp(lse_depth - lse))
+        b_o = b_o_seq * tl.exp(lse_seq - lse)[:, None] + acc * (tl.exp(lse_depth - lse) / l_i)[:, None]
+        tl.store(ptr_o, b_o.to(O.dtype.element_ty), mask=mask_r[:, None])
+        tl.store(LSE + offs_lse, lse, mask=mask_r)
+    else:
+        tl.store(ptr_o, acc / l_i[:, None], mask=mask_r[:, None])
+
+
+@triton.jit
+def moda_merge_kernel(O, LSE, OD, LSE_D, T, Hq, n_rows, D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``(o, lse) <- merge((o, lse), (o_depth, lse_depth))`` by log-sum-exp; contiguous tensors.
+
+    ``O, OD``: ``[B*T*Hq, D]`` rows ``(b, t, h)``; ``LSE, LSE_D``: ``[B, Hq, T]``.
+    """
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, D)
+    mask_r = offs_r < n_rows
+    offs_r64 = offs_r.to(tl.int64)
+    h = offs_r64 % Hq
+    bt = offs_r64 // Hq
+    offs_lse = (bt // T) * Hq * T + h * T + bt % T
     lse_seq = tl.load(LSE + offs_lse, mask=mask_r, other=0.0)
-    b_o_seq = tl.load(ptr_o, mask=mask_r[:, None], other=0.0).to(tl.float32)
+    lse_depth = tl.load(LSE_D + offs_lse, mask=mask_r, other=0.0)
     lse = tl.maximum(lse_seq, lse_depth)
     lse = lse + tl.log(tl.exp(lse_seq - lse) + tl.exp(lse_depth - lse))
-    b_o = b_o_seq * tl.exp(lse_seq - lse)[:, None] + acc * (tl.exp(lse_depth - lse) / l_i)[:, None]
+    # [BLOCK_R, D]
+    ptr_o = O + offs_r64[:, None] * D + offs_d[None, :]
+    b_o = tl.load(ptr_o, mask=mask_r[:, None], other=0.0).to(tl.float32) * tl.exp(lse_seq - lse)[:, None]
+    b_o += tl.load(OD + offs_r64[:, None] * D + offs_d[None, :], mask=mask_r[:, None], other=0.0) * tl.exp(lse_depth - lse)[:, None]
     tl.store(ptr_o, b_o.to(O.dtype.element_ty), mask=mask_r[:, None])
     tl.store(LSE + offs_lse, lse, mask=mask_r)
-    tl.store(LSE_D + offs_lse, lse_depth, mask=mask_r)
+
+
+def moda_merge(o: torch.Tensor, lse: torch.Tensor, o_depth: torch.Tensor, lse_depth: torch.Tensor) -> None:
+    """Merge the depth-only ``(o_depth, lse_depth)`` into contiguous ``o [B,T,Hq,d]``, ``lse [B,Hq,T]`` in place."""
+    B, T, Hq, d = o.shape
+    assert o.is_contiguous() and o_depth.is_contiguous() and lse.is_contiguous() and lse_depth.is_contiguous()
+    n_rows = B * T * Hq
+    BLOCK_R = 64
+    moda_merge_kernel[(triton.cdiv(n_rows, BLOCK_R),)](o, lse, o_depth, lse_depth, T, Hq, n_rows, D=d, BLOCK_R=BLOCK_R)
 
 
 def depth_config(G: int, interpret: bool) -> dict[str, int]:
@@ -356,8 +397,12 @@ def moda_depth_fwd(
     lse: torch.Tensor,
     lse_depth: torch.Tensor,
     config: dict[str, int] | None = None,
+    merge: bool = True,
 ) -> None:
-    """Merge the first ``num_depth > 0`` depth slots into the sequence-only ``o [B,T,Hq,d]``, ``lse [B,Hq,T]``, in place."""
+    """Merge the first ``num_depth > 0`` depth slots into the sequence-only ``o [B,T,Hq,d]``, ``lse [B,Hq,T]``, in place.
+
+    With ``merge=False``, write the depth-only output to ``o`` (fp32) and leave ``lse`` alone.
+    """
     B, T, Hq, d = q.shape
     Hk = depth_k.shape[3]
     cfg = dict(config or depth_config(Hq // Hk, q.device.type == "cpu"))
@@ -366,5 +411,5 @@ def moda_depth_fwd(
         q, depth_k, depth_v, o, lse, lse_depth,
         *q.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(), *lse.stride(),
         T, Hk, num_depth, scale * LOG2E,
-        G=Hq // Hk, D=d, **cfg,
+        G=Hq // Hk, D=d, MERGE=merge, **cfg,
     )  # fmt: skip

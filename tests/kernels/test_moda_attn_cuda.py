@@ -50,6 +50,17 @@ def _inputs(B, T, Hq, Hk, d, S, dtype, seed=0):
     return [rand(B, T, Hq, d), rand(B, T, Hk, d), rand(B, T, Hk, d), buf_k[:, :, :S], buf_v[:, :, 1:]], rand(B, T, Hq, d)
 
 
+PATHS = ["triton", "triton_split", "cudnn", "cudnn_serial"]
+
+
+def _set_path(path: str) -> None:
+    """``cudnn``: depth kernels on a side stream beside cuDNN; ``cudnn_serial``: after it."""
+    from moda_kernels.moda_attn.function import set_overlap, set_seq_backend
+
+    set_seq_backend(path.removesuffix("_serial"))
+    set_overlap(not path.endswith("_serial"))
+
+
 def _run(fn, inputs, do, **kw):
     xs = [x.detach().clone().requires_grad_() for x in inputs]
     o, lse, lse_depth = fn(*xs, return_lse=True, **kw)
@@ -57,21 +68,22 @@ def _run(fn, inputs, do, **kw):
     return [o, lse, lse_depth, *[torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs)]]
 
 
-@pytest.mark.parametrize("seq", ["triton", "triton_split", "cudnn"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_float64_reference(case, dtype, seq):
+def test_matches_float64_reference(case, dtype, path):
     from moda_kernels.moda_attn import moda_attn
-    from moda_kernels.moda_attn.function import set_seq_backend
 
     B, T, Hq, Hk, d, S, L, causal = case
+    if T == 1 and path.startswith("cudnn"):
+        pytest.skip("cuDNN rejects s_q = s_kv = 1; 'auto' sends T = 1 to the Triton kernels")
     inputs, do = _inputs(B, T, Hq, Hk, d, S, dtype, seed=T + Hq)
     kw = dict(num_depth=L, causal=causal)
-    set_seq_backend(seq)
+    _set_path(path)
     try:
         out = _run(moda_attn, inputs, do, **kw)
     finally:
-        set_seq_backend("auto")
+        _set_path("auto")
     ref64 = _run(moda_attn_reference, [x.double() for x in inputs], do.double(), **kw)
     ref_lowp = _run(moda_attn_reference, inputs, do, **kw)
     for name, a, r64, rl in zip(NAMES, out, ref64, ref_lowp):
@@ -89,32 +101,18 @@ def test_no_depth_matches_sdpa():
     torch.testing.assert_close(o, sdpa, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("seq", ["triton", "triton_split", "cudnn"])
-def test_forward_deterministic(seq):
+@pytest.mark.parametrize("path", PATHS)
+def test_deterministic(path):
+    """Forward and backward: repeated runs are bitwise equal (no atomics in the Triton kernels;
+    cuDNN's backward was also bitwise repeatable in this check)."""
     from moda_kernels.moda_attn import moda_attn
-    from moda_kernels.moda_attn.function import set_seq_backend
-
-    inputs, _ = _inputs(1, 1000, 16, 2, 64, 16, torch.bfloat16)
-    set_seq_backend(seq)
-    try:
-        outs = [moda_attn(*inputs, num_depth=16) for _ in range(3)]
-    finally:
-        set_seq_backend("auto")
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
-
-
-@pytest.mark.parametrize("seq", ["triton", "triton_split"])
-def test_triton_backward_deterministic(seq):
-    """The Triton backward kernels use no atomics: repeated runs are bitwise equal."""
-    from moda_kernels.moda_attn import moda_attn
-    from moda_kernels.moda_attn.function import set_seq_backend
 
     inputs, do = _inputs(1, 1000, 16, 2, 64, 16, torch.bfloat16)
-    set_seq_backend(seq)
+    _set_path(path)
     try:
         runs = [_run(moda_attn, inputs, do, num_depth=16) for _ in range(3)]
     finally:
-        set_seq_backend("auto")
+        _set_path("auto")
     for other in runs[1:]:
         for name, a, b in zip(NAMES, runs[0], other):
             assert torch.equal(a, b), f"{name} differs between runs"
