@@ -37,6 +37,7 @@ def loss_of(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def _worker(rank: int, world: int, port: int, out: str, checkpointing: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two ranks share a 2-core CI machine
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model = torch.nn.parallel.DistributedDataParallel(build_model(checkpointing))
     loss_of(model, batch().chunk(world)[rank]).backward()  # DDP averages gradients over ranks
