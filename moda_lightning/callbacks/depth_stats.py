@@ -1,0 +1,365 @@
+"""DepthAttentionStats: how much each layer and head reads the depth stream, in TensorBoard.
+
+Every ``every_n_steps`` optimizer steps the callback runs one forward pass on a fixed probe
+batch from the validation data, without gradients, with each layer's attention backend
+swapped for a probe that calls ``moda_attention(..., return_lse=True)`` and records row
+statistics; then it restores the backends. The model files need no hooks for this.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from moda_lightning.config import MoDAConfig
+from moda_lightning.model import MoDAAttention
+from moda_lightning.ops import moda_attention
+
+# The attention backends whose op can return the log-sum-exp; everything else is probed with the reference.
+_OP_BACKEND = {"moda_triton": "triton"}
+
+
+@dataclass
+class LayerStats:
+    """One layer's attention rows on the probe batch (float32, on the model's device).
+
+    Attributes:
+        mass: ``[B, T, Hq]`` depth mass of each row, ``exp(lse_depth - lse)``.
+        slot_mass: ``[S]`` probability on each depth slot, averaged over rows (sums to the mean mass).
+        sink: ``[B, T, Hq]`` probability on sequence token 0.
+        entropy: ``[B, T, Hq]`` entropy (nats) of the whole ``[sequence | depth]`` row.
+    """
+
+    mass: Tensor
+    slot_mass: Tensor
+    sink: Tensor
+    entropy: Tensor
+
+    @property
+    def num_depth(self) -> int:
+        return self.slot_mass.numel()
+
+
+@torch.no_grad()
+def attention_row_stats(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    depth_k: Tensor | None,
+    depth_v: Tensor | None,
+    *,
+    num_depth: int = 0,
+    scale: float | None = None,
+    op_backend: str = "reference",
+    max_chunk_elems: int = 2**24,
+) -> tuple[Tensor, LayerStats]:
+    """Causal MoDA attention plus the statistics of its softmax rows.
+
+    With ``lse`` the row log-sum-exp and ``s_j``, ``r_s`` the sequence and depth logits::
+
+        depth mass    = exp(lse_depth - lse)             = sum_s p_s
+        slot mass[s]  = mean over rows of exp(r_s - lse)
+        sink          = exp(s_0 - lse)                   (token 0 is visible to every causal row)
+        entropy       = lse - (sum_j p_j s_j + sum_s p_s r_s)
+
+    The op gives ``o, lse, lse_depth``; the logits are recomputed here in float32, the sequence
+    part in query chunks of at most ``max_chunk_elems`` logits so the probe stays in memory at
+    long T. Shapes as in :func:`moda_lightning.ops.moda_attention`.
+
+    Returns:
+        ``(o [B, T, Hq, d], LayerStats)``.
+    """
+    o, lse, lse_depth = moda_attention(
+        q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, backend=op_backend, return_lse=True
+    )
+    # The statistics stay in float32 even when the probe runs under bf16/fp16 autocast.
+    with torch.autocast(q.device.type, enabled=False):
+        return o, _row_stats(q, k, depth_k, lse, lse_depth, num_depth, scale, max_chunk_elems)
+
+
+def _row_stats(
+    q: Tensor, k: Tensor, depth_k: Tensor | None, lse: Tensor, lse_depth: Tensor, num_depth: int,
+    scale: float | None, max_chunk_elems: int,
+) -> LayerStats:
+    B, T, Hq, d = q.shape
+    Hk = k.shape[2]
+    G = Hq // Hk
+    scale = d**-0.5 if scale is None else scale
+    if depth_k is None:
+        num_depth = 0
+    lse = lse.float()
+    q_g = q.float().view(B, T, Hk, G, d)
+    kf = k.float()
+
+    # Depth part: each token's own slots, [B, T, Hk, G, S] -> [B, T, Hq, S].
+    if num_depth > 0:
+        r = torch.einsum("btkgd,btskd->btkgs", q_g, depth_k[:, :, :num_depth].float())
+        r = r.reshape(B, T, Hq, num_depth) * scale
+        p_depth = torch.exp(r - lse.unsqueeze(-1))
+        mass = torch.exp(lse_depth.float() - lse)
+        slot_mass = p_depth.mean(dim=(0, 1, 2))
+        expected_logit = (p_depth * r).sum(-1)
+    else:
+        mass = torch.zeros_like(lse)
+        slot_mass = lse.new_zeros(0)
+        expected_logit = torch.zeros_like(lse)
+
+    # Sequence part, chunked over query tokens: [B, C, Hk, G, T] logits at a time.
+    sink = torch.exp(torch.einsum("btkgd,bkd->btkg", q_g, kf[:, 0]).reshape(B, T, Hq) * scale - lse)
+    chunk = max(1, max_chunk_elems // (B * Hq * T))
+    positions = torch.arange(T, device=q.device)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        s = torch.einsum("bckgd,bjkd->bckgj", q_g[:, t0:t1], kf) * scale
+        future = (positions[None, :] > positions[t0:t1, None])[None, :, None, None, :]  # [1, C, 1, 1, T]
+        lse_c = lse[:, t0:t1].view(B, t1 - t0, Hk, G, 1)
+        ps = torch.where(future, 0.0, torch.exp(s - lse_c) * s)
+        expected_logit[:, t0:t1] += ps.sum(-1).reshape(B, t1 - t0, Hq)
+    entropy = lse - expected_logit
+    return LayerStats(mass=mass, slot_mass=slot_mass, sink=sink, entropy=entropy)
+
+
+class _ProbeBackend:
+    """Stands in for one layer's attention backend during the probe pass and records its rows."""
+
+    def __init__(self, backend: Any, op_backend: str, records: list[LayerStats]) -> None:
+        self.backend, self.op_backend, self.records = backend, op_backend, records
+        self.reads_depth = getattr(backend, "reads_depth", True)
+
+    def check_device(self, device_type: str) -> None:
+        self.backend.check_device(device_type)
+
+    def __call__(self, q, k, v, depth_k=None, depth_v=None, *, num_depth: int = 0, scale: float | None = None) -> Tensor:
+        o, stats = attention_row_stats(
+            q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, op_backend=self.op_backend
+        )
+        self.records.append(stats)
+        return o.to(q.dtype)
+
+
+def slot_labels(cfg: MoDAConfig) -> list[str]:
+    """Which sublayer wrote each depth slot, in stream order (``L00.attn``, ``L00.ffn``, ``L01.attn``, ...)."""
+    kinds = [kind for kind, on in (("attn", cfg.depth_kv), ("ffn", cfg.ffn_kv)) if on]
+    return [f"L{layer:02d}.{kind}" for layer in range(cfg.n_layers - 1) for kind in kinds]
+
+
+_VIRIDIS = torch.tensor(
+    [[0.267, 0.005, 0.329], [0.231, 0.322, 0.546], [0.128, 0.567, 0.551], [0.369, 0.789, 0.383], [0.993, 0.906, 0.144]]
+)
+
+
+def heatmap_image(values: Tensor, cell: int | None = None) -> Tensor:
+    """A ``[rows, cols]`` matrix as a ``[3, rows*cell, cols*cell]`` float image in [0, 1].
+
+    Colors run from dark purple (0) to yellow (the matrix's maximum) along a 5-stop viridis;
+    NaN cells (no such slot) are gray. ``cell`` defaults to a size that makes the image ~256 px.
+    """
+    values = values.detach().float().cpu()
+    missing = torch.isnan(values)
+    vmax = values[~missing].max().item() if (~missing).any() else 0.0
+    x = (values.nan_to_num(0.0) / vmax if vmax > 0 else torch.zeros_like(values)).clamp(0, 1)
+    pos = x * (len(_VIRIDIS) - 1)
+    lo = pos.floor().long().clamp(max=len(_VIRIDIS) - 2)
+    frac = (pos - lo).unsqueeze(-1)
+    rgb = _VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac  # [rows, cols, 3]
+    rgb[missing] = 0.5
+    cell = cell or max(4, min(32, 256 // max(values.shape)))
+    rgb = rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    return rgb.permute(2, 0, 1).contiguous()
+
+
+class DepthAttentionStats(L.Callback):
+    """Logs where attention mass goes, per layer and head: depth stream, slots, sink token, entropy.
+
+    Statistics (means over the probe batch's rows, i.e. tokens and heads, per layer):
+
+    - ``depth_attn/layer_LL/mass`` and ``mass_std``: softmax mass on the depth slots,
+      ``exp(lse_depth - lse)``; ``mass_attn_slots`` / ``mass_ffn_slots`` split it by the kind of
+      sublayer that wrote the slot (when both kinds are on).
+    - ``depth_attn/layer_LL/sink``: probability on sequence token 0 (the attention sink).
+    - ``depth_attn/layer_LL/entropy``: entropy in nats of the whole ``[sequence | depth]`` row.
+    - ``depth_attn/mean_mass``, ``mean_sink``, ``mean_entropy``: over layers (mass over the layers
+      that read depth, i.e. not layer 0); ``depth_attn/probe_seconds``: the probe's own time.
+    - images ``depth_attn/mass_layer_x_head`` and ``depth_attn/mass_layer_x_slot`` (the paper's
+      Figure 5; colors scaled to the image's maximum, gray = slot not yet written), histograms
+      ``depth_attn/layer_LL/mass_hist`` of the per-row mass, and a text legend of the slots.
+
+    Rows include every token and query head; token 0's row always puts ``1 - mass`` on the sink.
+    With a backend that reads no depth (``sdpa``) only sink and entropy are logged. The probe
+    recomputes attention with the MoDA reference op (or the fused op's own log-sum-exp for
+    ``moda_triton``), so a backend whose math differs from the reference is not what is measured.
+    The probe runs on every rank (sharded models need all ranks in a forward); only rank zero logs.
+
+    Args:
+        every_n_steps: optimizer steps between probes. The default keeps the cost under 2% of
+            training time on the CPU default config (see docs/flops.md).
+        probe_batch_size: rows of the first validation batch kept as the probe batch.
+    """
+
+    def __init__(self, every_n_steps: int = 50, probe_batch_size: int = 4) -> None:
+        super().__init__()
+        if every_n_steps < 1 or probe_batch_size < 1:
+            raise ValueError(
+                f"DepthAttentionStats: every_n_steps={every_n_steps} and probe_batch_size={probe_batch_size} "
+                "must both be positive integers, e.g. every_n_steps=50, probe_batch_size=4."
+            )
+        self.every_n_steps = every_n_steps
+        self.probe_batch_size = probe_batch_size
+        self._probe: Tensor | None = None
+        self._last_step = -1
+        self._legend_written = False
+        self.last_duration_s = 0.0
+        self.total_duration_s = 0.0
+
+    # --- probing ------------------------------------------------------------------------------
+
+    def collect(self, model: nn.Module, cfg: MoDAConfig, inputs: Tensor) -> list[LayerStats]:
+        """Run ``model(inputs)`` without gradients and return one :class:`LayerStats` per attention layer."""
+        model = getattr(model, "_orig_mod", model)  # probe the eager module under torch.compile
+        layers = [m for m in model.modules() if isinstance(m, MoDAAttention)]
+        op_backend = _OP_BACKEND.get(cfg.attention, "reference")
+        records: list[list[LayerStats]] = [[] for _ in layers]
+        saved = [layer.backend for layer in layers]
+        try:
+            for layer, rec in zip(layers, records):
+                layer.backend = _ProbeBackend(layer.backend, op_backend, rec)
+            with torch.no_grad():
+                model(inputs)
+        finally:
+            for layer, backend in zip(layers, saved):
+                layer.backend = backend
+        return [rec[0] for rec in records if rec]
+
+    def scalars(self, stats: list[LayerStats], cfg: MoDAConfig) -> dict[str, float]:
+        """The scalar statistics by TensorBoard tag (see the class docstring)."""
+        out: dict[str, Tensor] = {}
+        both_kinds = bool(cfg.depth_kv and cfg.ffn_kv)
+        for idx, st in enumerate(stats):
+            tag = f"depth_attn/layer_{idx:02d}"
+            if cfg.reads_depth and st.num_depth > 0:
+                out[f"{tag}/mass"] = st.mass.mean()
+                out[f"{tag}/mass_std"] = st.mass.std() if st.mass.numel() > 1 else st.mass.new_zeros(())
+                if both_kinds:
+                    out[f"{tag}/mass_attn_slots"] = st.slot_mass[0::2].sum()
+                    out[f"{tag}/mass_ffn_slots"] = st.slot_mass[1::2].sum()
+            out[f"{tag}/sink"] = st.sink.mean()
+            out[f"{tag}/entropy"] = st.entropy.mean()
+        reading = [st.mass.mean() for st in stats if st.num_depth > 0]
+        if cfg.reads_depth and reading:
+            out["depth_attn/mean_mass"] = torch.stack(reading).mean()
+        out["depth_attn/mean_sink"] = torch.stack([st.sink.mean() for st in stats]).mean()
+        out["depth_attn/mean_entropy"] = torch.stack([st.entropy.mean() for st in stats]).mean()
+        # One device-to-host copy for all of them.
+        values = torch.stack(list(out.values())).float().cpu().tolist()
+        return dict(zip(out, values))
+
+    def heatmaps(self, stats: list[LayerStats], cfg: MoDAConfig) -> tuple[Tensor, Tensor]:
+        """``[L, Hq]`` mean depth mass per head and ``[L, S]`` mean mass per slot (NaN where nothing is read)."""
+        n_slots = (cfg.n_layers - 1) * cfg.slots_per_layer
+        per_head = torch.stack([st.mass.mean(dim=(0, 1)) for st in stats]).float().cpu()
+        per_head[[st.num_depth == 0 for st in stats]] = float("nan")  # layer 0 reads no depth
+        per_slot = torch.full((len(stats), max(1, n_slots)), float("nan"))
+        for idx, st in enumerate(stats):
+            per_slot[idx, : st.num_depth] = st.slot_mass.float().cpu()
+        return per_head, per_slot
+
+    def write(self, writer: Any, stats: list[LayerStats], cfg: MoDAConfig, step: int) -> dict[str, float]:
+        """Log everything to a TensorBoard ``SummaryWriter`` (or any object with its ``add_*`` methods)."""
+        scalars = self.scalars(stats, cfg)
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, step)
+        if cfg.reads_depth:
+            per_head, per_slot = self.heatmaps(stats, cfg)
+            writer.add_image("depth_attn/mass_layer_x_head", heatmap_image(per_head), step, dataformats="CHW")
+            writer.add_image("depth_attn/mass_layer_x_slot", heatmap_image(per_slot), step, dataformats="CHW")
+            for idx, st in enumerate(stats):
+                if st.num_depth > 0:
+                    writer.add_histogram(f"depth_attn/layer_{idx:02d}/mass_hist", st.mass.float().flatten().cpu(), step)
+            if not self._legend_written:
+                labels = slot_labels(cfg)
+                legend = "slot | written by\n---|---\n" + "\n".join(f"{s} | {name}" for s, name in enumerate(labels))
+                writer.add_text("depth_attn/slot_legend", legend, step)
+                self._legend_written = True
+        return scalars
+
+    # --- Lightning hooks ----------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        cfg = _config_of(pl_module)
+        if not cfg.reads_depth:
+            rank_zero_info(
+                f"DepthAttentionStats: attention backend {cfg.attention!r} reads no depth stream, so the depth "
+                "statistics do not apply; logging the attention-sink and entropy statistics only."
+            )
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        start = time.perf_counter()
+        cfg = _config_of(pl_module)
+        inputs = self._probe_inputs(trainer, batch).to(pl_module.device)
+        with trainer.precision_plugin.val_step_context():
+            stats = self.collect(pl_module.model, cfg, inputs)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    self.write(logger.experiment, stats, cfg, step)
+                else:
+                    logger.log_metrics(self.scalars(stats, cfg), step)
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.last_duration_s = time.perf_counter() - start
+        self.total_duration_s += self.last_duration_s
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"depth_attn/probe_seconds": self.last_duration_s}, step)
+
+    def _probe_inputs(self, trainer: L.Trainer, batch: Any) -> Tensor:
+        """The fixed probe inputs ``[b, T]``: the first validation batch, else the first logged training batch."""
+        if self._probe is None:
+            probe = None
+            loaders = trainer.val_dataloaders
+            if loaders is None and trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
+                try:
+                    loaders = trainer.datamodule.val_dataloader()
+                except Exception:  # a datamodule without validation data: fall back below
+                    loaders = None
+            if isinstance(loaders, (list, tuple)):
+                loaders = loaders[0] if loaders else None
+            if loaders is not None:
+                probe = next(iter(loaders), None)
+            if probe is None:
+                rank_zero_info(
+                    "DepthAttentionStats: no validation data; probing the first logged training batch instead."
+                )
+                probe = batch
+            if not (isinstance(probe, Tensor) and probe.dim() == 2 and not probe.is_floating_point()):
+                raise TypeError(
+                    "DepthAttentionStats expects batches of token ids, an integer tensor [B, T+1] as TextDataModule "
+                    f"yields; got {type(probe).__name__}"
+                    + (f" of shape {list(probe.shape)} and dtype {probe.dtype}" if isinstance(probe, Tensor) else "")
+                    + ". Wrap your data so that each batch is such a tensor."
+                )
+            self._probe = probe[: self.probe_batch_size, :-1].clone()
+        return self._probe
+
+
+def _config_of(pl_module: L.LightningModule) -> MoDAConfig:
+    cfg = getattr(pl_module, "config", None)
+    if not isinstance(cfg, MoDAConfig):
+        raise TypeError(
+            f"{type(pl_module).__name__} has no `config` MoDAConfig; the MoDA callbacks need a MoDALightningModule "
+            "(or a LightningModule with `.config` and a MoDATransformer in `.model`)."
+        )
+    return cfg

@@ -1,0 +1,76 @@
+"""A short CPU `moda fit` with both callbacks writes the expected TensorBoard tags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from moda_lightning.cli import main
+
+CALLBACKS = [
+    {"class_path": "moda_lightning.callbacks.DepthAttentionStats", "init_args": {"every_n_steps": 2, "probe_batch_size": 2}},
+    {"class_path": "moda_lightning.callbacks.FlopsOverhead", "init_args": {"window_size": 2}},
+]
+
+
+def fit(tmp_path: Path, *args: str) -> tuple[EventAccumulator, dict[str, list[str]]]:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"word{i % 97} follows word{(i * 7) % 89}." for i in range(4000)))
+    main([
+        "fit",
+        f"--data.files={corpus}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--data.tokenizer_vocab_size=300",
+        "--data.seq_len=16",
+        "--data.batch_size=4",
+        "--model.d_model=32",
+        "--model.n_layers=3",
+        "--model.n_heads=4",
+        "--model.n_kv_heads=2",
+        "--model.max_seq_len=16",
+        "--trainer.max_steps=4",
+        "--trainer.log_every_n_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        f"--trainer.callbacks={json.dumps(CALLBACKS)}",
+        *args,
+    ])
+    (events,) = tmp_path.glob("runs/**/events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc, acc.Tags()
+
+
+@pytest.mark.slow
+def test_moda_fit_writes_depth_and_flops_tags(tmp_path):
+    acc, tags = fit(tmp_path)
+    scalars = set(tags["scalars"])
+    for layer in ("01", "02"):
+        assert {f"depth_attn/layer_{layer}/{s}" for s in ("mass", "mass_std", "mass_attn_slots", "mass_ffn_slots", "sink", "entropy")} <= scalars
+    assert {"depth_attn/layer_00/sink", "depth_attn/mean_mass", "depth_attn/probe_seconds"} <= scalars
+    assert "depth_attn/layer_00/mass" not in scalars  # layer 0 reads no depth
+    assert [e.step for e in acc.Scalars("depth_attn/layer_02/mass")] == [2, 4]
+    assert set(tags["images"]) == {"depth_attn/mass_layer_x_head", "depth_attn/mass_layer_x_slot"}
+    assert set(tags["histograms"]) == {"depth_attn/layer_01/mass_hist", "depth_attn/layer_02/mass_hist"}
+    assert {"flops/table/text_summary", "depth_attn/slot_legend/text_summary"} <= set(tags["tensors"])
+    flops = {"train_per_token", "train_per_token_baseline", "overhead_ratio", "depth_overhead_ratio", "proj_overhead_ratio",
+             "params", "params_baseline", "param_overhead_ratio", "measured_per_token", "executed_per_token", "measured_over_executed"}
+    assert {f"flops/{name}" for name in flops} <= scalars
+    assert acc.Scalars("flops/measured_over_executed")[0].value == pytest.approx(1.0, abs=0.05)
+    assert {"train/device/items_per_sec", "train/device/flops_per_sec"} <= scalars
+    assert "train/device/mfu" not in scalars  # CPU: no known peak
+
+
+@pytest.mark.slow
+def test_sdpa_baseline_logs_the_sink_only(tmp_path):
+    _, tags = fit(tmp_path, "--model.attention=sdpa")
+    scalars = set(tags["scalars"])
+    assert {"depth_attn/layer_00/sink", "depth_attn/layer_02/entropy", "flops/overhead_ratio"} <= scalars
+    assert not any(tag.startswith("depth_attn/") and "mass" in tag for tag in scalars)
+    assert not tags["images"]

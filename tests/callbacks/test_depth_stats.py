@@ -1,0 +1,171 @@
+"""DepthAttentionStats on constructed attention inputs whose answer is known, and on the real model."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from moda_lightning.attention import build_backend
+from moda_lightning.callbacks import DepthAttentionStats
+from moda_lightning.callbacks.depth_stats import attention_row_stats, heatmap_image, slot_labels
+from moda_lightning.config import MoDAConfig
+from moda_lightning.model import MoDAAttention, MoDATransformer
+
+B, T, H, d = 2, 9, 2, 8  # Hq = Hk = 2, so each query head has its own KV head
+
+
+class Recorder:
+    """Stands in for TensorBoard's SummaryWriter and keeps what was logged."""
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, float] = {}
+        self.images: dict[str, torch.Tensor] = {}
+        self.histograms: dict[str, torch.Tensor] = {}
+        self.texts: dict[str, str] = {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars[tag] = value
+
+    def add_image(self, tag, img, step, dataformats="CHW"):
+        self.images[tag] = img
+
+    def add_histogram(self, tag, values, step):
+        self.histograms[tag] = values
+
+    def add_text(self, tag, text, step):
+        self.texts[tag] = text
+
+
+class TwoLayerProbe(nn.Module):
+    """Two attention layers fed constructed tensors: layer 0 reads no depth, layer 1 reads ``num_depth`` slots."""
+
+    def __init__(self, cfg: MoDAConfig, q, k, v, depth_k, depth_v, num_depth: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(MoDAAttention(cfg, build_backend("moda_torch"), writes_depth=True) for _ in range(2))
+        self.inputs = (q, k, v, depth_k, depth_v, num_depth)
+
+    def forward(self, idx):
+        q, k, v, depth_k, depth_v, num_depth = self.inputs
+        self.layers[0].backend(q, k, v)
+        return self.layers[1].backend(q, k, v, depth_k, depth_v, num_depth=num_depth)
+
+
+def config(**kw) -> MoDAConfig:
+    return MoDAConfig(vocab_size=16, d_model=H * d, n_layers=2, n_heads=H, n_kv_heads=H, **kw)
+
+
+def logged(cfg: MoDAConfig, *tensors, num_depth: int) -> Recorder:
+    callback, writer = DepthAttentionStats(), Recorder()
+    stats = callback.collect(TwoLayerProbe(cfg, *tensors, num_depth), cfg, torch.zeros(1, T, dtype=torch.long))
+    callback.write(writer, stats, cfg, step=0)
+    return writer
+
+
+def unit_queries() -> torch.Tensor:
+    q = torch.randn(B, T, H, d)
+    return q / q.norm(dim=-1, keepdim=True)
+
+
+def test_depth_keys_aligned_with_the_query_take_all_the_mass():
+    torch.manual_seed(0)
+    q, k, v = unit_queries(), torch.randn(B, T, H, d), torch.randn(B, T, H, d)
+    depth_k = (40.0 * q).unsqueeze(2).repeat(1, 1, 2, 1, 1)  # logit 40 / sqrt(8) ~ 14 per depth slot
+    writer = logged(config(), q, k, v, depth_k, torch.randn_like(depth_k), num_depth=2)
+    assert writer.scalars["depth_attn/layer_01/mass"] > 0.999
+    assert writer.scalars["depth_attn/mean_mass"] > 0.999
+    # Two equal slots share the mass equally: half on layer 0's attention slot, half on its FFN slot.
+    assert writer.scalars["depth_attn/layer_01/mass_attn_slots"] == pytest.approx(0.5, abs=1e-3)
+    assert writer.scalars["depth_attn/layer_01/mass_ffn_slots"] == pytest.approx(0.5, abs=1e-3)
+    assert writer.scalars["depth_attn/layer_01/sink"] < 1e-3
+    assert "depth_attn/layer_00/mass" not in writer.scalars  # layer 0 reads no depth
+
+
+def test_depth_keys_opposite_to_the_query_get_no_mass():
+    torch.manual_seed(1)
+    q, k, v = unit_queries(), torch.randn(B, T, H, d), torch.randn(B, T, H, d)
+    depth_k = (-40.0 * q).unsqueeze(2).repeat(1, 1, 2, 1, 1)
+    writer = logged(config(), q, k, v, depth_k, torch.randn_like(depth_k), num_depth=2)
+    assert writer.scalars["depth_attn/layer_01/mass"] < 1e-4
+    assert writer.scalars["depth_attn/layer_01/mass_std"] < 1e-4
+
+
+def test_a_single_valid_slot_gets_all_the_per_slot_mass():
+    """The stream holds 3 slots but only the first is valid (num_depth=1): the others must stay unread."""
+    torch.manual_seed(2)
+    cfg = config(ffn_kv=False)  # one slot per layer: layer 1 reads layer 0's attention K/V only
+    q, k, v = unit_queries(), torch.randn(B, T, H, d), torch.randn(B, T, H, d)
+    depth_k = torch.stack([10.0 * q, 40.0 * q, 40.0 * q], dim=2)  # slots 1, 2 would dominate if read
+    callback = DepthAttentionStats()
+    stats = callback.collect(TwoLayerProbe(cfg, q, k, v, depth_k, torch.randn_like(depth_k), 1), cfg, torch.zeros(1, T))
+    assert stats[1].num_depth == 1
+    assert stats[1].slot_mass.item() == pytest.approx(stats[1].mass.mean().item(), rel=1e-5)
+    per_head, per_slot = callback.heatmaps(stats, cfg)
+    assert per_slot.shape == (2, 1) and torch.isnan(per_slot[0, 0])
+    assert per_slot[1, 0].item() == pytest.approx(stats[1].mass.mean().item(), rel=1e-5)
+    writer = Recorder()
+    callback.write(writer, stats, cfg, step=0)
+    assert writer.scalars["depth_attn/layer_01/mass"] == pytest.approx(per_slot[1, 0].item(), rel=1e-5)
+    assert "depth_attn/layer_01/mass_attn_slots" not in writer.scalars  # only one kind of slot
+    assert slot_labels(cfg) == ["L00.attn"]
+
+
+def test_statistics_match_a_dense_softmax_computed_by_hand():
+    """Sink, entropy, depth and slot mass against the explicit [sequence | depth] softmax, with chunking forced."""
+    torch.manual_seed(3)
+    Hq, Hk, S = 4, 2, 3
+    q, k, v = torch.randn(B, T, Hq, d), torch.randn(B, T, Hk, d), torch.randn(B, T, Hk, d)
+    depth_k, depth_v = torch.randn(B, T, S, Hk, d), torch.randn(B, T, S, Hk, d)
+    _, st = attention_row_stats(q, k, v, depth_k, depth_v, num_depth=S, max_chunk_elems=B * Hq * T * 2)
+
+    kv_head = torch.arange(Hq) // (Hq // Hk)
+    seq = torch.einsum("bthd,bjhd->bthj", q, k[:, :, kv_head]) * d**-0.5
+    seq = seq.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1)[None, :, None, :], float("-inf"))
+    dep = torch.einsum("bthd,btshd->bths", q, depth_k[:, :, :, kv_head]) * d**-0.5
+    p = torch.cat([seq, dep], dim=-1).softmax(-1)
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    torch.testing.assert_close(st.mass, p[..., T:].sum(-1))
+    torch.testing.assert_close(st.slot_mass, p[..., T:].mean(dim=(0, 1, 2)))
+    torch.testing.assert_close(st.sink, p[..., 0])
+    torch.testing.assert_close(st.entropy, entropy, atol=1e-4, rtol=1e-4)
+
+
+def test_probe_leaves_the_model_and_its_outputs_unchanged():
+    torch.manual_seed(4)
+    cfg = MoDAConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    model = MoDATransformer(cfg)
+    idx = torch.randint(50, (2, 16))
+    backends = [m.backend for m in model.modules() if isinstance(m, MoDAAttention)]
+    stats = DepthAttentionStats().collect(model, cfg, idx)
+    assert [m.backend for m in model.modules() if isinstance(m, MoDAAttention)] == backends
+    assert [st.num_depth for st in stats] == [0, 2, 4]
+    for st in stats:  # rows are distributions: depth + sequence mass add up, entropy is non-negative
+        assert (st.mass <= 1 + 1e-6).all() and (st.entropy >= -1e-5).all()
+        assert st.sink[:, 0].add(st.mass[:, 0]).sub(1).abs().max() < 1e-5  # token 0's row: sink + depth = 1
+
+
+def test_sdpa_baseline_logs_sink_and_entropy_only_and_says_so(caplog):
+    cfg = MoDAConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, attention="sdpa")
+    callback, writer = DepthAttentionStats(), Recorder()
+    stats = callback.collect(MoDATransformer(cfg), cfg, torch.randint(50, (1, 16)))
+    callback.write(writer, stats, cfg, step=0)
+    assert {"depth_attn/layer_00/sink", "depth_attn/layer_01/entropy", "depth_attn/mean_sink"} <= set(writer.scalars)
+    assert not any("mass" in tag for tag in writer.scalars) and not writer.images and not writer.histograms
+    with caplog.at_level(logging.INFO):
+        callback.on_fit_start(SimpleNamespace(), SimpleNamespace(config=cfg))
+    assert "depth statistics do not apply" in caplog.text
+
+
+def test_heatmap_is_an_upscaled_rgb_image_with_gray_for_missing_cells():
+    img = heatmap_image(torch.tensor([[0.0, 1.0], [0.5, float("nan")]]), cell=4)
+    assert img.shape == (3, 8, 8) and 0 <= img.min() and img.max() <= 1
+    assert torch.allclose(img[:, 4:, 4:], torch.full((3, 4, 4), 0.5))
+    assert img[:, 0, 4].sum() > img[:, 0, 0].sum()  # the maximum is brighter than zero
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="every_n_steps=0"):
+        DepthAttentionStats(every_n_steps=0)
