@@ -46,6 +46,9 @@ class DepthStream:
         assert 0 <= slot <= self._cursor, f"cannot seek to slot {slot}; {self._cursor} are written"
         self._cursor = slot
 
+    # torch.compile cannot trace writes into a buffer whose views autograd saved (AOT autograd
+    # rejects mutated aliased inputs), so the stream runs eagerly between compiled regions.
+    @torch.compiler.disable
     def append(self, k: Tensor, v: Tensor) -> None:
         """Write one slot: ``k, v [B, T, Hk, d]`` for every token (keys already rotated at their token)."""
         slot = self._cursor
@@ -61,6 +64,7 @@ class DepthStream:
             self._tokens.append(token)
         self._cursor += 1
 
+    @torch.compiler.disable
     def read(self) -> tuple[Tensor | None, Tensor | None, int]:
         """Every slot written so far: ``(depth_k, depth_v, num_depth)``, ``[B, T, S, Hk, d]`` views.
 
