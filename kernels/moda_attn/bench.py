@@ -87,7 +87,7 @@ def impl_fns(s: Shape):
 
         return f
 
-    def moda(seq, overlap=True):
+    def moda(seq, overlap=False):
         def f(q, k, v, dk, dv):
             set_seq_backend(seq)
             set_overlap(overlap)
@@ -99,7 +99,7 @@ def impl_fns(s: Shape):
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
         "moda": moda("auto"),
-        "moda_serial": moda("cudnn", overlap=False),
+        "moda_overlap": moda("cudnn", overlap=True),
         "moda_fused": moda("triton"),
         "moda_split": moda("triton_split"),
         "flex_moda": flex_moda(s),
@@ -137,7 +137,7 @@ def flex_moda(s: Shape):
     return f
 
 
-def bench_ms(fn, warmup=50, rep=300) -> float:
+def bench_ms(fn, warmup=25, rep=100) -> float:
     import triton
 
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
@@ -213,7 +213,7 @@ def tune_depth(shapes: list[Shape], configs: list[str]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="three small shapes instead of the full grid")
-    p.add_argument("--impls", default="sdpa_flash,sdpa_cudnn,moda,moda_serial,moda_split,moda_fused,flex_moda,reference")
+    p.add_argument("--impls", default="sdpa_flash,sdpa_cudnn,moda,moda_split,moda_fused,flex_moda,reference")
     p.add_argument("--shapes", default="", help="indices into the grid, e.g. 0,3,8")
     p.add_argument("--json", default="", help="write all numbers to this file")
     p.add_argument("--breakdown", action="store_true", help="time cuDNN and the depth kernels separately")

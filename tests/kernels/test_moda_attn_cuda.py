@@ -50,15 +50,15 @@ def _inputs(B, T, Hq, Hk, d, S, dtype, seed=0):
     return [rand(B, T, Hq, d), rand(B, T, Hk, d), rand(B, T, Hk, d), buf_k[:, :, :S], buf_v[:, :, 1:]], rand(B, T, Hq, d)
 
 
-PATHS = ["triton", "triton_split", "cudnn", "cudnn_serial"]
+PATHS = ["triton", "triton_split", "cudnn", "cudnn_overlap"]
 
 
 def _set_path(path: str) -> None:
-    """``cudnn``: depth kernels on a side stream beside cuDNN; ``cudnn_serial``: after it."""
+    """``cudnn``: depth kernels after cuDNN; ``cudnn_overlap``: on a side stream beside it."""
     from moda_kernels.moda_attn.function import set_overlap, set_seq_backend
 
-    set_seq_backend(path.removesuffix("_serial"))
-    set_overlap(not path.endswith("_serial"))
+    set_seq_backend(path.removesuffix("_overlap"))
+    set_overlap(path.endswith("_overlap"))
 
 
 def _run(fn, inputs, do, **kw):
