@@ -1,0 +1,148 @@
+"""Peak training memory and step time of MoDA models against the SDPA baseline, on one GPU.
+
+    PYTHONPATH=. python benchmarks/train_memory.py                 # the sweep written into docs/scaling.md
+    PYTHONPATH=. python benchmarks/train_memory.py --quick         # a smaller sweep
+
+One training step = forward, backward and a fused AdamW step in bf16 autocast on random
+tokens; the step time is the median of the timed steps (CUDA events), the peak is
+``torch.cuda.max_memory_allocated`` over those steps. Every batch holds the same number of
+tokens, so rows of one sequence length compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from moda_lightning.config import MoDAConfig
+from moda_lightning.model import MoDATransformer
+
+WIDTHS = {384: dict(n_heads=6, n_kv_heads=2), 1024: dict(n_heads=16, n_kv_heads=8)}
+VOCAB = 32768
+
+
+def measure_step(
+    cfg: MoDAConfig, batch: int, seq_len: int, steps: int = 5, compile: bool = False
+) -> tuple[float, float] | str:
+    """(median step ms, peak GiB) of training ``cfg`` on ``[batch, seq_len]`` tokens, or 'OOM'."""
+    torch.cuda.empty_cache()
+    model = optimizer = None
+    try:
+        model = MoDATransformer(cfg).cuda()
+        network = torch.compile(model) if compile else model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device="cuda")
+
+        def step() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = network(tokens[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(3 if compile else 2):  # warm-up: kernel compilation, autotuning, allocator
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    except torch.OutOfMemoryError:
+        return "OOM"
+    finally:
+        del model, optimizer
+        torch.cuda.empty_cache()
+
+
+def config(width: int, layers: int, seq_len: int, attention: str, **extra) -> MoDAConfig:
+    return MoDAConfig(
+        vocab_size=VOCAB, d_model=width, n_layers=layers, max_seq_len=seq_len, attention=attention, **WIDTHS[width], **extra
+    )
+
+
+def fmt(result: tuple[float, float] | str) -> tuple[str, str]:
+    return (result, result) if isinstance(result, str) else (f"{result[0]:.1f}", f"{result[1]:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per batch in the sweep")
+    parser.add_argument("--backends", nargs="+", default=["sdpa", "moda_torch", "moda_triton"])
+    parser.add_argument("--skip-700m", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile at width 384")
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+
+    layers_list = [12, 24] if args.quick else [12, 24, 48]
+    seq_list = [1024] if args.quick else [1024, 4096]
+    print("\n| width | T | layers | backend | step ms | peak GiB | ms vs sdpa | GiB vs sdpa |")
+    print("|---|---|---|---|---|---|---|---|")
+    for width in WIDTHS:
+        for seq_len in seq_list:
+            for layers in layers_list:
+                base = None
+                for attention in args.backends:
+                    if attention == "moda_torch" and seq_len > 1024 and width > 384:
+                        # The reference keeps dense [T, T+S] probabilities per head: tens of GiB here.
+                        print(f"| {width} | {seq_len} | {layers} | {attention} | skipped (dense reference) | | | |")
+                        continue
+                    result = measure_step(config(width, layers, seq_len, attention), args.tokens // seq_len, seq_len)
+                    if attention == "sdpa":
+                        base = result
+                    ratio = ("", "")
+                    if not isinstance(result, str) and base and not isinstance(base, str):
+                        ratio = (f"{result[0] / base[0]:.3f}", f"{result[1] / base[1]:.3f}")
+                    print(f"| {width} | {seq_len} | {layers} | {attention} | {' | '.join(fmt(result))} | {' | '.join(ratio)} |")
+
+    if not args.skip_700m:
+        print("\n700M shape (D=1024, Hq=16, Hk=8, L=36, T=4096); targets: MoDA memory <= 1.15x, step time <= 1.08x")
+        print("| micro-batch | variant | step ms | peak GiB | ms vs sdpa | GiB vs sdpa |")
+        print("|---|---|---|---|---|---|")
+        for micro_batch in (2, 4):
+            base = None
+            for label, attention, extra in [
+                ("sdpa (row 1)", "sdpa", {}),
+                ("moda_triton (row 4)", "moda_triton", {}),
+                ("moda_triton (row 3)", "moda_triton", dict(ffn_kv=False)),
+                ("sdpa + checkpointing", "sdpa", dict(activation_checkpointing=True)),
+                ("moda_triton + checkpointing", "moda_triton", dict(activation_checkpointing=True)),
+            ]:
+                if attention not in args.backends:
+                    continue
+                result = measure_step(config(1024, 36, 4096, attention, **extra), micro_batch, 4096)
+                if label.startswith("sdpa ("):
+                    base = result
+                ratio = ("", "")
+                if not isinstance(result, str) and base and not isinstance(base, str):
+                    ratio = (f"{result[0] / base[0]:.3f}", f"{result[1] / base[1]:.3f}")
+                print(f"| {micro_batch} | {label} | {' | '.join(fmt(result))} | {' | '.join(ratio)} |")
+
+    if args.compile:
+        print("\ntorch.compile, width 384, 12 layers, T=1024")
+        print("| backend | eager ms | compiled ms | speedup | compile s |")
+        print("|---|---|---|---|---|")
+        for attention in args.backends:
+            cfg = config(384, 12, 1024, attention)
+            eager = measure_step(cfg, args.tokens // 1024, 1024)
+            start = time.perf_counter()
+            compiled = measure_step(cfg, args.tokens // 1024, 1024, compile=True)
+            wall = time.perf_counter() - start
+            if isinstance(eager, str) or isinstance(compiled, str):
+                print(f"| {attention} | {fmt(eager)[0]} | {fmt(compiled)[0]} | | |")
+            else:
+                print(f"| {attention} | {eager[0]:.1f} | {compiled[0]:.1f} | {eager[0] / compiled[0]:.2f}x | {wall:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
