@@ -133,3 +133,22 @@ def test_torch_compile_fullgraph():
     ref = moda_attn(*[x.detach() for x in inputs], num_depth=4) * 2
     torch.testing.assert_close(o, ref)
     assert all(x.grad is not None for x in xs[:3])
+
+
+def test_model_backend_matches_moda_torch():
+    """The 'moda_triton' model backend gives the same logits and gradients as 'moda_torch'."""
+    from moda_lightning.config import MoDAConfig
+    from moda_lightning.model import MoDATransformer
+
+    results = {}
+    for backend in ("moda_torch", "moda_triton"):
+        torch.manual_seed(0)
+        cfg = MoDAConfig(vocab_size=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256, attention=backend)
+        model = MoDATransformer(cfg).cuda().to(torch.bfloat16)
+        idx = torch.randint(0, 256, (2, 200), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        logits = model(idx)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), idx.roll(-1, 1).flatten())
+        loss.backward()
+        results[backend] = (logits.float(), model.layers[0].attn.sublayer.q_proj.weight.grad.float())
+    for a, b in zip(results["moda_torch"], results["moda_triton"]):
+        assert (a - b).norm() / b.norm() < 2e-2
