@@ -46,9 +46,6 @@ class DepthStream:
         assert 0 <= slot <= self._cursor, f"cannot seek to slot {slot}; {self._cursor} are written"
         self._cursor = slot
 
-    # torch.compile cannot trace writes into a buffer whose views autograd saved (AOT autograd
-    # rejects mutated aliased inputs), so the stream runs eagerly between compiled regions.
-    @torch.compiler.disable
     def append(self, k: Tensor, v: Tensor) -> None:
         """Write one slot: ``k, v [B, T, Hk, d]`` for every token (keys already rotated at their token)."""
         slot = self._cursor
@@ -64,7 +61,6 @@ class DepthStream:
             self._tokens.append(token)
         self._cursor += 1
 
-    @torch.compiler.disable
     def read(self) -> tuple[Tensor | None, Tensor | None, int]:
         """Every slot written so far: ``(depth_k, depth_v, num_depth)``, ``[B, T, S, Hk, d]`` views.
 
@@ -76,6 +72,21 @@ class DepthStream:
             return None, None, 0
         depth_k, depth_v = _ReadSlots.apply(self, n, *self._tokens[:n])
         return depth_k, depth_v, n
+
+
+def run_eagerly_under_compile() -> None:
+    """Make ``torch.compile`` run ``append`` and ``read`` eagerly between compiled regions.
+
+    AOT autograd rejects writes into a buffer whose views autograd saved, so these two cannot
+    be traced. The model calls this when it is built rather than at import time, because
+    ``torch.compiler.disable`` imports torch._dynamo, which imports Triton.
+    """
+    for name in ("append", "read"):
+        method = getattr(DepthStream, name)
+        if not getattr(method, "_moda_eager", False):
+            eager = torch.compiler.disable(method)
+            eager._moda_eager = True
+            setattr(DepthStream, name, eager)
 
 
 def _detached_storage_view(buffer: Tensor) -> Tensor:

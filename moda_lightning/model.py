@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moda_lightning.attention import AttentionBackend, build_backend
 from moda_lightning.config import MoDAConfig
-from moda_lightning.depth_stream import DepthStream
+from moda_lightning.depth_stream import DepthStream, run_eagerly_under_compile
 from moda_lightning.norms import NORM_PLACEMENTS, RMSNorm
 
 
@@ -145,6 +145,8 @@ class MoDATransformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.reset_parameters()
+        if cfg.reads_depth:
+            run_eagerly_under_compile()
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""
