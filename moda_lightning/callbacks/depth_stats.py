@@ -2,8 +2,8 @@
 
 Every ``every_n_steps`` optimizer steps the callback runs one forward pass on a fixed probe
 batch from the validation data, without gradients, with each layer's attention backend
-swapped for a probe that calls ``moda_attention(..., return_lse=True)`` and records row
-statistics; then it restores the backends. The model files need no hooks for this.
+wrapped by a probe that records the statistics of the softmax rows; then it restores the
+backends. The model files need no hooks for this.
 """
 
 from __future__ import annotations
@@ -15,16 +15,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDAAttention
-from moda_lightning.ops import moda_attention
-
-# The attention backends whose op can return the log-sum-exp; everything else is probed with the reference.
-_OP_BACKEND = {"moda_triton": "triton"}
-
 
 @dataclass
 class LayerStats:
@@ -51,97 +46,79 @@ class LayerStats:
 def attention_row_stats(
     q: Tensor,
     k: Tensor,
-    v: Tensor,
-    depth_k: Tensor | None,
-    depth_v: Tensor | None,
+    depth_k: Tensor | None = None,
     *,
     num_depth: int = 0,
     scale: float | None = None,
-    op_backend: str = "reference",
     max_chunk_elems: int = 2**24,
-) -> tuple[Tensor, LayerStats]:
-    """Causal MoDA attention plus the statistics of its softmax rows.
-
-    With ``lse`` the row log-sum-exp and ``s_j``, ``r_s`` the sequence and depth logits::
-
-        depth mass    = exp(lse_depth - lse)             = sum_s p_s
-        slot mass[s]  = mean over rows of exp(r_s - lse)
-        sink          = exp(s_0 - lse)                   (token 0 is visible to every causal row)
-        entropy       = lse - (sum_j p_j s_j + sum_s p_s r_s)
-
-    The op gives ``o, lse, lse_depth``; the logits are recomputed here in float32, the sequence
-    part in query chunks of at most ``max_chunk_elems`` logits so the probe stays in memory at
-    long T. Shapes as in :func:`moda_lightning.ops.moda_attention`.
-
-    Returns:
-        ``(o [B, T, Hq, d], LayerStats)``.
-    """
-    o, lse, lse_depth = moda_attention(
-        q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, backend=op_backend, return_lse=True
-    )
-    # The statistics stay in float32 even when the probe runs under bf16/fp16 autocast.
-    with torch.autocast(q.device.type, enabled=False):
-        return o, _row_stats(q, k, depth_k, lse, lse_depth, num_depth, scale, max_chunk_elems)
-
-
-def _row_stats(
-    q: Tensor, k: Tensor, depth_k: Tensor | None, lse: Tensor, lse_depth: Tensor, num_depth: int,
-    scale: float | None, max_chunk_elems: int,
 ) -> LayerStats:
+    """Statistics of the causal MoDA softmax rows, recomputed from ``q``, ``k`` and the depth keys.
+
+    With ``s_j``, ``r_s`` the sequence and depth logits of a row and ``p`` its softmax over
+    ``[s_0 .. s_t | r_0 .. r_{S-1}]`` (the definition of ``moda_attention``)::
+
+        depth mass    = sum_s p_s  (= exp(lse_depth - lse) of the op)
+        slot mass[s]  = mean over rows of p_s
+        sink          = p_0        (token 0 is visible to every causal row)
+        entropy       = -sum p log p over the whole row
+
+    Computed in float32 (autocast off), in query chunks of at most ``max_chunk_elems`` logits so
+    the probe fits in memory at long T. Values are not needed, so any backend's ``o`` can be kept.
+
+    Args:
+        q: ``[B, T, Hq, d]``.
+        k: ``[B, T, Hk, d]``.
+        depth_k: ``[B, T, S, Hk, d]`` or ``None``; the first ``num_depth`` slots are read.
+        num_depth: valid depth slots.
+        scale: logit scale, default ``d ** -0.5``.
+        max_chunk_elems: logits held at once.
+    """
     B, T, Hq, d = q.shape
     Hk = k.shape[2]
     G = Hq // Hk
+    S = num_depth if depth_k is not None else 0
     scale = d**-0.5 if scale is None else scale
-    if depth_k is None:
-        num_depth = 0
-    lse = lse.float()
-    q_g = q.float().view(B, T, Hk, G, d)
-    kf = k.float()
-
-    # Depth part: each token's own slots, [B, T, Hk, G, S] -> [B, T, Hq, S].
-    if num_depth > 0:
-        r = torch.einsum("btkgd,btskd->btkgs", q_g, depth_k[:, :, :num_depth].float())
-        r = r.reshape(B, T, Hq, num_depth) * scale
-        p_depth = torch.exp(r - lse.unsqueeze(-1))
-        mass = torch.exp(lse_depth.float() - lse)
-        slot_mass = p_depth.mean(dim=(0, 1, 2))
-        expected_logit = (p_depth * r).sum(-1)
-    else:
-        mass = torch.zeros_like(lse)
-        slot_mass = lse.new_zeros(0)
-        expected_logit = torch.zeros_like(lse)
-
-    # Sequence part, chunked over query tokens: [B, C, Hk, G, T] logits at a time.
-    sink = torch.exp(torch.einsum("btkgd,bkd->btkg", q_g, kf[:, 0]).reshape(B, T, Hq) * scale - lse)
-    chunk = max(1, max_chunk_elems // (B * Hq * T))
-    positions = torch.arange(T, device=q.device)
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
-        s = torch.einsum("bckgd,bjkd->bckgj", q_g[:, t0:t1], kf) * scale
-        future = (positions[None, :] > positions[t0:t1, None])[None, :, None, None, :]  # [1, C, 1, 1, T]
-        lse_c = lse[:, t0:t1].view(B, t1 - t0, Hk, G, 1)
-        ps = torch.where(future, 0.0, torch.exp(s - lse_c) * s)
-        expected_logit[:, t0:t1] += ps.sum(-1).reshape(B, t1 - t0, Hq)
-    entropy = lse - expected_logit
-    return LayerStats(mass=mass, slot_mass=slot_mass, sink=sink, entropy=entropy)
+    with torch.autocast(q.device.type, enabled=False):
+        q_g = q.float().view(B, T, Hk, G, d)
+        kf = k.float()
+        mass, sink, entropy = (q.new_zeros(B, T, Hk, G, dtype=torch.float32) for _ in range(3))
+        slot_sum = q.new_zeros(S, dtype=torch.float32)
+        chunk = max(1, max_chunk_elems // (B * Hq * (T + S)))
+        positions = torch.arange(T, device=q.device)
+        for t0 in range(0, T, chunk):
+            t1 = min(T, t0 + chunk)
+            # Sequence logits of the chunk's queries [B, C, Hk, G, T], future keys masked out.
+            logits = torch.einsum("bckgd,bjkd->bckgj", q_g[:, t0:t1], kf) * scale
+            future = positions[None, :] > positions[t0:t1, None]  # [C, T]
+            logits = logits.masked_fill(future[None, :, None, None, :], float("-inf"))
+            if S > 0:
+                # Each token's own depth slots [B, C, Hk, G, S], after the sequence keys.
+                depth = torch.einsum("bckgd,bcskd->bckgs", q_g[:, t0:t1], depth_k[:, t0:t1, :S].float()) * scale
+                logits = torch.cat([logits, depth], dim=-1)
+            p = torch.softmax(logits, dim=-1)
+            sink[:, t0:t1] = p[..., 0]
+            entropy[:, t0:t1] = torch.special.entr(p).sum(-1)
+            if S > 0:
+                mass[:, t0:t1] = p[..., T:].sum(-1)
+                slot_sum += p[..., T:].sum(dim=(0, 1, 2, 3))
+    rows = lambda x: x.reshape(B, T, Hq)  # noqa: E731
+    return LayerStats(mass=rows(mass), slot_mass=slot_sum / (B * T * Hq), sink=rows(sink), entropy=rows(entropy))
 
 
 class _ProbeBackend:
-    """Stands in for one layer's attention backend during the probe pass and records its rows."""
+    """Stands in for one layer's attention backend during the probe pass: the backend computes
+    the output as in training, and the rows' statistics are recorded on the side."""
 
-    def __init__(self, backend: Any, op_backend: str, records: list[LayerStats]) -> None:
-        self.backend, self.op_backend, self.records = backend, op_backend, records
+    def __init__(self, backend: Any, records: list[LayerStats]) -> None:
+        self.backend, self.records = backend, records
         self.reads_depth = getattr(backend, "reads_depth", True)
 
     def check_device(self, device_type: str) -> None:
         self.backend.check_device(device_type)
 
     def __call__(self, q, k, v, depth_k=None, depth_v=None, *, num_depth: int = 0, scale: float | None = None) -> Tensor:
-        o, stats = attention_row_stats(
-            q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, op_backend=self.op_backend
-        )
-        self.records.append(stats)
-        return o.to(q.dtype)
+        self.records.append(attention_row_stats(q, k, depth_k, num_depth=num_depth, scale=scale))
+        return self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale)
 
 
 def slot_labels(cfg: MoDAConfig) -> list[str]:
@@ -192,10 +169,12 @@ class DepthAttentionStats(L.Callback):
       ``depth_attn/layer_LL/mass_hist`` of the per-row mass, and a text legend of the slots.
 
     Rows include every token and query head; token 0's row always puts ``1 - mass`` on the sink.
-    With a backend that reads no depth (``sdpa``) only sink and entropy are logged. The probe
-    recomputes attention with the MoDA reference op (or the fused op's own log-sum-exp for
-    ``moda_triton``), so a backend whose math differs from the reference is not what is measured.
-    The probe runs on every rank (sharded models need all ranks in a forward); only rank zero logs.
+    With a backend that reads no depth (``sdpa``) only sink and entropy are logged. Each layer's
+    backend still computes its output (so any backend works), and the statistics come from the
+    same ``q``, ``k`` and depth keys through a float32 recomputation of the softmax rows, the
+    definition of the MoDA op (:func:`attention_row_stats`). The probe runs on every rank (sharded
+    models need all ranks in a forward); only rank zero logs. A failing probe (e.g. out of
+    memory) warns and turns the callback off instead of ending the run.
 
     Args:
         every_n_steps: optimizer steps between probes. The default keeps the cost under 2% of
@@ -224,12 +203,11 @@ class DepthAttentionStats(L.Callback):
         """Run ``model(inputs)`` without gradients and return one :class:`LayerStats` per attention layer."""
         model = getattr(model, "_orig_mod", model)  # probe the eager module under torch.compile
         layers = [m for m in model.modules() if isinstance(m, MoDAAttention)]
-        op_backend = _OP_BACKEND.get(cfg.attention, "reference")
         records: list[list[LayerStats]] = [[] for _ in layers]
         saved = [layer.backend for layer in layers]
         try:
             for layer, rec in zip(layers, records):
-                layer.backend = _ProbeBackend(layer.backend, op_backend, rec)
+                layer.backend = _ProbeBackend(layer.backend, rec)
             with torch.no_grad():
                 model(inputs)
         finally:
@@ -309,8 +287,16 @@ class DepthAttentionStats(L.Callback):
         start = time.perf_counter()
         cfg = _config_of(pl_module)
         inputs = self._probe_inputs(trainer, batch).to(pl_module.device)
-        with trainer.precision_plugin.val_step_context():
-            stats = self.collect(pl_module.model, cfg, inputs)
+        try:
+            with trainer.precision_plugin.val_step_context():
+                stats = self.collect(pl_module.model, cfg, inputs)
+        except Exception as err:  # an instrument must not end a long run (e.g. out of memory at long T)
+            self.every_n_steps = 2**62
+            rank_zero_warn(
+                f"DepthAttentionStats: the probe failed at step {step} ({type(err).__name__}: {err}); "
+                "no more depth statistics in this run. Lower probe_batch_size if it ran out of memory."
+            )
+            return
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):

@@ -149,25 +149,8 @@ class FlopsOverhead(ThroughputMonitor):
             )
         convention = ""
         if self.measure:
-            batch = torch.randint(cfg.vocab_size, (1, seq_len + 1), device=pl_module.device)
-            model = getattr(pl_module.model, "_orig_mod", pl_module.model)  # count the eager module
-            with trainer.precision_plugin.train_step_context():
-                measured, by_op = measure_training_step(model, batch)
-            pairs, attn_backward, depth, convention = executed_convention(cfg, list(by_op))
-            executed = executed_training_flops_per_token(
-                cfg, seq_len, pairs=pairs, attn_backward=attn_backward, depth=depth,
-                recompute=bool(getattr(cfg, "activation_checkpointing", False)),
-            )
-            report["flops/measured_per_token"] = measured / seq_len
-            report["flops/executed_per_token"] = executed
-            report["flops/measured_over_executed"] = measured / seq_len / executed
-            if abs(measured / seq_len / executed - 1) > self.tolerance:
-                rank_zero_warn(
-                    f"FlopsOverhead: FlopCounterMode counted {measured / seq_len:,.0f} FLOPs per token in one training "
-                    f"step, but the analytic count as executed ({convention}) is {executed:,}, off by "
-                    f"{100 * (measured / seq_len / executed - 1):+.1f}% (tolerance {100 * self.tolerance:.0f}%). "
-                    "The model or its attention backend changed without moda_lightning/flops.py following."
-                )
+            measured, convention = self._cross_check(trainer, pl_module, cfg, seq_len)
+            report.update(measured)
         self.report = report
         table = format_table(cfg, seq_len, train, report, convention)
         rank_zero_info(table)
@@ -178,6 +161,43 @@ class FlopsOverhead(ThroughputMonitor):
                     # Markdown in TensorBoard's text tab: indent by 4 spaces to keep the columns.
                     text = "\n".join("    " + line for line in table.splitlines())
                     logger.experiment.add_text("flops/table", text, trainer.global_step)
+
+    def _cross_check(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, cfg: MoDAConfig, seq_len: int
+    ) -> tuple[dict[str, float], str]:
+        """Count one training step with FlopCounterMode and compare it with the analytic count as executed."""
+        # Own generator: the check must not shift the run's random stream.
+        batch = torch.randint(cfg.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
+        model = getattr(pl_module.model, "_orig_mod", pl_module.model)  # count the eager module
+        try:
+            with trainer.precision_plugin.train_step_context():
+                measured, by_op = measure_training_step(model, batch.to(pl_module.device))
+        except Exception as err:  # a FLOP formula that rejects the shapes must not stop training
+            rank_zero_warn(
+                f"FlopsOverhead: FlopCounterMode could not count a training step ({type(err).__name__}: {err}); "
+                "skipping the cross-check. Torch's SDPA FLOP formula, for one, rejects grouped-query shapes "
+                "(n_kv_heads < n_heads). The analytic figures are unaffected; pass measure=false to silence this."
+            )
+            return {}, ""
+        pairs, attn_backward, depth, convention = executed_convention(cfg, list(by_op))
+        executed = executed_training_flops_per_token(
+            cfg, seq_len, pairs=pairs, attn_backward=attn_backward, depth=depth,
+            recompute=bool(getattr(cfg, "activation_checkpointing", False)),
+        )
+        ratio = measured / seq_len / executed
+        if abs(ratio - 1) > self.tolerance:
+            rank_zero_warn(
+                f"FlopsOverhead: FlopCounterMode counted {measured / seq_len:,.0f} FLOPs per token in one training "
+                f"step, but the analytic count as executed ({convention}) is {executed:,}, off by "
+                f"{100 * (ratio - 1):+.1f}% (tolerance {100 * self.tolerance:.0f}%). "
+                "The model or its attention backend changed without moda_lightning/flops.py following."
+            )
+        report = {
+            "flops/measured_per_token": measured / seq_len,
+            "flops/executed_per_token": executed,
+            "flops/measured_over_executed": ratio,
+        }
+        return report, convention
 
     def _per_token(self, seq_len: int, train: bool) -> int:
         key = seq_len if train else -seq_len

@@ -14,6 +14,7 @@ from moda_lightning.callbacks import DepthAttentionStats
 from moda_lightning.callbacks.depth_stats import attention_row_stats, heatmap_image, slot_labels
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDAAttention, MoDATransformer
+from moda_lightning.ops import moda_attention
 
 B, T, H, d = 2, 9, 2, 8  # Hq = Hk = 2, so each query head has its own KV head
 
@@ -117,23 +118,27 @@ def test_statistics_match_a_dense_softmax_computed_by_hand():
     """Sink, entropy, depth and slot mass against the explicit [sequence | depth] softmax, with chunking forced."""
     torch.manual_seed(3)
     Hq, Hk, S = 4, 2, 3
-    q, k, v = torch.randn(B, T, Hq, d), torch.randn(B, T, Hk, d), torch.randn(B, T, Hk, d)
-    depth_k, depth_v = torch.randn(B, T, S, Hk, d), torch.randn(B, T, S, Hk, d)
-    _, st = attention_row_stats(q, k, v, depth_k, depth_v, num_depth=S, max_chunk_elems=B * Hq * T * 2)
+    q, k = torch.randn(B, T, Hq, d), torch.randn(B, T, Hk, d)
+    depth_k = torch.randn(B, T, S + 2, Hk, d)  # two more slots than are valid
+    st = attention_row_stats(q, k, depth_k, num_depth=S, max_chunk_elems=B * Hq * (T + S) * 2)
 
     kv_head = torch.arange(Hq) // (Hq // Hk)
     seq = torch.einsum("bthd,bjhd->bthj", q, k[:, :, kv_head]) * d**-0.5
     seq = seq.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1)[None, :, None, :], float("-inf"))
-    dep = torch.einsum("bthd,btshd->bths", q, depth_k[:, :, :, kv_head]) * d**-0.5
+    dep = torch.einsum("bthd,btshd->bths", q, depth_k[:, :, :S][:, :, :, kv_head]) * d**-0.5
     p = torch.cat([seq, dep], dim=-1).softmax(-1)
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
     torch.testing.assert_close(st.mass, p[..., T:].sum(-1))
     torch.testing.assert_close(st.slot_mass, p[..., T:].mean(dim=(0, 1, 2)))
     torch.testing.assert_close(st.sink, p[..., 0])
     torch.testing.assert_close(st.entropy, entropy, atol=1e-4, rtol=1e-4)
+    # The op's own by-product gives the same depth mass.
+    v = torch.randn(B, T, Hk, d)
+    _, lse, lse_depth = moda_attention(q, k, v, depth_k, torch.randn_like(depth_k), num_depth=S, return_lse=True)
+    torch.testing.assert_close(st.mass, torch.exp(lse_depth - lse))
 
 
-def test_probe_leaves_the_model_and_its_outputs_unchanged():
+def test_probe_restores_the_backends_and_rows_are_distributions():
     torch.manual_seed(4)
     cfg = MoDAConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16)
     model = MoDATransformer(cfg)
