@@ -206,11 +206,13 @@ def tune_depth(shapes: list[Shape], configs: list[str]) -> None:
         inputs = make_inputs(s)
         do = torch.randn(s.B, s.T, s.Hq, s.d, device="cuda", dtype=torch.bfloat16)
         f = impl_fns(s)["moda"]
-        for cfg in configs:
-            os.environ["MODA_DEPTH_ROWS"], os.environ["MODA_DEPTH_COLS"] = cfg.split("x")
+        for cfg in configs:  # ROWSxCOLS, with a trailing "t" for the token-block-fast grid
+            os.environ["MODA_DEPTH_HK_FAST"] = "0" if cfg.endswith("t") else "1"
+            os.environ["MODA_DEPTH_ROWS"], os.environ["MODA_DEPTH_COLS"] = cfg.rstrip("t").split("x")
             fwd, fb = time_impl(f, inputs, do)
-            print(f"{s.name:<28} depth tile {cfg:>7}: fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms", flush=True)
-        os.environ.pop("MODA_DEPTH_ROWS"), os.environ.pop("MODA_DEPTH_COLS")
+            print(f"{s.name:<28} depth tile {cfg:>8}: fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms", flush=True)
+        for key in ("MODA_DEPTH_ROWS", "MODA_DEPTH_COLS", "MODA_DEPTH_HK_FAST"):
+            os.environ.pop(key)
 
 
 def main() -> None:

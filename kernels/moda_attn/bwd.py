@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moda_kernels.moda_attn.fwd import LOG2E, _next_pow2, depth_config
+from moda_kernels.moda_attn.fwd import LOG2E, _next_pow2, depth_config, depth_grid
 
 
 @triton.jit
@@ -362,6 +362,7 @@ def moda_depth_bwd_kernel(
     BLOCK_T: tl.constexpr,
     SC: tl.constexpr,
     ACCUM_DQ: tl.constexpr,  # add to the dq in DQ (False: overwrite, e.g. a separate buffer)
+    HK_FAST: tl.constexpr,  # grid axis 0 runs over (batch, KV head), axis 1 over token blocks
 ):  # fmt: skip
     """Depth gradients and the depth part of dq (added to DQ), from the merged ``o`` and ``lse``.
 
@@ -371,8 +372,12 @@ def moda_depth_bwd_kernel(
     """
     BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
     BLOCK_N: tl.constexpr = BLOCK_T * SC
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    if HK_FAST:  # programs of one token block and all KV heads run together: nearby depth bytes
+        pid_bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
     b = (pid_bh // Hk).to(tl.int64)
     hk = pid_bh % Hk
     t0 = pid_m * BLOCK_T
@@ -450,10 +455,11 @@ def moda_depth_bwd(
     B, T, Hq, d = q.shape
     Hk = depth_k.shape[3]
     cfg = dict(config or depth_config(Hq // Hk, q.device.type == "cpu"))
-    moda_depth_bwd_kernel[(triton.cdiv(T, cfg["BLOCK_T"]), B * Hk)](
+    grid, hk_fast = depth_grid(cfg, T, B, Hk)
+    moda_depth_bwd_kernel[grid](
         q, depth_k, depth_v, o, do, lse, dq, d_depth_k, d_depth_v,
         *q.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         *d_depth_k.stride(), *d_depth_v.stride(), *lse.stride(),
         T, Hk, num_depth, scale, scale * LOG2E,
-        G=Hq // Hk, D=d, ACCUM_DQ=accum_dq, **cfg,
+        G=Hq // Hk, D=d, ACCUM_DQ=accum_dq, HK_FAST=hk_fast, **cfg,
     )  # fmt: skip

@@ -269,6 +269,7 @@ def moda_depth_fwd_kernel(
     BLOCK_T: tl.constexpr,
     SC: tl.constexpr,  # depth slots per token per step
     MERGE: tl.constexpr,  # True: merge into (O, LSE) in place; False: write the depth-only output to O (fp32)
+    HK_FAST: tl.constexpr,  # grid axis 0 runs over (batch, KV head), axis 1 over token blocks
 ):  # fmt: skip
     """Depth part of MoDA merged into a sequence-only ``(o, lse)`` by log-sum-exp, in place.
 
@@ -281,8 +282,12 @@ def moda_depth_fwd_kernel(
     """
     BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
     BLOCK_N: tl.constexpr = BLOCK_T * SC
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    if HK_FAST:  # programs of one token block and all KV heads run together: nearby depth bytes
+        pid_bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
     b = (pid_bh // Hk).to(tl.int64)
     hk = pid_bh % Hk
     t0 = pid_m * BLOCK_T
@@ -387,6 +392,13 @@ def depth_config(G: int, interpret: bool) -> dict[str, int]:
     return dict(G_PAD=G_PAD, BLOCK_T=block_t, SC=sc, num_warps=4, num_stages=1 if interpret else 3)
 
 
+def depth_grid(cfg: dict[str, int], T: int, B: int, Hk: int) -> tuple[tuple[int, int], bool]:
+    """Grid of the depth kernels; KV heads on the fast axis unless the token blocks overflow axis 1."""
+    n_blocks = triton.cdiv(T, cfg["BLOCK_T"])
+    hk_fast = os.environ.get("MODA_DEPTH_HK_FAST", "1") == "1" and n_blocks <= 65535
+    return ((B * Hk, n_blocks) if hk_fast else (n_blocks, B * Hk)), hk_fast
+
+
 def moda_depth_fwd(
     q: torch.Tensor,
     depth_k: torch.Tensor,
@@ -406,10 +418,10 @@ def moda_depth_fwd(
     B, T, Hq, d = q.shape
     Hk = depth_k.shape[3]
     cfg = dict(config or depth_config(Hq // Hk, q.device.type == "cpu"))
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * Hk)
+    grid, hk_fast = depth_grid(cfg, T, B, Hk)
     moda_depth_fwd_kernel[grid](
         q, depth_k, depth_v, o, lse, lse_depth,
         *q.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(), *lse.stride(),
         T, Hk, num_depth, scale * LOG2E,
-        G=Hq // Hk, D=d, MERGE=merge, **cfg,
+        G=Hq // Hk, D=d, MERGE=merge, HK_FAST=hk_fast, **cfg,
     )  # fmt: skip
