@@ -233,9 +233,7 @@ def moda_fwd(
     lse_depth: torch.Tensor,
     config: dict[str, int] | None = None,
 ) -> None:
-    """Launch the forward kernel, writing ``o [B,T,Hq,d]`` (any strides), ``lse, lse_depth [B,Hq,T]``.
-
-    """
+    """Launch the fused forward kernel, writing ``o [B,T,Hq,d]`` (any strides), ``lse, lse_depth [B,Hq,T]``."""
     B, T, Hq, d = q.shape
     Hk = k.shape[2]
     G = Hq // Hk
@@ -249,9 +247,6 @@ def moda_fwd(
         G=G, D=d, CAUSAL=causal, HAS_DEPTH=num_depth > 0,
         **cfg,
     )  # fmt: skip
-
-
-
 
 
 @triton.jit

@@ -109,8 +109,8 @@ def test_no_depth_stream_is_plain_causal_attention():
     assert torch.isneginf(lse_depth).all() and lse.isfinite().all()
 
 
-@pytest.mark.parametrize("seq", ["triton", "triton_split"])
-def test_depth_read_in_place_from_strided_view(seq):
+@pytest.mark.parametrize("seq", ["triton", "triton_split", "triton_split-token_grid"])
+def test_depth_read_in_place_from_strided_view(seq, monkeypatch):
     """Depth slots come from a slice of a larger buffer (non-contiguous) and only num_depth are read."""
     from moda_kernels.moda_attn import moda_attn
     from moda_kernels.moda_attn.function import set_seq_backend
@@ -121,7 +121,9 @@ def test_depth_read_in_place_from_strided_view(seq):
     buf_poisoned = buf.clone()
     buf_poisoned[:, :, 3:] = float("nan")  # slots past num_depth=2 of both views
     dk_p, dv_p = buf_poisoned[:, :, :4, :2], buf_poisoned[:, :, 1:5, 2:]
-    set_seq_backend(seq)
+    if seq.endswith("-token_grid"):  # depth kernels with token blocks on the fast grid axis
+        monkeypatch.setenv("MODA_DEPTH_HK_FAST", "0")
+    set_seq_backend(seq.removesuffix("-token_grid"))
     try:
         out = _run(moda_attn, [q, k, v, dk_p, dv_p], do, num_depth=2)
     finally:
