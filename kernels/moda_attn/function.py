@@ -319,6 +319,7 @@ def moda_attn(
 
     Args:
         q: ``[B, T, Hq, d]``, fp16/bf16 (fp32 runs with tf32 matmuls), d in {32, 64, 128}.
+            Under CUDA autocast all inputs are cast to the autocast dtype, as SDPA does.
         k, v: ``[B, T, Hk, d]``, ``Hq % Hk == 0``.
         depth_k, depth_v: the depth stream ``[B, T, S, Hk, d]`` with any strides (read in place),
             or ``None``.
@@ -332,6 +333,12 @@ def moda_attn(
         ``o [B, T, Hq, d]``, or ``(o, lse, lse_depth)``; gradients flow to q, k, v, depth_k, depth_v.
     """
     num_depth = check_moda_inputs(q, k, v, depth_k, depth_v, num_depth)
+    if q.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        # like SDPA under autocast: run in the autocast dtype (a no-op for tensors already in it)
+        dtype = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if depth_k is not None and depth_v is not None:
+            depth_k, depth_v = depth_k.to(dtype), depth_v.to(dtype)
     tensors = {"q": q, "k": k, "v": v}
     if depth_k is not None and depth_v is not None:
         tensors.update(depth_k=depth_k, depth_v=depth_v)

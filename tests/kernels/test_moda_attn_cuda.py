@@ -152,3 +152,32 @@ def test_model_backend_matches_moda_torch():
         results[backend] = (logits.float(), model.layers[0].attn.sublayer.q_proj.weight.grad.float())
     for a, b in zip(results["moda_torch"], results["moda_triton"]):
         assert (a - b).norm() / b.norm() < 2e-2
+
+
+def _rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def test_fp32_runs_in_tf32():
+    """fp32 inputs take the Triton path with tf32 matmuls: relative error near tf32's ~1e-3."""
+    from moda_kernels.moda_attn import moda_attn
+
+    inputs, do = _inputs(1, 300, 8, 2, 64, 6, torch.float32)
+    out = _run(moda_attn, inputs, do, num_depth=5)
+    ref = _run(moda_attn_reference, [x.double() for x in inputs], do.double(), num_depth=5)
+    for name, a, r in zip(NAMES, out, ref):
+        if name == "lse_depth" or name == "lse":
+            torch.testing.assert_close(a.double(), r, atol=1e-2, rtol=1e-3)
+        else:
+            assert a.dtype == torch.float32 and _rel_err(a, r) < 5e-3, f"{name}: relative error {_rel_err(a, r):.2e}"
+
+
+def test_autocast_casts_mixed_inputs():
+    """Under bf16 autocast, fp32 and bf16 inputs mix as they do for SDPA: the op runs in bf16."""
+    from moda_kernels.moda_attn import moda_attn
+
+    (q, k, v, depth_k, depth_v), _ = _inputs(1, 200, 8, 2, 64, 4, torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        o = moda_attn(q.float(), k, v, depth_k.float(), depth_v, num_depth=4)
+    ref = moda_attn_reference(*[x.double() for x in (q, k, v, depth_k, depth_v)], num_depth=4)
+    assert o.dtype == torch.bfloat16 and _rel_err(o, ref) < 2e-2
