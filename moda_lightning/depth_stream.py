@@ -29,10 +29,7 @@ class DepthStream:
 
     def __init__(self, max_slots: int) -> None:
         self.max_slots = max_slots
-        self.keys: Tensor | None = None  # [B, T, max_slots, Hk, d], allocated on the first write
-        self.values: Tensor | None = None
-        self.grad_keys: Tensor | None = None  # gradient buffers, allocated by the first read's backward
-        self.grad_values: Tensor | None = None
+        self.slots = _SlotBuffers()
         self._tokens: list[Tensor] = []  # one autograd token per written slot
         self._cursor = 0
 
@@ -50,11 +47,11 @@ class DepthStream:
         """Write one slot: ``k, v [B, T, Hk, d]`` for every token (keys already rotated at their token)."""
         slot = self._cursor
         assert slot < self.max_slots, f"depth stream holds {self.max_slots} slots; one more was written"
-        if self.keys is None:
+        if self.slots.keys is None:
             B, T, Hk, d = k.shape
-            self.keys = k.new_empty(B, T, self.max_slots, Hk, d)
-            self.values = v.new_empty(B, T, self.max_slots, Hk, d)
-        token = _WriteSlot.apply(self, slot, k, v)
+            self.slots.keys = k.new_empty(B, T, self.max_slots, Hk, d)
+            self.slots.values = v.new_empty(B, T, self.max_slots, Hk, d)
+        token = _WriteSlot.apply(self.slots, slot, k, v)
         if slot < len(self._tokens):
             self._tokens[slot] = token
         else:
@@ -70,8 +67,20 @@ class DepthStream:
         n = self._cursor
         if n == 0:
             return None, None, 0
-        depth_k, depth_v = _ReadSlots.apply(self, n, *self._tokens[:n])
+        depth_k, depth_v = _ReadSlots.apply(self.slots, n, *self._tokens[:n])
         return depth_k, depth_v, n
+
+
+class _SlotBuffers:
+    """The stream's storage, apart from the stream so that autograd nodes can hold it without a
+    reference cycle (stream -> token -> node -> stream would keep every step's buffers alive
+    until Python's cycle collector happens to run)."""
+
+    def __init__(self) -> None:
+        self.keys: Tensor | None = None  # [B, T, max_slots, Hk, d], allocated on the first write
+        self.values: Tensor | None = None
+        self.grad_keys: Tensor | None = None  # gradient buffers, allocated by the first read's backward
+        self.grad_values: Tensor | None = None
 
 
 def run_eagerly_under_compile() -> None:
@@ -100,41 +109,41 @@ class _WriteSlot(torch.autograd.Function):
     """Copy ``k, v`` into slot ``slot``; output a token that later reads depend on."""
 
     @staticmethod
-    def forward(ctx, stream: DepthStream, slot: int, k: Tensor, v: Tensor) -> Tensor:
-        ctx.stream, ctx.slot = stream, slot
+    def forward(ctx, slots: _SlotBuffers, slot: int, k: Tensor, v: Tensor) -> Tensor:
+        ctx.slots, ctx.slot = slots, slot
         with torch.no_grad():
-            _detached_storage_view(stream.keys)[:, :, slot].copy_(k)
-            _detached_storage_view(stream.values)[:, :, slot].copy_(v)
+            _detached_storage_view(slots.keys)[:, :, slot].copy_(k)
+            _detached_storage_view(slots.values)[:, :, slot].copy_(v)
         return k.new_zeros(())
 
     @staticmethod
     def backward(ctx, _grad_token: Tensor) -> tuple[None, None, Tensor | None, Tensor | None]:
-        stream: DepthStream = ctx.stream
-        if stream.grad_keys is None:  # no later layer read this slot with gradients
+        slots: _SlotBuffers = ctx.slots
+        if slots.grad_keys is None:  # no later layer read this slot with gradients
             return None, None, None, None
         # Every reader of this slot has already added its gradient into the buffer.
-        return None, None, stream.grad_keys[:, :, ctx.slot].clone(), stream.grad_values[:, :, ctx.slot].clone()
+        return None, None, slots.grad_keys[:, :, ctx.slot].clone(), slots.grad_values[:, :, ctx.slot].clone()
 
 
 class _ReadSlots(torch.autograd.Function):
     """Views of the first ``n`` slots; their gradients are added into the stream's gradient buffer."""
 
     @staticmethod
-    def forward(ctx, stream: DepthStream, n: int, *tokens: Tensor) -> tuple[Tensor, Tensor]:
-        ctx.stream, ctx.n = stream, n
-        depth_k = _detached_storage_view(stream.keys)[:, :, :n]
-        depth_v = _detached_storage_view(stream.values)[:, :, :n]
+    def forward(ctx, slots: _SlotBuffers, n: int, *tokens: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.slots, ctx.n = slots, n
+        depth_k = _detached_storage_view(slots.keys)[:, :, :n]
+        depth_v = _detached_storage_view(slots.values)[:, :, :n]
         return depth_k, depth_v
 
     @staticmethod
     def backward(ctx, grad_k: Tensor | None, grad_v: Tensor | None) -> tuple:
-        stream: DepthStream = ctx.stream
-        if stream.grad_keys is None:
-            stream.grad_keys = torch.zeros_like(stream.keys)
-            stream.grad_values = torch.zeros_like(stream.values)
+        slots: _SlotBuffers = ctx.slots
+        if slots.grad_keys is None:
+            slots.grad_keys = torch.zeros_like(slots.keys)
+            slots.grad_values = torch.zeros_like(slots.values)
         if grad_k is not None:
-            stream.grad_keys[:, :, : ctx.n] += grad_k
+            slots.grad_keys[:, :, : ctx.n] += grad_k
         if grad_v is not None:
-            stream.grad_values[:, :, : ctx.n] += grad_v
+            slots.grad_values[:, :, : ctx.n] += grad_v
         # A zero (not None) for each token keeps every writer's backward scheduled after this read.
-        return (None, None) + tuple(torch.zeros((), device=stream.keys.device) for _ in range(ctx.n))
+        return (None, None) + tuple(torch.zeros((), device=slots.keys.device) for _ in range(ctx.n))

@@ -100,7 +100,7 @@ def test_stream_reads_views_of_one_buffer():
     stream.append(k + 2, k + 3)
     depth_k, depth_v, n = stream.read()
     assert n == 2 and depth_k.shape == (2, 5, 2, 2, 4)
-    assert depth_k.untyped_storage().data_ptr() == stream.keys.untyped_storage().data_ptr()
+    assert depth_k.untyped_storage().data_ptr() == stream.slots.keys.untyped_storage().data_ptr()
     torch.testing.assert_close(depth_v[:, :, 1], k + 3)
 
 
@@ -121,3 +121,29 @@ def test_activation_checkpointing_saves_memory():
     full = saved_bytes(tiny_model(n_layers=8), idx)
     checkpointed = saved_bytes(tiny_model(n_layers=8, activation_checkpointing=True), idx)
     assert checkpointed < 0.5 * full
+
+
+def test_buffers_are_freed_after_backward_without_the_cycle_collector(monkeypatch):
+    """Regression: the autograd nodes once held the stream, which held the nodes' tokens; that
+    cycle kept every step's slot buffers alive until Python's cycle collector ran and ran a
+    48-layer model out of GPU memory. With reference counting alone the buffers must go."""
+    import gc
+    import weakref
+
+    buffers: list[weakref.ref] = []
+
+    class WatchedStream(DepthStream):
+        def __init__(self, max_slots: int) -> None:
+            super().__init__(max_slots)
+            buffers.append(weakref.ref(self.slots))
+
+    monkeypatch.setattr("moda_lightning.model.DepthStream", WatchedStream)
+    model = tiny_model(n_layers=4)
+    gc.disable()
+    try:
+        loss = model(torch.randint(0, VOCAB, (2, 9))).sum()
+        loss.backward()
+        del loss
+        assert buffers and buffers[0]() is None, "the depth stream's buffers outlived the step"
+    finally:
+        gc.enable()
