@@ -9,8 +9,9 @@ linearly with depth (a naive ``torch.stack`` of earlier slots per layer grows as
 Plain autograd refuses in-place writes into a tensor that earlier readers saved, so writes
 and reads have their own autograd functions: a read's backward adds its slot gradients into
 one gradient buffer, and a write's backward hands its slot of that buffer to the sublayer
-that produced it. A write's output token is an input of every later read, which makes
-autograd run all of a slot's readers before its writer.
+that produced it. Writes are chained by tokens (each write takes the previous write's token)
+and a read takes the latest token, so autograd runs every reader of a slot before its
+writer, with one autograd edge per read instead of one per slot read.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class DepthStream:
     def __init__(self, max_slots: int) -> None:
         self.max_slots = max_slots
         self.slots = _SlotBuffers()
-        self._tokens: list[Tensor] = []  # one autograd token per written slot
+        self._tokens: list[Tensor] = []  # token of each written slot; slot s's token depends on slot s-1's
         self._cursor = 0
 
     def __len__(self) -> int:
@@ -51,7 +52,8 @@ class DepthStream:
             B, T, Hk, d = k.shape
             self.slots.keys = k.new_empty(B, T, self.max_slots, Hk, d)
             self.slots.values = v.new_empty(B, T, self.max_slots, Hk, d)
-        token = _WriteSlot.apply(self.slots, slot, k, v)
+        previous = self._tokens[slot - 1] if slot > 0 else None
+        token = _WriteSlot.apply(self.slots, slot, k, v, previous)
         if slot < len(self._tokens):
             self._tokens[slot] = token
         else:
@@ -67,7 +69,7 @@ class DepthStream:
         n = self._cursor
         if n == 0:
             return None, None, 0
-        depth_k, depth_v = _ReadSlots.apply(self.slots, n, *self._tokens[:n])
+        depth_k, depth_v = _ReadSlots.apply(self.slots, n, self._tokens[n - 1])
         return depth_k, depth_v, n
 
 
@@ -106,30 +108,33 @@ def _detached_storage_view(buffer: Tensor) -> Tensor:
 
 
 class _WriteSlot(torch.autograd.Function):
-    """Copy ``k, v`` into slot ``slot``; output a token that later reads depend on."""
+    """Copy ``k, v`` into slot ``slot``; output a token that the next write and later reads depend on."""
 
     @staticmethod
-    def forward(ctx, slots: _SlotBuffers, slot: int, k: Tensor, v: Tensor) -> Tensor:
-        ctx.slots, ctx.slot = slots, slot
+    def forward(ctx, slots: _SlotBuffers, slot: int, k: Tensor, v: Tensor, previous: Tensor | None) -> Tensor:
+        ctx.slots, ctx.slot, ctx.first = slots, slot, previous is None
         with torch.no_grad():
             _detached_storage_view(slots.keys)[:, :, slot].copy_(k)
             _detached_storage_view(slots.values)[:, :, slot].copy_(v)
         return k.new_zeros(())
 
     @staticmethod
-    def backward(ctx, _grad_token: Tensor) -> tuple[None, None, Tensor | None, Tensor | None]:
+    def backward(ctx, grad_token: Tensor) -> tuple:
         slots: _SlotBuffers = ctx.slots
+        grad_previous = None if ctx.first else grad_token
         if slots.grad_keys is None:  # no later layer read this slot with gradients
-            return None, None, None, None
-        # Every reader of this slot has already added its gradient into the buffer.
-        return None, None, slots.grad_keys[:, :, ctx.slot].clone(), slots.grad_values[:, :, ctx.slot].clone()
+            return None, None, None, None, grad_previous
+        # Every reader of this slot has already added its gradient into the buffer; passing a
+        # gradient (not None) to the previous token keeps the earlier writes scheduled after this one.
+        grad_k, grad_v = slots.grad_keys[:, :, ctx.slot].clone(), slots.grad_values[:, :, ctx.slot].clone()
+        return None, None, grad_k, grad_v, grad_previous
 
 
 class _ReadSlots(torch.autograd.Function):
     """Views of the first ``n`` slots; their gradients are added into the stream's gradient buffer."""
 
     @staticmethod
-    def forward(ctx, slots: _SlotBuffers, n: int, *tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, slots: _SlotBuffers, n: int, token: Tensor) -> tuple[Tensor, Tensor]:
         ctx.slots, ctx.n = slots, n
         depth_k = _detached_storage_view(slots.keys)[:, :, :n]
         depth_v = _detached_storage_view(slots.values)[:, :, :n]
@@ -145,5 +150,5 @@ class _ReadSlots(torch.autograd.Function):
             slots.grad_keys[:, :, : ctx.n] += grad_k
         if grad_v is not None:
             slots.grad_values[:, :, : ctx.n] += grad_v
-        # A zero (not None) for each token keeps every writer's backward scheduled after this read.
-        return (None, None) + tuple(torch.zeros((), device=slots.keys.device) for _ in range(ctx.n))
+        # A zero (not None) keeps the writers' backward scheduled after this read.
+        return None, None, torch.zeros((), device=slots.keys.device)

@@ -151,8 +151,7 @@ class MoDALightningModule(L.LightningModule):
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr,
             betas=self.hparams.betas,
-            fused=self.device.type == "cuda" or None,
-        )
+        )  # not fused: Lightning clips gradients before the step, which a fused AdamW forbids
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = self.hparams.warmup_steps
         warmup = int(warm * total) if isinstance(warm, float) and warm < 1 else int(warm)
