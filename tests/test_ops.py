@@ -132,3 +132,27 @@ def test_unknown_op_backend_lists_the_known_ones():
     q = torch.randn(1, 3, 2, 8)
     with pytest.raises(ValueError, match=r"unknown backend 'refrence'.*did you mean 'reference'"):
         moda_attention(q, q, q, backend="refrence")
+
+
+def test_triton_backend_is_counted_by_a_flop_counter_created_first():
+    """Regression: FlopCounterMode copies the FLOP-formula registry when it is created, and the
+    fused op registered its formula on first use, so the first counted step (the FLOPs callback's
+    cross-check at fit start) missed MoDA attention entirely. Building the backend registers it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import torch\n"
+        "from torch.utils.flop_counter import FlopCounterMode\n"
+        "from moda_lightning.attention import moda_triton\n"
+        "moda_triton.torch.cuda.is_available = lambda: True  # let the backend build on CPU\n"
+        "from moda_lightning.attention import build_backend\n"
+        "backend = build_backend('moda_triton')\n"
+        "q = torch.randn(1, 16, 4, 32); k = torch.randn(1, 16, 2, 32); dk = torch.randn(1, 16, 3, 2, 32)\n"
+        "with FlopCounterMode(display=False) as counter:\n"
+        "    backend(q, k, k, dk, dk, num_depth=3)\n"
+        "print(sorted(str(op) for op in counter.get_flop_counts().get('Global', {})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "moda.attn_fwd" in out.stdout, out.stdout + out.stderr

@@ -23,6 +23,10 @@ class MoDATritonBackend(AttentionBackend):
             raise RuntimeError(f"attention backend 'moda_triton' needs a CUDA GPU, and none is visible. {_CPU_HINT}")
         if importlib.util.find_spec("triton") is None:
             raise RuntimeError(f"attention backend 'moda_triton' needs the triton package, which is not installed. {_CPU_HINT}")
+        # Register the op and its FLOP formula now, when the model is built: a FlopCounterMode
+        # copies the formula registry when it is created, so an op first imported inside one
+        # would not be counted.
+        importlib.import_module("moda_kernels.moda_attn.function")
 
     def check_device(self, device_type: str) -> None:
         if device_type != "cuda":
