@@ -74,22 +74,36 @@ def test_reference_matches_float64_fp32(T, G, num_depth, causal):
             assert (g[:, :, num_depth:] == 0).all(), f"{name} leaks into unread slots"
 
 
-@pytest.mark.parametrize("T,G,num_depth", [(7, 2, 1), (63, 4, 5), (130, 3, S_SLOTS)], ids=lambda x: str(x))
-def test_reference_bf16_error_is_bf16_sized(T, G, num_depth):
-    """bf16 runs (matmuls in bf16, softmax in fp32) stay within bf16 rounding of the float64 result."""
-    inputs32 = make_inputs(2, T, 2, G, 32, torch.float32, seed=T + G)
+BF16_CASES = [
+    pytest.param(T, G, n, causal, id=f"T{T}-G{G}-n{n}-{'causal' if causal else 'full'}")
+    for T, G, n, causal in itertools.product([1, 7, 63, 130], [1, 2, 3, 4], [0, 1, 5, S_SLOTS], [True, False])
+    if (T + G + n) % 3 == 0 or (T, G, n) in {(1, 1, 0), (130, 4, S_SLOTS)}  # a spread of the fp32 grid
+]
+
+
+@pytest.mark.parametrize("T,G,num_depth,causal", BF16_CASES)
+def test_reference_bf16_error_is_bf16_sized(T, G, num_depth, causal):
+    """bf16 runs (matmuls in bf16, softmax in fp32) stay within bf16 rounding of the float64 result:
+    output, both log-sum-exps and every gradient."""
+    inputs32 = make_inputs(2, T, 2, G, 32, torch.float32, seed=T + G + num_depth)
     inputs16 = [x.detach().bfloat16().requires_grad_() for x in inputs32]
-    o, lse, _ = moda_attention(*inputs16, num_depth=num_depth, return_lse=True)
+    o, lse, lse_depth = moda_attention(*inputs16, num_depth=num_depth, causal=causal, return_lse=True)
     assert o.dtype == torch.bfloat16
-    o64, lse64, _ = dense_moda_float64(*inputs32, num_depth, True)
+    o64, lse64, lse_depth64 = dense_moda_float64(*inputs32, num_depth, causal)
     torch.testing.assert_close(o.double(), o64, atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(lse.double(), lse64, atol=3e-2, rtol=1e-2)
+    if num_depth:
+        torch.testing.assert_close(lse_depth.double(), lse_depth64, atol=3e-2, rtol=1e-2)
     grad_o = torch.randn_like(o64)
-    grads = torch.autograd.grad((o.double() * grad_o).sum(), inputs16)
-    grads64 = torch.autograd.grad((o64 * grad_o).sum(), inputs32)
-    for g, g64 in zip(grads, grads64):
-        rel = (g.double() - g64.double()).norm() / g64.double().norm().clamp_min(1e-12)
-        assert rel < 3e-2
+    grads = torch.autograd.grad((o.double() * grad_o).sum(), inputs16, materialize_grads=True)
+    grads64 = torch.autograd.grad((o64 * grad_o).sum(), inputs32, materialize_grads=True)
+    for name, g, g64 in zip(["dq", "dk", "dv", "d_depth_k", "d_depth_v"], grads, grads64):
+        scale = g64.double().norm()
+        if scale == 0:  # depth gradients with num_depth=0
+            assert (g == 0).all(), name
+            continue
+        rel = (g.double() - g64.double()).norm() / scale
+        assert rel < 3e-2, f"{name}: relative error {rel:.3g}"
 
 
 @pytest.mark.parametrize("G", [1, 2, 4])
