@@ -7,6 +7,8 @@ can subclass :class:`MoDACLI` to add their own arguments.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -65,7 +67,19 @@ class MoDACLI(LightningCLI):
         stem = Path(str(config_files[0])).stem if config_files else _DEFAULT_RUN_NAME
         init_args.name = f"{stem}/{config.model.attention}-{config.model.norm}"
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, RuntimeError, OSError) as err:
+            raise SetupError(err) from err
+
     def before_fit(self) -> None:
+        try:
+            self._check_before_fit()
+        except (ValueError, RuntimeError) as err:
+            raise SetupError(err) from err
+
+    def _check_before_fit(self) -> None:
         seq_len, max_len = self.datamodule.seq_len, self.model.config.max_seq_len
         if seq_len > max_len:
             raise ValueError(
@@ -76,15 +90,34 @@ class MoDACLI(LightningCLI):
         self.model.model.backend.check_device(self.trainer.strategy.root_device.type)
 
 
+class SetupError(Exception):
+    """A configuration or input problem found before training started; wraps the original error."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``moda`` console script; ``args`` replaces ``sys.argv[1:]`` when given."""
-    MoDACLI(
-        MoDALightningModule,
-        TextDataModule,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    """Entry point of the ``moda`` console script; ``args`` replaces ``sys.argv[1:]`` when given.
+
+    From the command line, a problem found before training (a bad config, an unreadable corpus,
+    a backend this machine cannot run) prints one ``moda: error:`` line and exits with status 2;
+    ``MODA_DEBUG=1`` shows the traceback. Called with ``args``, the original exception is raised.
+    """
+    try:
+        MoDACLI(
+            MoDALightningModule,
+            TextDataModule,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except SetupError as err:
+        if args is not None or os.environ.get("MODA_DEBUG"):
+            raise err.cause from None
+        print(f"moda: error: {err}\n(set MODA_DEBUG=1 to see the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

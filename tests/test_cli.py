@@ -88,3 +88,12 @@ def test_resuming_with_another_tokenizer_is_refused(tmp_path, monkeypatch):
     other_vocab = [a for a in common if not a.startswith("--data.tokenizer_vocab_size")] + ["--data.tokenizer_vocab_size=320"]
     with pytest.raises(ValueError, match=r"vocabulary of \d+ tokens, but the current tokenizer has \d+"):
         main(["fit", *other_vocab, "--trainer.max_steps=2", f"--ckpt_path={last}"])
+
+
+def test_console_script_reports_a_bad_config_in_one_line(tmp_path):
+    """From the shell a configuration problem is one `moda: error:` line and exit status 2, not a traceback."""
+    cmd = [moda_script(), "fit", *TINY, "--model.norm=sandwich", f"--data.cache_dir={tmp_path / 'cache'}"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "moda: error: invalid MoDA model configuration" in result.stderr
+    assert "unknown norm placement 'sandwich'" in result.stderr and "Traceback" not in result.stderr
