@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from torch import Tensor
 
 
-class AttentionBackend:
+class AttentionBackend(ABC):
     """One way of computing a layer's attention, selected by a registry key.
 
     ``__call__(q, k, v, depth_k, depth_v, *, num_depth, scale)`` takes ``q [B, T, Hq, d]``,
@@ -23,6 +25,7 @@ class AttentionBackend:
     def check_device(self, device_type: str) -> None:
         """Raise ``RuntimeError`` if the backend cannot run on tensors of this device type."""
 
+    @abstractmethod
     def __call__(
         self,
         q: Tensor,
@@ -34,4 +37,4 @@ class AttentionBackend:
         num_depth: int = 0,
         scale: float | None = None,
     ) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+        """Attention output ``[B, T, Hq, d]``."""
