@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from moda_lightning.callbacks.heatmap import heatmap_image, labeled_heatmap
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDAAttention
 
@@ -127,31 +128,6 @@ def slot_labels(cfg: MoDAConfig) -> list[str]:
     return [f"L{layer:02d}.{kind}" for layer in range(cfg.n_layers - 1) for kind in kinds]
 
 
-_VIRIDIS = torch.tensor(
-    [[0.267, 0.005, 0.329], [0.231, 0.322, 0.546], [0.128, 0.567, 0.551], [0.369, 0.789, 0.383], [0.993, 0.906, 0.144]]
-)
-
-
-def heatmap_image(values: Tensor, cell: int | None = None) -> Tensor:
-    """A ``[rows, cols]`` matrix as a ``[3, rows*cell, cols*cell]`` float image in [0, 1].
-
-    Colors run from dark purple (0) to yellow (the matrix's maximum) along a 5-stop viridis;
-    NaN cells (no such slot) are gray. ``cell`` defaults to a size that makes the image ~256 px.
-    """
-    values = values.detach().float().cpu()
-    missing = torch.isnan(values)
-    vmax = values[~missing].max().item() if (~missing).any() else 0.0
-    x = (values.nan_to_num(0.0) / vmax if vmax > 0 else torch.zeros_like(values)).clamp(0, 1)
-    pos = x * (len(_VIRIDIS) - 1)
-    lo = pos.floor().long().clamp(max=len(_VIRIDIS) - 2)
-    frac = (pos - lo).unsqueeze(-1)
-    rgb = _VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac  # [rows, cols, 3]
-    rgb[missing] = 0.5
-    cell = cell or max(4, min(32, 256 // max(values.shape)))
-    rgb = rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-    return rgb.permute(2, 0, 1).contiguous()
-
-
 class DepthAttentionStats(L.Callback):
     """Logs where attention mass goes, per layer and head: depth stream, slots, sink token, entropy.
 
@@ -165,7 +141,8 @@ class DepthAttentionStats(L.Callback):
     - ``depth_attn/mean_mass``, ``mean_sink``, ``mean_entropy``: over layers (mass over the layers
       that read depth, i.e. not layer 0); ``depth_attn/probe_seconds``: the probe's own time.
     - images ``depth_attn/mass_layer_x_head`` and ``depth_attn/mass_layer_x_slot`` (the paper's
-      Figure 5; colors scaled to the image's maximum, gray = slot not yet written), histograms
+      Figure 5; rows are layers, columns heads or slots, both numbered; colors scaled to the
+      image's maximum, shown on the colour bar; gray = slot not yet written), histograms
       ``depth_attn/layer_LL/mass_hist`` of the per-row mass, and a text legend of the slots.
 
     Rows include every token and query head; token 0's row always puts ``1 - mass`` on the sink.
@@ -255,8 +232,8 @@ class DepthAttentionStats(L.Callback):
             writer.add_scalar(tag, value, step)
         if cfg.reads_depth:
             per_head, per_slot = self.heatmaps(stats, cfg)
-            writer.add_image("depth_attn/mass_layer_x_head", heatmap_image(per_head), step, dataformats="CHW")
-            writer.add_image("depth_attn/mass_layer_x_slot", heatmap_image(per_slot), step, dataformats="CHW")
+            writer.add_image("depth_attn/mass_layer_x_head", labeled_heatmap(per_head), step, dataformats="CHW")
+            writer.add_image("depth_attn/mass_layer_x_slot", labeled_heatmap(per_slot), step, dataformats="CHW")
             for idx, st in enumerate(stats):
                 if st.num_depth > 0:
                     writer.add_histogram(f"depth_attn/layer_{idx:02d}/mass_hist", st.mass.float().flatten().cpu(), step)

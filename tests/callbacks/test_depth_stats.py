@@ -174,3 +174,29 @@ def test_heatmap_is_an_upscaled_rgb_image_with_gray_for_missing_cells():
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="every_n_steps=0"):
         DepthAttentionStats(every_n_steps=0)
+
+
+def test_labeled_heatmap_frames_the_matrix_with_indices_and_a_colour_bar():
+    from moda_lightning.callbacks.heatmap import labeled_heatmap
+
+    values = torch.tensor([[float("nan"), float("nan")], [0.1, 0.4], [0.2, 0.3]])
+    img = labeled_heatmap(values)
+    cell = 32  # three rows: the largest cell size
+    assert img.shape[0] == 3 and img.shape[1] > 3 * cell and img.shape[2] > 2 * cell
+    # The colored matrix sits inside the frame, unchanged.
+    core = heatmap_image(values, cell)
+    matches = [
+        (y, x)
+        for y in range(0, img.shape[1] - core.shape[1] + 1)
+        for x in range(0, img.shape[2] - core.shape[2] + 1, 2)
+        if torch.equal(img[:, y : y + core.shape[1], x : x + core.shape[2]], core)
+    ]
+    assert len(matches) == 1
+    top, left = matches[0]
+    # Row indices are drawn in black to the left of the matrix, column indices above it.
+    assert (img[:, top:, :left] == 0).all(dim=0).any()
+    assert (img[:, :top, left:] == 0).all(dim=0).any()
+    # The colour bar starts at the maximum (yellow) at the top and ends at 0 (dark) at the bottom.
+    bar = img[:, top, left + core.shape[2] + 8]
+    assert bar[0] > 0.9 and bar[1] > 0.8 and bar[2] < 0.3
+    assert img[:, top + core.shape[1] - 1, left + core.shape[2] + 8].sum() < 1.0
