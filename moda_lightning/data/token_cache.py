@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
+from tqdm.auto import tqdm
 
 from moda_lightning.data.corpus import Corpus
 
@@ -83,6 +84,8 @@ def build_token_cache(corpus: Corpus, tokenizer: Tokenizer, eot_id: int, vocab_s
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     n_docs = n_tokens = 0
+    # A large corpus takes minutes: show documents done and tokens written as it goes.
+    progress = tqdm(desc="tokenizing", unit=" docs", mininterval=2.0, leave=False)
     try:
         with open(tmp, "wb") as f:
             for batch in _batches(corpus.documents()):
@@ -93,12 +96,15 @@ def build_token_cache(corpus: Corpus, tokenizer: Tokenizer, eot_id: int, vocab_s
                 f.write(ids.tobytes())
                 n_docs += len(batch)
                 n_tokens += len(ids)
+                progress.update(len(batch))
+                progress.set_postfix(tokens=f"{n_tokens:,}", refresh=False)
             f.flush()
             os.fsync(f.fileno())
         if n_docs == 0:
             raise corpus.empty_error()
         os.replace(tmp, path)
     finally:
+        progress.close()
         tmp.unlink(missing_ok=True)
     return n_tokens
 
