@@ -148,7 +148,11 @@ class MoDALightningModule(L.LightningModule):
         for name, p in self.model.named_parameters():
             (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                # Named so the LR monitor logs `lr-AdamW/matrices` rather than `pg1`.
+                {"params": decay, "weight_decay": self.hparams.weight_decay, "name": "matrices"},
+                {"params": no_decay, "weight_decay": 0.0, "name": "norms_and_embeddings"},
+            ],
             lr=self.hparams.lr,
             betas=self.hparams.betas,
         )  # not fused: Lightning clips gradients before the step, which a fused AdamW forbids
