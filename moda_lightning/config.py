@@ -54,18 +54,15 @@ class MoDAConfig:
 
     def __post_init__(self) -> None:
         # Registries are imported here, not at module top, to keep this module plain data.
-        from moda_lightning.attention import backend_class, registered_backends
+        from moda_lightning.attention import backend_class
         from moda_lightning.norms import NORM_PLACEMENTS
 
         problems: list[str] = []
         reads_depth = True
-        if self.attention not in registered_backends():
-            try:
-                backend_class(self.attention)
-            except ValueError as err:
-                problems.append(str(err))
-        else:
+        try:
             reads_depth = backend_class(self.attention).reads_depth
+        except ValueError as err:  # unknown backend: the message lists the registered ones
+            problems.append(str(err))
         if self.norm not in NORM_PLACEMENTS:
             problems.append(
                 f"unknown norm placement {self.norm!r}; registered: {sorted(NORM_PLACEMENTS)}. "
