@@ -124,10 +124,11 @@ class _WriteSlot(torch.autograd.Function):
         grad_previous = None if ctx.first else grad_token
         if slots.grad_keys is None:  # no later layer read this slot with gradients
             return None, None, None, None, grad_previous
-        # Every reader of this slot has already added its gradient into the buffer; passing a
-        # gradient (not None) to the previous token keeps the earlier writes scheduled after this one.
-        grad_k, grad_v = slots.grad_keys[:, :, ctx.slot].clone(), slots.grad_values[:, :, ctx.slot].clone()
-        return None, None, grad_k, grad_v, grad_previous
+        # Every reader of this slot has already added its gradient into the buffer, and no later
+        # step of backward touches this slot again, so its views are handed on without a copy.
+        # Passing a gradient (not None) to the previous token keeps the earlier writes scheduled
+        # after this one.
+        return None, None, slots.grad_keys[:, :, ctx.slot], slots.grad_values[:, :, ctx.slot], grad_previous
 
 
 class _ReadSlots(torch.autograd.Function):
@@ -143,12 +144,29 @@ class _ReadSlots(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_k: Tensor | None, grad_v: Tensor | None) -> tuple:
         slots: _SlotBuffers = ctx.slots
-        if slots.grad_keys is None:
-            slots.grad_keys = torch.zeros_like(slots.keys)
-            slots.grad_values = torch.zeros_like(slots.values)
-        if grad_k is not None:
-            slots.grad_keys[:, :, : ctx.n] += grad_k
-        if grad_v is not None:
-            slots.grad_values[:, :, : ctx.n] += grad_v
+        if slots.grad_keys is None:  # the first read in backward: the last layer's, the widest
+            if grad_v is grad_k:  # one tensor cannot become both buffers
+                grad_v = None if grad_v is None else grad_v.clone()
+            slots.grad_keys = _first_gradient(grad_k, slots.keys, ctx.n)
+            slots.grad_values = _first_gradient(grad_v, slots.values, ctx.n)
+        else:
+            if grad_k is not None:
+                slots.grad_keys[:, :, : ctx.n] += grad_k
+            if grad_v is not None:
+                slots.grad_values[:, :, : ctx.n] += grad_v
         # A zero (not None) keeps the writers' backward scheduled after this read.
         return None, None, torch.zeros((), device=slots.keys.device)
+
+
+def _first_gradient(grad: Tensor | None, buffer: Tensor, n: int) -> Tensor:
+    """The gradient buffer, started from the first read's gradient of slots ``:n``.
+
+    A gradient of the whole buffer's shape that nothing else references (the fresh output
+    of an attention backward) becomes the buffer itself: no zero fill and no copy.
+    """
+    if grad is not None and n == buffer.shape[2] and grad.is_contiguous() and not grad._is_view():
+        return grad
+    start = torch.zeros_like(buffer)
+    if grad is not None:
+        start[:, :, :n] = grad
+    return start

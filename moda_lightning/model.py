@@ -21,26 +21,42 @@ from moda_lightning.norms import NORM_PLACEMENTS, RMSNorm
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE on ``[B, T, H, d]`` tensors: position ``t`` rotates each pair of channels by ``t * theta_i``."""
+    """RoPE on ``[B, T, H, d]`` tensors: position ``t`` rotates each pair of channels by ``t * theta_i``.
+
+    Channel ``i`` pairs with ``i + d/2``; written as ``x * cos + [x2, x1] * sin`` with the sine
+    negated on the first half, which is three kernels instead of six.
+    """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [T_max, d/2]
         # Not persistent: recomputed from the config, so checkpoints stay small and portable.
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1), persistent=False)
+        self._tables_in: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() move the buffers: drop their casts
+        self._tables_in = {}
+        return super()._apply(fn, recurse)
+
+    def tables(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``cos, sin [T_max, d]`` in ``dtype``, cast once (a bf16 run would otherwise cast per call)."""
+        if torch.compiler.is_compiling():  # the compiled graph fuses the cast anyway
+            return self.cos.to(dtype), self.sin.to(dtype)
+        if dtype not in self._tables_in:
+            self._tables_in[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
+        return self._tables_in[dtype]
 
     def forward(self, x: Tensor) -> Tensor:
         T = x.shape[1]
-        cos = self.cos[:T, None, :].to(x.dtype)  # [T, 1, d/2], broadcast over heads
-        sin = self.sin[:T, None, :].to(x.dtype)
+        cos, sin = self.tables(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return x * cos[:T, None, :] + torch.cat([x2, x1], dim=-1) * sin[:T, None, :]
 
 
 class DepthKVProjection(nn.Module):
-    """Two small maps ``D -> Hk*d`` that turn a sublayer's input into one depth slot.
+    """Maps ``D -> Hk*d`` (keys and values, one matmul) that turn a sublayer's input into one depth slot.
 
     The key gets the same per-head norm as sequence keys and the rotary phase of its own
     token, so that the query (rotated at ``t``) meets it at relative position zero.
@@ -49,14 +65,12 @@ class DepthKVProjection(nn.Module):
     def __init__(self, cfg: MoDAConfig) -> None:
         super().__init__()
         self.n_kv_heads, self.head_dim = cfg.n_kv_heads, cfg.head_dim
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, h: Tensor, rope: RotaryEmbedding) -> tuple[Tensor, Tensor]:
         B, T, _ = h.shape
-        k = self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim)
+        k, v = self.kv_proj(h).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(dim=2)
         return rope(self.k_norm(k)), v
 
 

@@ -23,6 +23,7 @@ import warnings
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from moda_kernels.moda_attn.bwd import moda_bwd, moda_depth_bwd
@@ -42,14 +43,19 @@ def set_seq_backend(name: str) -> None:
     _seq_backend = name
 
 
+# Private aten ops: looked up once, since every call's path depends on them.
+_HAS_CUDNN_OPS = hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention") and hasattr(
+    torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward"
+)
+
+
 def _seq_path(q: Tensor) -> str:
     """The path this call takes: ``"cudnn"``, ``"triton"`` (fully fused) or ``"triton_split"``."""
     cudnn_ok = (
-        q.is_cuda
+        _HAS_CUDNN_OPS
+        and q.is_cuda
         and q.shape[1] > 1  # cuDNN rejects s_q = s_kv = 1
         and q.dtype in (torch.float16, torch.bfloat16)
-        and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
-        and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward")
     )
     if _seq_backend == "cudnn" and not cudnn_ok:
         raise RuntimeError(
@@ -115,8 +121,7 @@ def _BHTd(x: Tensor) -> Tensor:  # [B, T, H, d] -> [B, H, T, d] view, the layout
 # ----------------------------------------------------------------------------- forward op
 
 
-@torch.library.custom_op("moda::attn_fwd", mutates_args=())
-def moda_attn_fwd(
+def _attn_fwd_impl(
     q: Tensor, k: Tensor, v: Tensor, depth_k: Tensor, depth_v: Tensor, num_depth: int, causal: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``o [B,T,Hq,d]`` (contiguous), ``lse, lse_depth [B,Hq,T]`` (fp32, natural log)."""
@@ -154,6 +159,9 @@ def moda_attn_fwd(
     return o, lse, lse_depth
 
 
+moda_attn_fwd = torch.library.custom_op("moda::attn_fwd", _attn_fwd_impl, mutates_args=())
+
+
 @moda_attn_fwd.register_fake
 def _(q, k, v, depth_k, depth_v, num_depth, causal, scale):
     B, T, Hq, d = q.shape
@@ -164,8 +172,7 @@ def _(q, k, v, depth_k, depth_v, num_depth, causal, scale):
 # ----------------------------------------------------------------------------- backward op
 
 
-@torch.library.custom_op("moda::attn_bwd", mutates_args=())
-def moda_attn_bwd(
+def _attn_bwd_impl(
     do: Tensor,
     q: Tensor,
     k: Tensor,
@@ -213,6 +220,9 @@ def moda_attn_bwd(
     return dq, dk, dv, d_depth_k, d_depth_v
 
 
+moda_attn_bwd = torch.library.custom_op("moda::attn_bwd", _attn_bwd_impl, mutates_args=())
+
+
 @moda_attn_bwd.register_fake
 def _(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale):
     return (
@@ -232,17 +242,45 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, lse_depth)
 
 
-def _backward(ctx, do, _dlse, _dlse_depth):
+def _grads(ctx, do: Tensor | None, attn_bwd) -> tuple:
     q, k, v, depth_k, depth_v, o, lse = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv, d_depth_k, d_depth_v = moda_attn_bwd(
-        do, q, k, v, depth_k, depth_v, o, lse, ctx.num_depth, ctx.causal, ctx.scale
-    )
+    dq, dk, dv, d_depth_k, d_depth_v = attn_bwd(do, q, k, v, depth_k, depth_v, o, lse, ctx.num_depth, ctx.causal, ctx.scale)
     return dq, dk, dv, d_depth_k, d_depth_v, None, None, None
 
 
+def _backward(ctx, do, _dlse, _dlse_depth):
+    return _grads(ctx, do, moda_attn_bwd)
+
+
 moda_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttn(torch.autograd.Function):
+    """The op's forward and backward called directly, for plain eager calls.
+
+    The custom ops cost a dispatcher round trip and a generated autograd wrapper per call,
+    about as much host time as a layer's other kernels put together; a training step is
+    launch-bound, so eager calls skip them. ``torch.compile`` and dispatch modes (such as
+    ``FlopCounterMode``) still see ``moda::attn_fwd`` and ``moda::attn_bwd``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, depth_k, depth_v, num_depth, causal, scale):
+        output = _attn_fwd_impl(q, k, v, depth_k, depth_v, num_depth, causal, scale)
+        _setup_context(ctx, (q, k, v, depth_k, depth_v, num_depth, causal, scale), output)
+        ctx.set_materialize_grads(False)  # the log-sum-exps get no gradient; do not fill zeros for them
+        return output
+
+    @staticmethod
+    def backward(ctx, do, _dlse, _dlse_depth):
+        return _grads(ctx, do, _attn_bwd_impl)
+
+
+def _through_custom_op() -> bool:
+    """Whether a call must go through the registered op: under compile or a dispatch mode."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
 # ----------------------------------------------------------------------------- FLOP formulas
@@ -347,7 +385,8 @@ def moda_attn(
     if depth_k is None or depth_v is None:
         depth_k = depth_v = q.new_empty(B, T, 0, k.shape[2], d)
     scale = d**-0.5 if scale is None else float(scale)
-    o, lse, lse_depth = torch.ops.moda.attn_fwd(q, k, v, depth_k, depth_v, num_depth, causal, scale)
+    attn = torch.ops.moda.attn_fwd if _through_custom_op() else _EagerAttn.apply
+    o, lse, lse_depth = attn(q, k, v, depth_k, depth_v, num_depth, causal, scale)
     if not return_lse:
         return o
     return o, lse.transpose(1, 2), lse_depth.transpose(1, 2)

@@ -182,6 +182,22 @@ def test_flop_counter_counts_the_op():
     assert counts == {"moda.attn_fwd": fwd, "moda.attn_bwd": fwd * 5 // 2}
 
 
+def test_eager_path_equals_the_registered_op():
+    """Plain eager calls skip the custom-op dispatch; both routes must give identical results."""
+    from moda_kernels.moda_attn import function
+
+    inputs, do = _inputs(2, 11, 4, 2, 16, 3, torch.float32, seed=3)
+    eager = _run(function.moda_attn, inputs, do, num_depth=2)
+    original = function._through_custom_op
+    function._through_custom_op = lambda: True
+    try:
+        registered = _run(function.moda_attn, inputs, do, num_depth=2)
+    finally:
+        function._through_custom_op = original
+    for name, a, b in zip(NAMES, eager, registered):
+        assert torch.equal(a, b), name
+
+
 def test_fake_tensor_shapes():
     """The fake implementations give torch.compile the right output shapes without running a kernel."""
     from torch._subclasses.fake_tensor import FakeTensorMode
