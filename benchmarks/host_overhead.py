@@ -72,6 +72,12 @@ def op_rows() -> list[tuple[str, float]]:
         rows.append(("torch.ops.moda.attn_fwd (nd=8)", host_us(lambda: torch.ops.moda.attn_fwd(q, k, v, dk, dv, S, True, scale))))
         rows.append(("moda_attn fwd, no grad (nd=0)", host_us(lambda: fn.moda_attn(q, k, v, dk, dv, num_depth=0))))
         rows.append(("moda_attn fwd, no grad (nd=8)", host_us(lambda: fn.moda_attn(q, k, v, dk, dv, num_depth=S))))
+        o8, lse8, _ = fn._attn_fwd_impl(q, k, v, dk, dv, S, True, scale)
+        rows.append(("aten cuDNN attention backward", host_us(lambda: fn._cudnn_bwd(q, q, k, v, o8, lse8, True, scale))))
+        rows.append(("moda_depth_bwd (one Triton launch)", host_us(
+            lambda: fn.moda_depth_bwd(q, q, dk, dv, o8, lse8, S, scale, o, torch.empty_like(dk), torch.empty_like(dv))
+        )))  # fmt: skip
+        rows.append(("op backward body, called directly (nd=8)", host_us(lambda: fn._attn_bwd_impl(q, q, k, v, dk, dv, o8, lse8, S, True, scale))))
     rows.append(("sdpa fwd+bwd (.sum().backward())", host_us(sdpa_fb, calls=100)))
     rows.append(("moda_attn fwd+bwd (nd=0)", host_us(moda_fb(0), calls=100)))
     rows.append(("moda_attn fwd+bwd (nd=8)", host_us(moda_fb(S), calls=100)))

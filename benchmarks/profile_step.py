@@ -93,7 +93,11 @@ def profile_backend(args, attention: str) -> dict[str, float]:
             print(f"{attention}: SYNC in a step: {err}")
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    before = torch.cuda.memory_stats()
     step_ms = timed(step, 5)
+    after = torch.cuda.memory_stats()
+    # cudaMalloc/cudaFree in a step cost host time and synchronise: the caching allocator should reuse
+    device_calls = {k: (after.get(k, 0) - before.get(k, 0)) / 5 for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.profiled_steps):
@@ -115,6 +119,7 @@ def profile_backend(args, attention: str) -> dict[str, float]:
         groups[group_of(name)] += ms
     busy = sum(groups.values())
     print(f"\n## {attention}: step {step_ms:.1f} ms (CUDA events), GPU kernel time {busy:.1f} ms per step")
+    print("allocator per step: " + ", ".join(f"{k} {v:.1f}" for k, v in device_calls.items()))
     print("| kernel group | ms per step |\n|---|---|")
     for group, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"| {group} | {ms:.2f} |")

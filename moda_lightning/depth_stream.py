@@ -3,7 +3,8 @@
 Sublayers ``append`` their slot as the forward pass goes down the stack and a layer asks
 ``read`` for what it may attend to. Nothing else in the model knows how slots are stored.
 
-Storage is one preallocated ``[B, T, S, Hk, d]`` buffer per keys and values: each slot is
+Storage is one preallocated buffer per keys and values (slot-major memory, presented as the
+``[B, T, S, Hk, d]`` the op reads): each slot is
 written once and every layer reads a view of the first slots in place, so memory grows
 linearly with depth (a naive ``torch.stack`` of earlier slots per layer grows as L^2).
 Plain autograd refuses in-place writes into a tensor that earlier readers saved, so writes
@@ -50,8 +51,8 @@ class DepthStream:
         assert slot < self.max_slots, f"depth stream holds {self.max_slots} slots; one more was written"
         if self.slots.keys is None:
             B, T, Hk, d = k.shape
-            self.slots.keys = k.new_empty(B, T, self.max_slots, Hk, d)
-            self.slots.values = v.new_empty(B, T, self.max_slots, Hk, d)
+            self.slots.keys = _slot_major(k.new_empty(self.max_slots, B, T, Hk, d))
+            self.slots.values = _slot_major(v.new_empty(self.max_slots, B, T, Hk, d))
         previous = self._tokens[slot - 1] if slot > 0 else None
         token = _WriteSlot.apply(self.slots, slot, k, v, previous)
         if slot < len(self._tokens):
@@ -83,6 +84,16 @@ class _SlotBuffers:
         self.values: Tensor | None = None
         self.grad_keys: Tensor | None = None  # gradient buffers, allocated by the first read's backward
         self.grad_values: Tensor | None = None
+
+
+def _slot_major(storage: Tensor) -> Tensor:
+    """``[S, B, T, Hk, d]`` memory seen as ``[B, T, S, Hk, d]``.
+
+    Slot-major memory keeps each slot, and every prefix of slots a layer reads, one dense
+    block: writes, the read gradients' sums and the writes' gradients are then plain
+    contiguous copies and adds rather than strided ones.
+    """
+    return storage.permute(1, 2, 0, 3, 4)
 
 
 def run_eagerly_under_compile() -> None:
@@ -161,10 +172,10 @@ class _ReadSlots(torch.autograd.Function):
 def _first_gradient(grad: Tensor | None, buffer: Tensor, n: int) -> Tensor:
     """The gradient buffer, started from the first read's gradient of slots ``:n``.
 
-    A gradient of the whole buffer's shape that nothing else references (the fresh output
+    A gradient laid out like the whole buffer that nothing else references (the fresh output
     of an attention backward) becomes the buffer itself: no zero fill and no copy.
     """
-    if grad is not None and n == buffer.shape[2] and grad.is_contiguous() and not grad._is_view():
+    if grad is not None and n == buffer.shape[2] and grad.stride() == buffer.stride() and not grad._is_view():
         return grad
     start = torch.zeros_like(buffer)
     if grad is not None:

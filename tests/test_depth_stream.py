@@ -58,6 +58,52 @@ def test_buffer_gives_the_gradients_of_a_naive_stack(monkeypatch, options):
         torch.testing.assert_close(grads[name], expected[name], msg=lambda m, name=name: f"{name}: {m}")
 
 
+class KeepLayout(torch.autograd.Function):
+    """Identity whose backward returns a fresh gradient in its input's layout, as the Triton op does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape, ctx.stride = x.shape, x.stride()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_strided(ctx.shape, ctx.stride, dtype=grad.dtype).copy_(grad)
+
+
+def test_a_full_width_gradient_in_the_buffers_layout_becomes_the_gradient_buffer(monkeypatch):
+    """The last layer's depth gradient is adopted as the gradient buffer (no fill, no copy); same gradients."""
+    import moda_lightning.depth_stream as depth_stream
+
+    model = tiny_model(n_layers=4)
+    idx = torch.randint(0, VOCAB, (2, 13))
+    expected_loss, expected = loss_and_grads(model, idx)
+
+    backend = model.backend
+
+    def keep_layout_backend(q, k, v, depth_k=None, depth_v=None, **kw):
+        if depth_k is not None:
+            depth_k, depth_v = KeepLayout.apply(depth_k), KeepLayout.apply(depth_v)
+        return backend(q, k, v, depth_k, depth_v, **kw)
+
+    for block in model.layers:
+        block.attn.sublayer.backend = keep_layout_backend
+    adopted = []
+    first_gradient = depth_stream._first_gradient
+
+    def spy(grad, buffer, n):
+        start = first_gradient(grad, buffer, n)
+        adopted.append(start is grad)
+        return start
+
+    monkeypatch.setattr(depth_stream, "_first_gradient", spy)
+    loss, grads = loss_and_grads(model, idx)
+    assert adopted == [True, True]
+    torch.testing.assert_close(loss, expected_loss)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
 def saved_bytes(model: MoDATransformer, idx: torch.Tensor) -> int:
     """Bytes of distinct storages autograd saves for backward in one forward pass."""
     storages: dict[int, int] = {}

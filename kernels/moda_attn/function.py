@@ -188,9 +188,10 @@ def _attn_bwd_impl(
     """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``d(depth_k), d(depth_v)`` ``[B,T,S,Hk,d]`` (zero past ``num_depth``)."""
     do = do.contiguous()
     S = depth_k.shape[2]
-    new_depth_grad = torch.empty if num_depth == S else torch.zeros
-    d_depth_k = new_depth_grad(depth_k.shape, device=q.device, dtype=depth_k.dtype)
-    d_depth_v = new_depth_grad(depth_v.shape, device=q.device, dtype=depth_v.dtype)
+    # *_like keeps a dense input's layout (the model's slot-major stream), so the caller's
+    # gradient sums stay contiguous; slots past num_depth get no gradient
+    new_depth_grad = torch.empty_like if num_depth == S else torch.zeros_like
+    d_depth_k, d_depth_v = new_depth_grad(depth_k), new_depth_grad(depth_v)
     path = _seq_path(q)
     if path == "cudnn":
         overlap = _overlap and num_depth > 0
@@ -229,8 +230,8 @@ def _(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale):
         torch.empty_like(q),
         torch.empty_like(k),
         torch.empty_like(v),
-        depth_k.new_empty(depth_k.shape),
-        depth_v.new_empty(depth_v.shape),
+        torch.empty_like(depth_k),
+        torch.empty_like(depth_v),
     )
 
 
