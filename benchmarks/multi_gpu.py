@@ -20,7 +20,6 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 MODEL = [
-    "--model.attention=moda_triton",
     "--model.d_model=384",
     "--model.n_layers=8",
     "--model.n_heads=6",
@@ -32,11 +31,12 @@ MODEL = [
 ]
 
 
-def run(name: str, workdir: Path, devices: int, strategy: str, per_device_batch: int, steps: int) -> tuple[dict, float]:
+def run(name: str, args: argparse.Namespace, devices: int, strategy: str) -> tuple[dict, float]:
+    workdir, steps = args.workdir, args.steps
     cmd = [
-        sys.executable, "-m", "moda_lightning.cli", "fit", *MODEL,
-        f"--data.batch_size={per_device_batch}", f"--data.cache_dir={workdir / 'cache'}",
-        "--trainer.accelerator=gpu", f"--trainer.devices={devices}", f"--trainer.strategy={strategy}",
+        sys.executable, "-m", "moda_lightning.cli", "fit", *MODEL, f"--model.attention={args.attention}",
+        f"--data.batch_size={args.global_batch // devices}", f"--data.cache_dir={workdir / 'cache'}",
+        f"--trainer.accelerator={args.accelerator}", f"--trainer.devices={devices}", f"--trainer.strategy={strategy}",
         f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps // 3}", "--trainer.limit_val_batches=8",
         "--trainer.log_every_n_steps=10", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={workdir / 'runs'}", f"--trainer.logger.init_args.name={name}",
@@ -58,21 +58,40 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moda_multi_gpu"))
+    parser.add_argument("--attention", default="moda_triton")
+    parser.add_argument("--accelerator", default="gpu", help="cpu runs a smoke test (gloo DDP; Lightning's FSDP needs GPUs)")
+    parser.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"], help="two-device strategies to compare")
     args = parser.parse_args()
-    runs = {
-        "1gpu": run("1gpu", args.workdir, 1, "auto", args.global_batch, args.steps),
-        "2gpu-ddp": run("2gpu-ddp", args.workdir, 2, "ddp", args.global_batch // 2, args.steps),
-        "2gpu-fsdp": run("2gpu-fsdp", args.workdir, 2, "fsdp", args.global_batch // 2, args.steps),
-    }
+    runs = {"1 device": run("1dev", args, 1, "auto")}
+    for strategy in args.strategies:
+        runs[f"2 devices, {strategy}"] = run(f"2dev-{strategy}", args, 2, strategy)
     names = list(runs)
-    print(f"\nwall time: " + ", ".join(f"{n} {wall:.0f} s" for n, (_, wall) in runs.items()))
+    print(f"\nwall time (start-up included): " + ", ".join(f"{n} {wall:.0f} s" for n, (_, wall) in runs.items()))
     for tag in ("train/loss", "val/loss"):
         steps = sorted(set.intersection(*(set(curves[tag]) for curves, _ in runs.values())))
         if tag == "train/loss":
-            steps = steps[:: max(1, len(steps) // 10)] + steps[-1:]
+            steps = sorted(set(steps[:: max(1, len(steps) // 10)] + steps[-1:]))
         print(f"\n{tag}\n| step | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
         for step in steps:
             print(f"| {step} | " + " | ".join(f"{runs[n][0][tag][step]:.3f}" for n in names) + " |")
+    print_agreement(runs)
+
+
+def print_agreement(runs: dict) -> None:
+    """How far each run's curve is from one device's, next to one device's own step-to-step noise."""
+    one = runs["1 device"][0]["train/loss"]
+    late = sorted(one)[len(one) // 2 :]  # second half of training: past the fast initial drop
+    diffs = [one[b] - one[a] for a, b in zip(late, late[1:])]
+    noise = (sum(d * d for d in diffs) / max(1, len(diffs)) / 2) ** 0.5
+    print(f"\n1 device, second half: train/loss noise between logged steps {noise:.3f}")
+    for name, (curves, _) in runs.items():
+        if name == "1 device":
+            continue
+        common = [s for s in late if s in curves["train/loss"]]
+        mean_diff = sum(curves["train/loss"][s] - one[s] for s in common) / max(1, len(common))
+        last_val = max(curves["val/loss"])
+        val_diff = curves["val/loss"][last_val] - runs["1 device"][0]["val/loss"].get(last_val, float("nan"))
+        print(f"{name}: mean train/loss difference over the second half {mean_diff:+.3f}, final val/loss difference {val_diff:+.3f}")
 
 
 if __name__ == "__main__":
