@@ -37,7 +37,7 @@ def run(name: str, args: argparse.Namespace, devices: int, strategy: str) -> tup
         sys.executable, "-m", "moda_lightning.cli", "fit", *MODEL, f"--model.attention={args.attention}",
         f"--data.batch_size={args.global_batch // devices}", f"--data.cache_dir={workdir / 'cache'}",
         f"--trainer.accelerator={args.accelerator}", f"--trainer.devices={devices}", f"--trainer.strategy={strategy}",
-        f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps // 3}", "--trainer.limit_val_batches=8",
+        f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps // 3}", "--trainer.check_val_every_n_epoch=null", "--trainer.limit_val_batches=8",
         "--trainer.log_every_n_steps=10", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={workdir / 'runs'}", f"--trainer.logger.init_args.name={name}",
     ]
