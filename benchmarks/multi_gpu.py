@@ -47,7 +47,8 @@ def run(name: str, args: argparse.Namespace, devices: int, strategy: str) -> tup
     if result.returncode != 0:
         print(result.stdout[-3000:], result.stderr[-5000:])
         raise SystemExit(f"{name} failed")
-    events = EventAccumulator(str(next((workdir / "runs" / name).rglob("events.out.tfevents.*")).parent))
+    newest = max((workdir / "runs" / name).rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    events = EventAccumulator(str(newest.parent))
     events.Reload()
     curves = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in ("train/loss", "val/loss")}
     return curves, wall
