@@ -80,3 +80,24 @@ def test_moda_fit_with_lightning_ddp_on_cpu(tmp_path):
     ckpt = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=False)
     # Tokens are counted over both processes: 3 steps x 2 ranks x 4 sequences x 32 tokens.
     assert ckpt["global_step"] == 3 and ckpt["tokens_seen"] == 3 * 2 * 4 * 32
+
+
+def test_fsdp_clips_gradients_with_fsdps_own_norm(monkeypatch):
+    """Lightning's FSDP precision plugin refuses norm clipping; the module hands it to FSDP instead."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from moda_lightning.lightning_module import MoDALightningModule
+
+    module = MoDALightningModule(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    clipped = []
+    wrapped = SimpleNamespace(clip_grad_norm_=clipped.append)
+    monkeypatch.setattr(MoDALightningModule, "trainer", SimpleNamespace(strategy=FSDPStrategy(), model=wrapped))
+    module.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    assert clipped == [1.0]
+
+    elsewhere = []
+    monkeypatch.setattr(MoDALightningModule, "clip_gradients", lambda self, *args: elsewhere.append(args))
+    module.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="value")
+    assert clipped == [1.0] and elsewhere == [(None, 0.5, "value")]
