@@ -115,7 +115,8 @@ def test_depth_keys_carry_their_own_tokens_rotary_phase():
     attn0 = model.layers[0].attn
     h = attn0.norm(model.embed(idx))
     B, T, _ = h.shape
-    k0 = attn0.sublayer.k_proj(h).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+    _, k0, _ = attn0.sublayer.qkv_proj(h).split(attn0.sublayer.qkv_split, dim=-1)
+    k0 = k0.view(B, T, cfg.n_kv_heads, cfg.head_dim)
     expected = model.rope(attn0.sublayer.k_norm(k0))
     RecordingBackend.log = []
     with torch.no_grad():

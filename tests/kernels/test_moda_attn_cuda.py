@@ -149,7 +149,7 @@ def test_model_backend_matches_moda_torch():
         logits = model(idx)
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), idx.roll(-1, 1).flatten())
         loss.backward()
-        results[backend] = (logits.float(), model.layers[0].attn.sublayer.q_proj.weight.grad.float())
+        results[backend] = (logits.float(), model.layers[0].attn.sublayer.qkv_proj.weight.grad.float())
     for a, b in zip(results["moda_torch"], results["moda_triton"]):
         assert (a - b).norm() / b.norm() < 2e-2
 
