@@ -8,8 +8,9 @@ Storage is one preallocated buffer per keys and values (slot-major memory, prese
 written once and every layer reads a view of the first slots in place, so memory grows
 linearly with depth (a naive ``torch.stack`` of earlier slots per layer grows as L^2).
 Plain autograd refuses in-place writes into a tensor that earlier readers saved, so writes
-and reads have their own autograd functions: a read's backward adds its slot gradients into
-one gradient buffer, and a write's backward hands its slot of that buffer to the sublayer
+and reads have their own autograd functions: a read's slot gradients are added into one
+gradient buffer (by the read's backward, or directly by an attention kernel given
+``grad_buffers``), and a write's backward hands its slot of that buffer to the sublayer
 that produced it. Writes are chained by tokens (each write takes the previous write's token)
 and a read takes the latest token, so autograd runs every reader of a slot before its
 writer, with one autograd edge per read instead of one per slot read.
@@ -61,6 +62,14 @@ class DepthStream:
             self._tokens.append(token)
         self._cursor += 1
 
+    def grad_buffers(self, n: int) -> tuple[Tensor, Tensor] | None:
+        """Views of the gradient buffers' first ``n`` slots, for an op that adds a read's slot
+        gradients into them itself (``depth_grad_into``); ``None`` when no gradient is recorded."""
+        if not torch.is_grad_enabled() or self.slots.keys is None:
+            return None
+        self.slots.ensure_grad_buffers()
+        return self.slots.grad_keys[:, :, :n], self.slots.grad_values[:, :, :n]
+
     def read(self) -> tuple[Tensor | None, Tensor | None, int]:
         """Every slot written so far: ``(depth_k, depth_v, num_depth)``, ``[B, T, S, Hk, d]`` views.
 
@@ -82,8 +91,14 @@ class _SlotBuffers:
     def __init__(self) -> None:
         self.keys: Tensor | None = None  # [B, T, max_slots, Hk, d], allocated on the first write
         self.values: Tensor | None = None
-        self.grad_keys: Tensor | None = None  # gradient buffers, allocated by the first read's backward
+        self.grad_keys: Tensor | None = None  # gradient buffers: every reader's slot gradients, summed
         self.grad_values: Tensor | None = None
+        self.zero: Tensor | None = None  # the gradient every read hands to its token
+
+    def ensure_grad_buffers(self) -> None:
+        if self.grad_keys is None:
+            self.grad_keys = torch.zeros_like(self.keys)  # *_like keeps the slot-major layout
+            self.grad_values = torch.zeros_like(self.values)
 
 
 def _slot_major(storage: Tensor) -> Tensor:
@@ -97,13 +112,13 @@ def _slot_major(storage: Tensor) -> Tensor:
 
 
 def run_eagerly_under_compile() -> None:
-    """Make ``torch.compile`` run ``append`` and ``read`` eagerly between compiled regions.
+    """Make ``torch.compile`` run ``append``, ``read`` and ``grad_buffers`` eagerly between compiled regions.
 
     AOT autograd rejects writes into a buffer whose views autograd saved, so these two cannot
     be traced. The model calls this when it is built rather than at import time, because
     ``torch.compiler.disable`` imports torch._dynamo, which imports Triton.
     """
-    for name in ("append", "read"):
+    for name in ("append", "read", "grad_buffers"):
         method = getattr(DepthStream, name)
         if not getattr(method, "_moda_eager", False):
             eager = torch.compiler.disable(method)
@@ -127,7 +142,7 @@ class _WriteSlot(torch.autograd.Function):
         with torch.no_grad():
             _detached_storage_view(slots.keys)[:, :, slot].copy_(k)
             _detached_storage_view(slots.values)[:, :, slot].copy_(v)
-        return k.new_zeros(())
+        return k.new_empty(())  # only its autograd edge matters: no fill kernel
 
     @staticmethod
     def backward(ctx, grad_token: Tensor) -> tuple:
@@ -148,6 +163,7 @@ class _ReadSlots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, slots: _SlotBuffers, n: int, token: Tensor) -> tuple[Tensor, Tensor]:
         ctx.slots, ctx.n = slots, n
+        ctx.set_materialize_grads(False)  # an op that took `grad_buffers` returns no slot gradients
         depth_k = _detached_storage_view(slots.keys)[:, :, :n]
         depth_v = _detached_storage_view(slots.values)[:, :, :n]
         return depth_k, depth_v
@@ -155,29 +171,14 @@ class _ReadSlots(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_k: Tensor | None, grad_v: Tensor | None) -> tuple:
         slots: _SlotBuffers = ctx.slots
-        if slots.grad_keys is None:  # the first read in backward: the last layer's, the widest
-            if grad_v is grad_k:  # one tensor cannot become both buffers
-                grad_v = None if grad_v is None else grad_v.clone()
-            slots.grad_keys = _first_gradient(grad_k, slots.keys, ctx.n)
-            slots.grad_values = _first_gradient(grad_v, slots.values, ctx.n)
-        else:
-            if grad_k is not None:
-                slots.grad_keys[:, :, : ctx.n] += grad_k
-            if grad_v is not None:
-                slots.grad_values[:, :, : ctx.n] += grad_v
-        # A zero (not None) keeps the writers' backward scheduled after this read.
-        return None, None, torch.zeros((), device=slots.keys.device)
-
-
-def _first_gradient(grad: Tensor | None, buffer: Tensor, n: int) -> Tensor:
-    """The gradient buffer, started from the first read's gradient of slots ``:n``.
-
-    A gradient laid out like the whole buffer that nothing else references (the fresh output
-    of an attention backward) becomes the buffer itself: no zero fill and no copy.
-    """
-    if grad is not None and n == buffer.shape[2] and grad.stride() == buffer.stride() and not grad._is_view():
-        return grad
-    start = torch.zeros_like(buffer)
-    if grad is not None:
-        start[:, :, :n] = grad
-    return start
+        if grad_k is not None or grad_v is not None:
+            slots.ensure_grad_buffers()
+        if grad_k is not None:
+            slots.grad_keys[:, :, : ctx.n] += grad_k
+        if grad_v is not None:
+            slots.grad_values[:, :, : ctx.n] += grad_v
+        # A zero (not None) keeps the writers' backward scheduled after this read; one per
+        # stream, not a fill kernel per read.
+        if slots.zero is None:
+            slots.zero = torch.zeros((), device=slots.keys.device)
+        return None, None, slots.zero

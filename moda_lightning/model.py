@@ -101,7 +101,11 @@ class MoDAAttention(nn.Module):
 
         # Read the slots of the layers above before writing this layer's own.
         depth_k, depth_v, num_depth = depth.read() if depth is not None else (None, None, 0)
-        o = self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth)
+        if num_depth and getattr(self.backend, "takes_depth_grad_into", False) and not torch.compiler.is_compiling():
+            # the backward kernel adds this read's slot gradients straight into the stream's buffer
+            o = self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth, depth_grad_into=depth.grad_buffers(num_depth))
+        else:
+            o = self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth)
 
         if depth is not None and self.writes_depth:
             depth.append(*(self.depth_kv(h, rope) if self.depth_kv is not None else (k, v)))

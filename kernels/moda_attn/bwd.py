@@ -362,6 +362,7 @@ def moda_depth_bwd_kernel(
     BLOCK_T: tl.constexpr,
     SC: tl.constexpr,
     ACCUM_DQ: tl.constexpr,  # add to the dq in DQ (False: overwrite, e.g. a separate buffer)
+    ACCUM_DEPTH: tl.constexpr,  # add the depth gradients to GK, GV (False: overwrite)
     HK_FAST: tl.constexpr,  # grid axis 0 runs over (batch, KV head), axis 1 over token blocks
 ):  # fmt: skip
     """Depth gradients and the depth part of dq (added to DQ), from the merged ``o`` and ``lse``.
@@ -423,8 +424,13 @@ def moda_depth_bwd_kernel(
         # [BLOCK_N, D]: each (token, slot) sums over its own token's G rows (others are masked)
         g_dv = tl.dot(tl.trans(p.to(b_do.dtype)), b_do)
         g_dk = tl.dot(tl.trans(ds.to(b_q.dtype)), b_q) * sm_scale
-        tl.store(ptr_gk[:, None] + slot[:, None] * stride_gks + offs_d[None, :] * stride_gkd, g_dk.to(GK.dtype.element_ty), mask=mask_c[:, None])
-        tl.store(ptr_gv[:, None] + slot[:, None] * stride_gvs + offs_d[None, :] * stride_gvd, g_dv.to(GV.dtype.element_ty), mask=mask_c[:, None])
+        at_gk = ptr_gk[:, None] + slot[:, None] * stride_gks + offs_d[None, :] * stride_gkd
+        at_gv = ptr_gv[:, None] + slot[:, None] * stride_gvs + offs_d[None, :] * stride_gvd
+        if ACCUM_DEPTH:  # the caller sums many layers' gradients of a slot: add here, not in another pass
+            g_dk += tl.load(at_gk, mask=mask_c[:, None], other=0.0).to(tl.float32)
+            g_dv += tl.load(at_gv, mask=mask_c[:, None], other=0.0).to(tl.float32)
+        tl.store(at_gk, g_dk.to(GK.dtype.element_ty), mask=mask_c[:, None])
+        tl.store(at_gv, g_dv.to(GV.dtype.element_ty), mask=mask_c[:, None])
 
     ptr_dq = DQ + b * stride_dqb + offs_t64[:, None] * stride_dqt + offs_h[:, None] * stride_dqh + offs_d[None, :] * stride_dqd
     dq = dq * sm_scale
@@ -447,10 +453,12 @@ def moda_depth_bwd(
     d_depth_v: torch.Tensor,
     config: dict[str, int] | None = None,
     accum_dq: bool = True,
+    accum_depth: bool = False,
 ) -> None:
     """Write the first ``num_depth > 0`` slots of the depth grads and add the depth part of dq to ``dq``.
 
-    With ``accum_dq=False`` the depth part of dq overwrites ``dq`` instead.
+    With ``accum_dq=False`` the depth part of dq overwrites ``dq`` instead; with
+    ``accum_depth=True`` the depth grads are added to ``d_depth_k, d_depth_v``.
     """
     B, T, Hq, d = q.shape
     Hk = depth_k.shape[3]
@@ -461,5 +469,5 @@ def moda_depth_bwd(
         *q.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         *d_depth_k.stride(), *d_depth_v.stride(), *lse.stride(),
         T, Hk, num_depth, scale, scale * LOG2E,
-        G=Hq // Hk, D=d, ACCUM_DQ=accum_dq, HK_FAST=hk_fast, **cfg,
+        G=Hq // Hk, D=d, ACCUM_DQ=accum_dq, ACCUM_DEPTH=accum_depth, HK_FAST=hk_fast, **cfg,
     )  # fmt: skip

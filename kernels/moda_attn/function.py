@@ -28,6 +28,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from moda_kernels.moda_attn.bwd import moda_bwd, moda_depth_bwd
 from moda_kernels.moda_attn.checks import check_moda_inputs
+from moda_kernels.moda_attn.grad_into import add_grad_into, check_grad_into
 from moda_kernels.moda_attn.fwd import moda_depth_fwd, moda_fwd, moda_merge
 
 _SEQ_BACKENDS = ("auto", "triton", "triton_split", "cudnn")
@@ -186,12 +187,21 @@ def _attn_bwd_impl(
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``d(depth_k), d(depth_v)`` ``[B,T,S,Hk,d]`` (zero past ``num_depth``)."""
-    do = do.contiguous()
     S = depth_k.shape[2]
-    # *_like keeps a dense input's layout (the model's slot-major stream), so the caller's
-    # gradient sums stay contiguous; slots past num_depth get no gradient
+    # *_like keeps a dense input's layout; slots past num_depth get no gradient
     new_depth_grad = torch.empty_like if num_depth == S else torch.zeros_like
     d_depth_k, d_depth_v = new_depth_grad(depth_k), new_depth_grad(depth_v)
+    dq, dk, dv = _attn_bwd_into(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale, d_depth_k, d_depth_v, False)
+    return dq, dk, dv, d_depth_k, d_depth_v
+
+
+def _attn_bwd_into(
+    do, q, k, v, depth_k, depth_v, o, lse, num_depth: int, causal: bool, scale: float,
+    d_depth_k: Tensor, d_depth_v: Tensor, accum_depth: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``dq, dk, dv``; the depth gradients of the first ``num_depth`` slots are written to
+    ``d_depth_k, d_depth_v``, or added to them with ``accum_depth``."""
+    do = do.contiguous()
     path = _seq_path(q)
     if path == "cudnn":
         overlap = _overlap and num_depth > 0
@@ -200,7 +210,8 @@ def _attn_bwd_impl(
             dq_depth = torch.empty(q.shape, device=q.device, dtype=torch.float32)
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq_depth, d_depth_k, d_depth_v, accum_dq=False)
+                moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq_depth, d_depth_k, d_depth_v,
+                               accum_dq=False, accum_depth=accum_depth)  # fmt: skip
         try:
             dq, dk, dv = _cudnn_bwd(do, q, k, v, o, lse, causal, scale)
         except RuntimeError as err:
@@ -211,14 +222,20 @@ def _attn_bwd_impl(
             if overlap:
                 dq.add_(dq_depth)
             elif num_depth > 0:  # the depth gradients, and the depth part of dq added in place
-                moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq, d_depth_k, d_depth_v)
-            return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_depth_k, d_depth_v
+                moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq, d_depth_k, d_depth_v, accum_depth=accum_depth)
+            return dq.contiguous(), dk.contiguous(), dv.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if path == "triton" and num_depth > 0 and accum_depth:  # the fused kernel only writes: add after
+        fresh_k, fresh_v = torch.zeros_like(d_depth_k), torch.zeros_like(d_depth_v)
+        moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale, dq, dk, dv, fresh_k, fresh_v)
+        d_depth_k.add_(fresh_k)
+        d_depth_v.add_(fresh_v)
+        return dq, dk, dv
     moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, num_depth if path == "triton" else 0, causal, scale,
              dq, dk, dv, d_depth_k, d_depth_v)  # fmt: skip
     if path == "triton_split" and num_depth > 0:
-        moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq, d_depth_k, d_depth_v)
-    return dq, dk, dv, d_depth_k, d_depth_v
+        moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq, d_depth_k, d_depth_v, accum_depth=accum_depth)
+    return dq, dk, dv
 
 
 moda_attn_bwd = torch.library.custom_op("moda::attn_bwd", _attn_bwd_impl, mutates_args=())
@@ -265,18 +282,28 @@ class _EagerAttn(torch.autograd.Function):
     about as much host time as a layer's other kernels put together; a training step is
     launch-bound, so eager calls skip them. ``torch.compile`` and dispatch modes (such as
     ``FlopCounterMode``) still see ``moda::attn_fwd`` and ``moda::attn_bwd``.
+
+    With ``grad_into`` tensors the depth gradients are added into them by the backward kernel
+    (and not returned): the depth stream sums every reader's gradient of a slot that way.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, depth_k, depth_v, num_depth, causal, scale):
+    def forward(ctx, q, k, v, depth_k, depth_v, num_depth, causal, scale, grad_into_k=None, grad_into_v=None):
         output = _attn_fwd_impl(q, k, v, depth_k, depth_v, num_depth, causal, scale)
         _setup_context(ctx, (q, k, v, depth_k, depth_v, num_depth, causal, scale), output)
+        ctx.grad_into = None if grad_into_k is None else (grad_into_k, grad_into_v)
         ctx.set_materialize_grads(False)  # the log-sum-exps get no gradient; do not fill zeros for them
         return output
 
     @staticmethod
     def backward(ctx, do, _dlse, _dlse_depth):
-        return _grads(ctx, do, _attn_bwd_impl)
+        if ctx.grad_into is None:
+            return *_grads(ctx, do, _attn_bwd_impl), None, None
+        q, k, v, depth_k, depth_v, o, lse = ctx.saved_tensors
+        do = torch.zeros_like(o) if do is None else do
+        dq, dk, dv = _attn_bwd_into(do, q, k, v, depth_k, depth_v, o, lse, ctx.num_depth, ctx.causal, ctx.scale,
+                                    *ctx.grad_into, True)  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def _through_custom_op() -> bool:
@@ -353,6 +380,7 @@ def moda_attn(
     causal: bool = True,
     scale: float | None = None,
     return_lse: bool = False,
+    depth_grad_into: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Fused MoDA attention (CUDA; same contract as :func:`moda_attn_reference`).
 
@@ -367,6 +395,8 @@ def moda_attn(
         scale: logit scale, default ``d ** -0.5``.
         return_lse: also return ``lse`` and ``lse_depth`` ``[B, T, Hq]`` (fp32, natural log; not
             differentiable).
+        depth_grad_into: two tensors shaped like ``depth_k``; the backward adds the depth
+            gradients into them instead of returning them (see :func:`add_grad_into`).
 
     Returns:
         ``o [B, T, Hq, d]``, or ``(o, lse, lse_depth)``; gradients flow to q, k, v, depth_k, depth_v.
@@ -385,9 +415,15 @@ def moda_attn(
     B, T, Hq, d = q.shape
     if depth_k is None or depth_v is None:
         depth_k = depth_v = q.new_empty(B, T, 0, k.shape[2], d)
+        depth_grad_into = None
     scale = d**-0.5 if scale is None else float(scale)
-    attn = torch.ops.moda.attn_fwd if _through_custom_op() else _EagerAttn.apply
-    o, lse, lse_depth = attn(q, k, v, depth_k, depth_v, num_depth, causal, scale)
+    if _through_custom_op():
+        if depth_grad_into is not None:
+            depth_k, depth_v = add_grad_into(depth_k, depth_v, depth_grad_into)
+        o, lse, lse_depth = torch.ops.moda.attn_fwd(q, k, v, depth_k, depth_v, num_depth, causal, scale)
+    else:
+        grad_into = check_grad_into(depth_grad_into, depth_k) if depth_grad_into is not None else (None, None)
+        o, lse, lse_depth = _EagerAttn.apply(q, k, v, depth_k, depth_v, num_depth, causal, scale, *grad_into)
     if not return_lse:
         return o
     return o, lse.transpose(1, 2), lse_depth.transpose(1, 2)

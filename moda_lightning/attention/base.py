@@ -19,6 +19,11 @@ class AttentionBackend(ABC):
     reads_depth: bool = True
     """Whether the backend attends to the depth stream (False: plain causal attention)."""
 
+    takes_depth_grad_into: bool = False
+    """Whether ``__call__`` accepts ``depth_grad_into=(keys, values)``: tensors into which the
+    backward adds the depth gradients (see ``moda_attention``). The depth stream then passes
+    its gradient buffer; otherwise it sums the returned gradients itself."""
+
     def check_available(self) -> None:
         """Raise ``RuntimeError`` saying why this backend cannot run here and what to use instead."""
 

@@ -18,6 +18,8 @@ _CPU_HINT = "Use --model.attention=moda_torch (the portable MoDA backend) or sdp
 class MoDATritonBackend(AttentionBackend):
     """MoDA through ``moda_attention(..., backend="triton")``: the fused Triton kernel."""
 
+    takes_depth_grad_into = True  # the backward kernel adds slot gradients into the stream's buffer
+
     def check_available(self) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError(f"attention backend 'moda_triton' needs a CUDA GPU, and none is visible. {_CPU_HINT}")
@@ -44,5 +46,8 @@ class MoDATritonBackend(AttentionBackend):
         *,
         num_depth: int = 0,
         scale: float | None = None,
+        depth_grad_into: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        return moda_attention(q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, backend="triton")
+        return moda_attention(
+            q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, backend="triton", depth_grad_into=depth_grad_into
+        )

@@ -113,6 +113,7 @@ class _ProbeBackend:
     def __init__(self, backend: Any, records: list[LayerStats]) -> None:
         self.backend, self.records = backend, records
         self.reads_depth = getattr(backend, "reads_depth", True)
+        self.takes_depth_grad_into = False  # the probe runs without gradients
 
     def check_device(self, device_type: str) -> None:
         self.backend.check_device(device_type)

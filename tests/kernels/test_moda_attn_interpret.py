@@ -198,6 +198,42 @@ def test_eager_path_equals_the_registered_op():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("seq", ["triton", "triton_split"])
+@pytest.mark.parametrize("route", ["eager", "registered op"])
+def test_depth_gradients_are_added_into_depth_grad_into(seq, route):
+    """The backward adds d(depth_k), d(depth_v) of the first num_depth slots into the given tensors."""
+    from moda_kernels.moda_attn import function
+
+    inputs, do = _inputs(2, 7, 4, 2, 16, 3, torch.float32, seed=5)
+    expected = _run(moda_attn_reference, inputs, do, num_depth=2)
+    g = torch.Generator().manual_seed(9)
+    into = (torch.randn(inputs[3].shape, generator=g), torch.randn(inputs[4].shape, generator=g))
+    start = [t.clone() for t in into]
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    original = function._through_custom_op
+    function._through_custom_op = (lambda: True) if route == "registered op" else original
+    function.set_seq_backend(seq)
+    try:
+        o = function.moda_attn(*xs, num_depth=2, depth_grad_into=into)
+        o.backward(do)
+    finally:
+        function._through_custom_op = original
+        function.set_seq_backend("auto")
+    assert xs[3].grad is None and xs[4].grad is None  # added into `into`, not returned
+    for name, got, ref in zip(["dq", "dk", "dv"], [x.grad for x in xs[:3]], expected[3:6]):
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    for name, total, first, ref in zip(["d_depth_k", "d_depth_v"], into, start, expected[6:]):
+        torch.testing.assert_close(total - first, ref, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_depth_grad_into_must_match_the_depth_stream():
+    from moda_kernels.moda_attn import moda_attn
+
+    (q, k, v, depth_k, depth_v), _ = _inputs(1, 5, 2, 1, 16, 3, torch.float32)
+    with pytest.raises(ValueError, match="depth_grad_into keys must match depth_k"):
+        moda_attn(q, k, v, depth_k, depth_v, depth_grad_into=(torch.zeros(1, 5, 2, 1, 16), torch.zeros_like(depth_v)))
+
+
 def test_fake_tensor_shapes():
     """The fake implementations give torch.compile the right output shapes without running a kernel."""
     from torch._subclasses.fake_tensor import FakeTensorMode
