@@ -135,6 +135,29 @@ def test_torch_compile_fullgraph():
     assert all(x.grad is not None for x in xs[:3])
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_depth_grad_into_adds_the_depth_gradients(path):
+    """``depth_grad_into`` gets exactly the depth gradients the op would otherwise return, added."""
+    from moda_kernels.moda_attn import moda_attn
+
+    inputs, do = _inputs(2, 300, 8, 2, 64, 12, torch.bfloat16, seed=4)
+    _set_path(path)
+    try:
+        plain = _run(moda_attn, inputs, do, num_depth=9)
+        into = [torch.randn_like(inputs[3]), torch.randn_like(inputs[4])]
+        start = [t.float() for t in into]
+        xs = [x.detach().clone().requires_grad_() for x in inputs]
+        moda_attn(*xs, num_depth=9, depth_grad_into=tuple(into)).backward(do)
+    finally:
+        _set_path("auto")
+    assert xs[3].grad is None and xs[4].grad is None
+    for got, ref in zip([x.grad for x in xs[:3]], plain[3:6]):
+        assert torch.equal(got, ref)
+    for total, first, ref in zip(into, start, plain[6:]):
+        # one bf16 rounding of the sum where the plain path rounds the gradient alone
+        assert _rel_err(total.float() - first, ref.float()) < 2e-2
+
+
 def test_model_backend_matches_moda_torch():
     """The 'moda_triton' model backend gives the same logits and gradients as 'moda_torch'."""
     from moda_lightning.config import MoDAConfig
