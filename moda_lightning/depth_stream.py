@@ -18,6 +18,9 @@ writer, with one autograd edge per read instead of one per slot read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -62,13 +65,14 @@ class DepthStream:
             self._tokens.append(token)
         self._cursor += 1
 
-    def grad_buffers(self, n: int) -> tuple[Tensor, Tensor] | None:
-        """Views of the gradient buffers' first ``n`` slots, for an op that adds a read's slot
-        gradients into them itself (``depth_grad_into``); ``None`` when no gradient is recorded."""
+    def grad_buffers(self, n: int) -> Callable[[], tuple[Tensor, Tensor]] | None:
+        """For an op that adds a read's slot gradients into the stream's gradient buffers itself
+        (``depth_grad_into``): a function, called in backward, returning views of their first
+        ``n`` slots. The buffers are allocated by the first call, after the forward pass and its
+        peak memory. ``None`` when no gradient is recorded."""
         if not torch.is_grad_enabled() or self.slots.keys is None:
             return None
-        self.slots.ensure_grad_buffers()
-        return self.slots.grad_keys[:, :, :n], self.slots.grad_values[:, :, :n]
+        return partial(self.slots.grad_views, n)
 
     def read(self) -> tuple[Tensor | None, Tensor | None, int]:
         """Every slot written so far: ``(depth_k, depth_v, num_depth)``, ``[B, T, S, Hk, d]`` views.
@@ -94,6 +98,10 @@ class _SlotBuffers:
         self.grad_keys: Tensor | None = None  # gradient buffers: every reader's slot gradients, summed
         self.grad_values: Tensor | None = None
         self.zero: Tensor | None = None  # the gradient every read hands to its token
+
+    def grad_views(self, n: int) -> tuple[Tensor, Tensor]:
+        self.ensure_grad_buffers()
+        return self.grad_keys[:, :, :n], self.grad_values[:, :, :n]
 
     def ensure_grad_buffers(self) -> None:
         if self.grad_keys is None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from moda_kernels.moda_attn import check_moda_inputs, moda_attn_reference
-from moda_kernels.moda_attn.grad_into import add_grad_into
+from moda_kernels.moda_attn.grad_into import GradInto, add_grad_into
 
 
 def _triton_op() -> Callable[..., Tensor | tuple[Tensor, Tensor, Tensor]]:
@@ -40,7 +40,7 @@ def moda_attention(
     scale: float | None = None,
     backend: str = "reference",
     return_lse: bool = False,
-    depth_grad_into: tuple[Tensor, Tensor] | None = None,
+    depth_grad_into: GradInto | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Mixture-of-Depths attention: sequence and depth keys under one softmax.
 
@@ -59,10 +59,11 @@ def moda_attention(
         backend: ``"reference"`` (vectorized PyTorch, any device, fp32/bf16/fp16) or
             ``"triton"`` (fused kernel, CUDA only).
         return_lse: also return the log-sum-exp of each row and of its depth part.
-        depth_grad_into: two tensors shaped like ``depth_k`` (keys, values) into which the
-            backward *adds* the depth gradients, instead of returning them to ``depth_k`` and
-            ``depth_v``. For callers that sum many readers' gradients of one buffer, as the
-            model's depth stream does; the Triton backend fuses the add into its kernel.
+        depth_grad_into: two tensors shaped like ``depth_k`` (keys, values), or a function
+            returning them that is called in backward, into which the backward *adds* the depth
+            gradients instead of returning them to ``depth_k`` and ``depth_v``. For callers that
+            sum many readers' gradients of one buffer, as the model's depth stream does; the
+            Triton backend fuses the add into its kernel.
 
     Returns:
         ``o [B, T, Hq, d]``; with ``return_lse=True`` the tuple ``(o, lse, lse_depth)``,

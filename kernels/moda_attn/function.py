@@ -28,7 +28,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from moda_kernels.moda_attn.bwd import moda_bwd, moda_depth_bwd
 from moda_kernels.moda_attn.checks import check_moda_inputs
-from moda_kernels.moda_attn.grad_into import add_grad_into, check_grad_into
+from moda_kernels.moda_attn.grad_into import GradInto, add_grad_into, check_grad_into, resolve_grad_into
 from moda_kernels.moda_attn.fwd import moda_depth_fwd, moda_fwd, moda_merge
 
 _SEQ_BACKENDS = ("auto", "triton", "triton_split", "cudnn")
@@ -283,27 +283,29 @@ class _EagerAttn(torch.autograd.Function):
     launch-bound, so eager calls skip them. ``torch.compile`` and dispatch modes (such as
     ``FlopCounterMode``) still see ``moda::attn_fwd`` and ``moda::attn_bwd``.
 
-    With ``grad_into`` tensors the depth gradients are added into them by the backward kernel
-    (and not returned): the depth stream sums every reader's gradient of a slot that way.
+    With ``grad_into`` (see ``grad_into.py``) the depth gradients are added into it by the
+    backward kernel and not returned: the depth stream sums every reader's gradient of a slot
+    that way.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, depth_k, depth_v, num_depth, causal, scale, grad_into_k=None, grad_into_v=None):
+    def forward(ctx, q, k, v, depth_k, depth_v, num_depth, causal, scale, grad_into=None):
         output = _attn_fwd_impl(q, k, v, depth_k, depth_v, num_depth, causal, scale)
         _setup_context(ctx, (q, k, v, depth_k, depth_v, num_depth, causal, scale), output)
-        ctx.grad_into = None if grad_into_k is None else (grad_into_k, grad_into_v)
+        ctx.grad_into = grad_into
         ctx.set_materialize_grads(False)  # the log-sum-exps get no gradient; do not fill zeros for them
         return output
 
     @staticmethod
     def backward(ctx, do, _dlse, _dlse_depth):
         if ctx.grad_into is None:
-            return *_grads(ctx, do, _attn_bwd_impl), None, None
+            return *_grads(ctx, do, _attn_bwd_impl), None
         q, k, v, depth_k, depth_v, o, lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
+        into_k, into_v = resolve_grad_into(ctx.grad_into, depth_k)
         dq, dk, dv = _attn_bwd_into(do, q, k, v, depth_k, depth_v, o, lse, ctx.num_depth, ctx.causal, ctx.scale,
-                                    *ctx.grad_into, True)  # fmt: skip
-        return dq, dk, dv, None, None, None, None, None, None, None
+                                    into_k, into_v, True)  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def _through_custom_op() -> bool:
@@ -380,7 +382,7 @@ def moda_attn(
     causal: bool = True,
     scale: float | None = None,
     return_lse: bool = False,
-    depth_grad_into: tuple[Tensor, Tensor] | None = None,
+    depth_grad_into: GradInto | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Fused MoDA attention (CUDA; same contract as :func:`moda_attn_reference`).
 
@@ -395,8 +397,9 @@ def moda_attn(
         scale: logit scale, default ``d ** -0.5``.
         return_lse: also return ``lse`` and ``lse_depth`` ``[B, T, Hq]`` (fp32, natural log; not
             differentiable).
-        depth_grad_into: two tensors shaped like ``depth_k``; the backward adds the depth
-            gradients into them instead of returning them (see :func:`add_grad_into`).
+        depth_grad_into: two tensors shaped like ``depth_k``, or a function returning them that
+            is called in backward; the backward adds the depth gradients into them instead of
+            returning them (see ``grad_into.py``).
 
     Returns:
         ``o [B, T, Hq, d]``, or ``(o, lse, lse_depth)``; gradients flow to q, k, v, depth_k, depth_v.
@@ -422,8 +425,9 @@ def moda_attn(
             depth_k, depth_v = add_grad_into(depth_k, depth_v, depth_grad_into)
         o, lse, lse_depth = torch.ops.moda.attn_fwd(q, k, v, depth_k, depth_v, num_depth, causal, scale)
     else:
-        grad_into = check_grad_into(depth_grad_into, depth_k) if depth_grad_into is not None else (None, None)
-        o, lse, lse_depth = _EagerAttn.apply(q, k, v, depth_k, depth_v, num_depth, causal, scale, *grad_into)
+        if depth_grad_into is not None and not callable(depth_grad_into):
+            check_grad_into(depth_grad_into, depth_k)  # fail now, not in backward
+        o, lse, lse_depth = _EagerAttn.apply(q, k, v, depth_k, depth_v, num_depth, causal, scale, depth_grad_into)
     if not return_lse:
         return o
     return o, lse.transpose(1, 2), lse_depth.transpose(1, 2)

@@ -7,6 +7,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from moda_kernels.moda_attn.grad_into import GradInto
 from moda_lightning.attention import register_backend
 from moda_lightning.attention.base import AttentionBackend
 from moda_lightning.ops import moda_attention
@@ -46,7 +47,7 @@ class MoDATritonBackend(AttentionBackend):
         *,
         num_depth: int = 0,
         scale: float | None = None,
-        depth_grad_into: tuple[Tensor, Tensor] | None = None,
+        depth_grad_into: GradInto | None = None,
     ) -> Tensor:
         return moda_attention(
             q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, backend="triton", depth_grad_into=depth_grad_into

@@ -198,9 +198,10 @@ def test_eager_path_equals_the_registered_op():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["tensors", "function"])
 @pytest.mark.parametrize("seq", ["triton", "triton_split"])
 @pytest.mark.parametrize("route", ["eager", "registered op"])
-def test_depth_gradients_are_added_into_depth_grad_into(seq, route):
+def test_depth_gradients_are_added_into_depth_grad_into(seq, route, lazy):
     """The backward adds d(depth_k), d(depth_v) of the first num_depth slots into the given tensors."""
     from moda_kernels.moda_attn import function
 
@@ -214,7 +215,7 @@ def test_depth_gradients_are_added_into_depth_grad_into(seq, route):
     function._through_custom_op = (lambda: True) if route == "registered op" else original
     function.set_seq_backend(seq)
     try:
-        o = function.moda_attn(*xs, num_depth=2, depth_grad_into=into)
+        o = function.moda_attn(*xs, num_depth=2, depth_grad_into=(lambda: into) if lazy else into)
         o.backward(do)
     finally:
         function._through_custom_op = original
