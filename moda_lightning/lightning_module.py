@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
@@ -114,6 +115,12 @@ class MoDALightningModule(L.LightningModule):
         # Compile the network, not the LightningModule: a compiled training_step that calls
         # self.log breaks on recent torch.
         if self.hparams.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
+            if self.config.reads_depth:
+                rank_zero_warn(
+                    f"compile=true with the depth stream ({self.config.attention!r}): the stream's writes and reads "
+                    "run eagerly, so each layer compiles into several graphs. On an H100 this measured slower than "
+                    "eager for moda_triton (0.86x, docs/scaling.md); compare a few hundred steps both ways."
+                )
             self.model = torch.compile(self.model)
 
     def forward(self, idx: Tensor) -> Tensor:
