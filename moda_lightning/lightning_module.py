@@ -119,7 +119,7 @@ class MoDALightningModule(L.LightningModule):
                 rank_zero_warn(
                     f"compile=true with the depth stream ({self.config.attention!r}): the stream's writes and reads "
                     "run eagerly, so each layer compiles into several graphs. On an H100 this measured slower than "
-                    "eager for moda_triton (0.86x, docs/scaling.md); compare a few hundred steps both ways."
+                    "eager for moda_triton (0.71-0.86x, docs/scaling.md); compare a few hundred steps both ways."
                 )
             self.model = torch.compile(self.model)
 
