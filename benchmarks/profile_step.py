@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 from collections import defaultdict
 
 import torch
@@ -22,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDATransformer
+from train_memory import median_step_ms  # benchmarks/ is on sys.path when a script in it runs
 
 # Kernel-name patterns, first match wins; the order matters (a cuDNN attention kernel is not a matmul).
 GROUPS = [
@@ -57,18 +57,6 @@ def make_step(model: torch.nn.Module, tokens: torch.Tensor):
     return step
 
 
-def timed(step, n: int) -> float:
-    times = []
-    for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def group_of(name: str) -> str:
     for group, pattern in GROUPS:
         if re.search(pattern, name):
@@ -94,7 +82,7 @@ def profile_backend(args, attention: str) -> dict[str, float]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     before = torch.cuda.memory_stats()
-    step_ms = timed(step, 5)
+    step_ms = median_step_ms(step, 5)
     after = torch.cuda.memory_stats()
     # cudaMalloc/cudaFree in a step cost host time and synchronise: the caching allocator should reuse
     device_calls = {k: (after.get(k, 0) - before.get(k, 0)) / 5 for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}

@@ -49,21 +49,26 @@ def measure_step(
             step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+        return median_step_ms(step, steps), torch.cuda.max_memory_allocated() / 2**30
     except torch.OutOfMemoryError:
         return "OOM"
     finally:
         del model, optimizer
         gc.collect()  # an OOM's traceback keeps the failed step's tensors reachable until collected
         torch.cuda.empty_cache()
+
+
+def median_step_ms(step, steps: int) -> float:
+    """Median over ``steps`` calls of ``step`` of its GPU time, CUDA events around each call."""
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def config(width: int, layers: int, seq_len: int, attention: str, **extra) -> MoDAConfig:
