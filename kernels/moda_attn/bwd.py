@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from moda_kernels.moda_attn.fwd import LOG2E, _next_pow2, depth_config, depth_grid
+from moda_kernels.moda_attn.tiles import depth_columns, load_rows, packed_rows
 
 
 @triton.jit
@@ -94,24 +95,14 @@ def moda_bwd_dq_kernel(
     HAS_DEPTH: tl.constexpr,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hk).to(tl.int64)
-    hk = pid_bh % Hk
-    t0 = pid_m * BLOCK_T
-
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_t = t0 + offs_r // G_PAD
-    offs_g = offs_r % G_PAD
-    offs_h = hk * G + offs_g
+    b, hk, t0, offs_t, offs_h, mask_r = packed_rows(tl.program_id(0), tl.program_id(1), T, Hk, G, G_PAD, BLOCK_T)
     offs_d = tl.arange(0, D)
-    mask_r = (offs_t < T) & (offs_g < G)
     offs_t64 = offs_t.to(tl.int64)
 
     # [BLOCK_M, D]
-    b_q = tl.load(Q + b * stride_qb + offs_t64[:, None] * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=mask_r[:, None], other=0.0)
-    b_do = tl.load(DO + b * stride_dob + offs_t64[:, None] * stride_dot + offs_h[:, None] * stride_doh + offs_d[None, :] * stride_dod, mask=mask_r[:, None], other=0.0)
-    b_o = tl.load(O + b * stride_ob + offs_t64[:, None] * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od, mask=mask_r[:, None], other=0.0)
+    b_q = load_rows(Q, b, offs_t, offs_h, mask_r, stride_qb, stride_qt, stride_qh, stride_qd, D)
+    b_do = load_rows(DO, b, offs_t, offs_h, mask_r, stride_dob, stride_dot, stride_doh, stride_dod, D)
+    b_o = load_rows(O, b, offs_t, offs_h, mask_r, stride_ob, stride_ot, stride_oh, stride_od, D)
     # [BLOCK_M]; delta = rowsum(o * do) = sum_j p_j dp_j over sequence and depth keys
     delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
     offs_lse = b * stride_lb + offs_h * stride_lh + offs_t64 * stride_lt
@@ -372,28 +363,14 @@ def moda_depth_bwd_kernel(
     query rows of each token. Each (token, slot) belongs to one program: plain stores, no atomics.
     """
     BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
-    BLOCK_N: tl.constexpr = BLOCK_T * SC
     if HK_FAST:  # programs of one token block and all KV heads run together: nearby depth bytes
-        pid_bh = tl.program_id(0)
-        pid_m = tl.program_id(1)
+        pid_m, pid_bh = tl.program_id(1), tl.program_id(0)
     else:
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-    b = (pid_bh // Hk).to(tl.int64)
-    hk = pid_bh % Hk
-    t0 = pid_m * BLOCK_T
-
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_t = t0 + offs_r // G_PAD
-    offs_g = offs_r % G_PAD
-    offs_h = hk * G + offs_g
+        pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, hk, t0, offs_t, offs_h, mask_r = packed_rows(pid_m, pid_bh, T, Hk, G, G_PAD, BLOCK_T)
     offs_d = tl.arange(0, D)
-    mask_r = (offs_t < T) & (offs_g < G)
     offs_t64 = offs_t.to(tl.int64)
-    offs_c = tl.arange(0, BLOCK_N)
-    offs_ct = t0 + offs_c // SC
-    offs_cs = offs_c % SC
-    mask_ct = offs_ct < T
+    offs_ct, offs_cs, mask_ct = depth_columns(t0, T, BLOCK_T, SC)  # (token, slot-in-step) key columns
     offs_ct64 = offs_ct.to(tl.int64)
     ptr_dk = DK + b * stride_dkb + offs_ct64 * stride_dkt + hk * stride_dkh
     ptr_dv = DV + b * stride_dvb + offs_ct64 * stride_dvt + hk * stride_dvh
@@ -402,9 +379,9 @@ def moda_depth_bwd_kernel(
     same_token = offs_t[:, None] == offs_ct[None, :]
 
     # [BLOCK_M, D]
-    b_q = tl.load(Q + b * stride_qb + offs_t64[:, None] * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=mask_r[:, None], other=0.0)
-    b_do = tl.load(DO + b * stride_dob + offs_t64[:, None] * stride_dot + offs_h[:, None] * stride_doh + offs_d[None, :] * stride_dod, mask=mask_r[:, None], other=0.0)
-    b_o = tl.load(O + b * stride_ob + offs_t64[:, None] * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od, mask=mask_r[:, None], other=0.0)
+    b_q = load_rows(Q, b, offs_t, offs_h, mask_r, stride_qb, stride_qt, stride_qh, stride_qd, D)
+    b_do = load_rows(DO, b, offs_t, offs_h, mask_r, stride_dob, stride_dot, stride_doh, stride_dod, D)
+    b_o = load_rows(O, b, offs_t, offs_h, mask_r, stride_ob, stride_ot, stride_oh, stride_od, D)
     delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
     lse2 = tl.load(LSE + b * stride_lb + offs_h * stride_lh + offs_t64 * stride_lt, mask=mask_r, other=float("inf")) * 1.4426950408889634
 

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moda_kernels.moda_attn.tiles import depth_columns, load_rows, packed_rows
+
 LOG2E = 1.4426950408889634  # 1 / ln 2: logits are kept in base 2 (exp2 is one instruction)
 LN2 = 0.6931471805599453
 LN2_C: tl.constexpr = tl.constexpr(LN2)
@@ -135,23 +137,10 @@ def moda_fwd_kernel(
     HAS_DEPTH: tl.constexpr,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hk).to(tl.int64)
-    hk = pid_bh % Hk
-    t0 = pid_m * BLOCK_T
-
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_t = t0 + offs_r // G_PAD  # token of each row
-    offs_g = offs_r % G_PAD
-    offs_h = hk * G + offs_g  # query head of each row
+    b, hk, t0, offs_t, offs_h, mask_r = packed_rows(tl.program_id(0), tl.program_id(1), T, Hk, G, G_PAD, BLOCK_T)
     offs_d = tl.arange(0, D)
-    mask_r = (offs_t < T) & (offs_g < G)
-
     offs_t64 = offs_t.to(tl.int64)
-    # [BLOCK_M, D]
-    ptr_q = Q + b * stride_qb + offs_t64[:, None] * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd
-    b_q = tl.load(ptr_q, mask=mask_r[:, None], other=0.0)
+    b_q = load_rows(Q, b, offs_t, offs_h, mask_r, stride_qb, stride_qt, stride_qh, stride_qd, D)  # [BLOCK_M, D]
 
     # --- stage 1: depth slots of the block's own tokens (group-aware) ---
     if HAS_DEPTH:
@@ -276,35 +265,18 @@ def moda_depth_fwd_kernel(
     another token are masked. The waste (a factor ``BLOCK_T``) is kept small by small row tiles.
     """
     BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
-    BLOCK_N: tl.constexpr = BLOCK_T * SC
     if HK_FAST:  # programs of one token block and all KV heads run together: nearby depth bytes
-        pid_bh = tl.program_id(0)
-        pid_m = tl.program_id(1)
+        pid_m, pid_bh = tl.program_id(1), tl.program_id(0)
     else:
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-    b = (pid_bh // Hk).to(tl.int64)
-    hk = pid_bh % Hk
-    t0 = pid_m * BLOCK_T
-
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_t = t0 + offs_r // G_PAD
-    offs_g = offs_r % G_PAD
-    offs_h = hk * G + offs_g
+        pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, hk, t0, offs_t, offs_h, mask_r = packed_rows(pid_m, pid_bh, T, Hk, G, G_PAD, BLOCK_T)
     offs_d = tl.arange(0, D)
-    mask_r = (offs_t < T) & (offs_g < G)
     offs_t64 = offs_t.to(tl.int64)
-    # depth key columns: (token, slot-in-step) pairs
-    offs_c = tl.arange(0, BLOCK_N)
-    offs_ct = t0 + offs_c // SC
-    offs_cs = offs_c % SC
-    mask_ct = offs_ct < T
+    offs_ct, offs_cs, mask_ct = depth_columns(t0, T, BLOCK_T, SC)  # (token, slot-in-step) key columns
     ptr_dk = DK + b * stride_dkb + offs_ct.to(tl.int64) * stride_dkt + hk * stride_dkh
     ptr_dv = DV + b * stride_dvb + offs_ct.to(tl.int64) * stride_dvt + hk * stride_dvh
-    same_token = offs_t[:, None] == offs_ct[None, :]  # [BLOCK_M, BLOCK_N]
-
-    # [BLOCK_M, D]
-    b_q = tl.load(Q + b * stride_qb + offs_t64[:, None] * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=mask_r[:, None], other=0.0)
+    same_token = offs_t[:, None] == offs_ct[None, :]  # [BLOCK_M, BLOCK_T * SC]
+    b_q = load_rows(Q, b, offs_t, offs_h, mask_r, stride_qb, stride_qt, stride_qh, stride_qd, D)  # [BLOCK_M, D]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
