@@ -4,9 +4,9 @@ Sublayers ``append`` their slot as the forward pass goes down the stack and a la
 ``read`` for what it may attend to. Nothing else in the model knows how slots are stored.
 
 Storage is one preallocated buffer per keys and values (slot-major memory, presented as the
-``[B, T, S, Hk, d]`` the op reads): each slot is
-written once and every layer reads a view of the first slots in place, so memory grows
-linearly with depth (a naive ``torch.stack`` of earlier slots per layer grows as L^2).
+``[B, T, S, Hk, d]`` the op reads): each slot is written once and every layer reads a view
+of the first slots in place, so memory grows linearly with depth (a naive ``torch.stack`` of
+earlier slots per layer grows as L^2).
 Plain autograd refuses in-place writes into a tensor that earlier readers saved, so writes
 and reads have their own autograd functions: a read's slot gradients are added into one
 gradient buffer (by the read's backward, or directly by an attention kernel given
@@ -93,7 +93,7 @@ class _SlotBuffers:
     until Python's cycle collector happens to run)."""
 
     def __init__(self) -> None:
-        self.keys: Tensor | None = None  # [B, T, max_slots, Hk, d], allocated on the first write
+        self.keys: Tensor | None = None  # [B, T, max_slots, Hk, d] (slot-major memory), allocated on the first write
         self.values: Tensor | None = None
         self.grad_keys: Tensor | None = None  # gradient buffers: every reader's slot gradients, summed
         self.grad_values: Tensor | None = None
@@ -122,8 +122,8 @@ def _slot_major(storage: Tensor) -> Tensor:
 def run_eagerly_under_compile() -> None:
     """Make ``torch.compile`` run ``append``, ``read`` and ``grad_buffers`` eagerly between compiled regions.
 
-    AOT autograd rejects writes into a buffer whose views autograd saved, so these two cannot
-    be traced. The model calls this when it is built rather than at import time, because
+    AOT autograd rejects writes into a buffer whose views autograd saved, so the stream's
+    methods cannot be traced. The model calls this when it is built rather than at import time, because
     ``torch.compiler.disable`` imports torch._dynamo, which imports Triton.
     """
     for name in ("append", "read", "grad_buffers"):
