@@ -28,8 +28,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from moda_kernels.moda_attn.bwd import moda_bwd, moda_depth_bwd
 from moda_kernels.moda_attn.checks import check_moda_inputs
-from moda_kernels.moda_attn.grad_into import GradInto, add_grad_into, check_grad_into, resolve_grad_into
 from moda_kernels.moda_attn.fwd import moda_depth_fwd, moda_fwd, moda_merge
+from moda_kernels.moda_attn.grad_into import GradInto, add_grad_into, check_grad_into, resolve_grad_into
 
 _SEQ_BACKENDS = ("auto", "triton", "triton_split", "cudnn")
 _seq_backend = os.environ.get("MODA_ATTN_SEQ", "auto")
