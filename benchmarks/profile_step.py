@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDATransformer
-from train_memory import median_step_ms  # benchmarks/ is on sys.path when a script in it runs
+from train_memory import median_step_ms, training_step  # benchmarks/ is on sys.path when a script in it runs
 
 # Kernel-name patterns, first match wins; the order matters (a cuDNN attention kernel is not a matmul).
 GROUPS = [
@@ -43,20 +43,6 @@ def build(width: int, layers: int, seq_len: int, attention: str, heads: int, kv_
     )  # fmt: skip
 
 
-def make_step(model: torch.nn.Module, tokens: torch.Tensor):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def group_of(name: str) -> str:
     for group, pattern in GROUPS:
         if re.search(pattern, name):
@@ -68,7 +54,7 @@ def profile_backend(args, attention: str) -> dict[str, float]:
     cfg = build(args.width, args.layers, args.seq_len, attention, args.heads, args.kv_heads)
     model = MoDATransformer(cfg).cuda()
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device="cuda")
-    step = make_step(model, tokens)
+    step = training_step(model, model, tokens)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

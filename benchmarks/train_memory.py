@@ -30,21 +30,11 @@ def measure_step(
 ) -> tuple[float, float] | str:
     """(median step ms, peak GiB) of training ``cfg`` on ``[batch, seq_len]`` tokens, or 'OOM'."""
     torch.cuda.empty_cache()
-    model = optimizer = None
+    model = step = None
     try:
         model = MoDATransformer(cfg).cuda()
-        network = torch.compile(model) if compile else model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device="cuda")
-
-        def step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = network(tokens[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+        step = training_step(torch.compile(model) if compile else model, model, tokens)
         for _ in range(3 if compile else 2):  # warm-up: kernel compilation, autotuning, allocator
             step()
         torch.cuda.synchronize()
@@ -53,9 +43,25 @@ def measure_step(
     except torch.OutOfMemoryError:
         return "OOM"
     finally:
-        del model, optimizer
+        del model, step
         gc.collect()  # an OOM's traceback keeps the failed step's tensors reachable until collected
         torch.cuda.empty_cache()
+
+
+def training_step(network, model: torch.nn.Module, tokens: torch.Tensor):
+    """A closure running one training step: bf16 autocast forward of ``network`` (``model`` or
+    its compiled form), cross-entropy on the next tokens, backward, fused AdamW on ``model``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = network(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def median_step_ms(step, steps: int) -> float:
