@@ -27,3 +27,12 @@ def test_compiled_network_matches_eager():
     torch.testing.assert_close(out, expected)
     for name, p in eager.named_parameters():
         torch.testing.assert_close(p.grad, expected_grads[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention,warns", [("moda_torch", True), ("sdpa", False)])
+def test_compiling_a_depth_reading_model_warns_that_the_stream_splits_the_graph(attention, warns, recwarn):
+    module = MoDALightningModule(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                                 attention=attention, compile=True)
+    module.configure_model()  # wraps the network with torch.compile; nothing is compiled until it runs
+    messages = [str(w.message) for w in recwarn if "depth stream" in str(w.message)]
+    assert bool(messages) == warns, messages
