@@ -78,12 +78,11 @@ def moda_attention(
             f"moda_attention: unknown backend {backend!r}; available: {sorted(_OP_BACKENDS)}"
             + (f" (did you mean {hint[0]!r}?)" if hint else "")
         )
-    num_depth = check_moda_inputs(q, k, v, depth_k, depth_v, num_depth)
     op = _OP_BACKENDS[backend]()
     kwargs = dict(num_depth=num_depth, causal=causal, scale=scale, return_lse=return_lse)
+    if backend == "triton":  # validates its inputs itself: once per call is enough on a hot path
+        return op(q, k, v, depth_k, depth_v, **kwargs, depth_grad_into=depth_grad_into)
+    kwargs["num_depth"] = check_moda_inputs(q, k, v, depth_k, depth_v, num_depth)
     if depth_grad_into is not None and depth_k is not None and depth_v is not None:
-        if backend == "triton":
-            kwargs["depth_grad_into"] = depth_grad_into
-        else:
-            depth_k, depth_v = add_grad_into(depth_k, depth_v, depth_grad_into)
+        depth_k, depth_v = add_grad_into(depth_k, depth_v, depth_grad_into)
     return op(q, k, v, depth_k, depth_v, **kwargs)
