@@ -15,11 +15,10 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)"),
 ]
 
-from _tolerance import check_close  # noqa: E402
+from _reference_check import NAMES, check_against_reference, outputs_and_grads  # noqa: E402
 
 from moda_kernels.moda_attn import moda_attn_reference  # noqa: E402
 
-NAMES = ["o", "lse", "lse_depth", "dq", "dk", "dv", "d_depth_k", "d_depth_v"]
 
 CASES = [
     # B, T, Hq, Hk, d, S, num_depth, causal
@@ -61,11 +60,6 @@ def _set_path(path: str) -> None:
     set_overlap(path.endswith("_overlap"))
 
 
-def _run(fn, inputs, do, **kw):
-    xs = [x.detach().clone().requires_grad_() for x in inputs]
-    o, lse, lse_depth = fn(*xs, return_lse=True, **kw)
-    grads = torch.autograd.grad(o, xs, do.to(o.dtype), allow_unused=True)
-    return [o, lse, lse_depth, *[torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs)]]
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -81,13 +75,10 @@ def test_matches_float64_reference(case, dtype, path):
     kw = dict(num_depth=L, causal=causal)
     _set_path(path)
     try:
-        out = _run(moda_attn, inputs, do, **kw)
+        out = outputs_and_grads(moda_attn, inputs, do, **kw)
     finally:
         _set_path("auto")
-    ref64 = _run(moda_attn_reference, [x.double() for x in inputs], do.double(), **kw)
-    ref_lowp = _run(moda_attn_reference, inputs, do, **kw)
-    for name, a, r64, rl in zip(NAMES, out, ref64, ref_lowp):
-        check_close(name, a, r64, rl, floor=1e-3)
+    check_against_reference(out, inputs, do, floor=1e-3, **kw)
 
 
 def test_no_depth_matches_sdpa():
@@ -110,7 +101,7 @@ def test_deterministic(path):
     inputs, do = _inputs(1, 1000, 16, 2, 64, 16, torch.bfloat16)
     _set_path(path)
     try:
-        runs = [_run(moda_attn, inputs, do, num_depth=16) for _ in range(3)]
+        runs = [outputs_and_grads(moda_attn, inputs, do, num_depth=16) for _ in range(3)]
     finally:
         _set_path("auto")
     for other in runs[1:]:
@@ -143,7 +134,7 @@ def test_depth_grad_into_adds_the_depth_gradients(path):
     inputs, do = _inputs(2, 300, 8, 2, 64, 12, torch.bfloat16, seed=4)
     _set_path(path)
     try:
-        plain = _run(moda_attn, inputs, do, num_depth=9)
+        plain = outputs_and_grads(moda_attn, inputs, do, num_depth=9)
         # zeros: the sum then equals the returned gradient exactly (the interpreter tests add to random values)
         into = [torch.zeros_like(inputs[3]), torch.zeros_like(inputs[4])]
         xs = [x.detach().clone().requires_grad_() for x in inputs]
@@ -185,8 +176,8 @@ def test_fp32_runs_in_tf32():
     from moda_kernels.moda_attn import moda_attn
 
     inputs, do = _inputs(1, 300, 8, 2, 64, 6, torch.float32)
-    out = _run(moda_attn, inputs, do, num_depth=5)
-    ref = _run(moda_attn_reference, [x.double() for x in inputs], do.double(), num_depth=5)
+    out = outputs_and_grads(moda_attn, inputs, do, num_depth=5)
+    ref = outputs_and_grads(moda_attn_reference, [x.double() for x in inputs], do.double(), num_depth=5)
     for name, a, r in zip(NAMES, out, ref):
         if name == "lse_depth" or name == "lse":
             torch.testing.assert_close(a.double(), r, atol=1e-2, rtol=1e-3)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 triton = pytest.importorskip("triton")
 
-from _tolerance import check_close  # noqa: E402
+from _reference_check import NAMES, check_against_reference, outputs_and_grads  # noqa: E402
 
 from moda_kernels.moda_attn import moda_attn_reference  # noqa: E402
 
@@ -35,16 +35,8 @@ def _inputs(B, T, Hq, Hk, d, S, dtype, seed=0):
     return [q, k, v, depth_k, depth_v], do
 
 
-def _run(fn, inputs, do, **kw):
-    """Output, both LSEs and the five gradients (zeros where a depth input is unused)."""
-    xs = [x.detach().clone().requires_grad_() for x in inputs]
-    o, lse, lse_depth = fn(*xs, return_lse=True, **kw)
-    grads = torch.autograd.grad(o, xs, do.to(o.dtype), allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs)]
-    return [o, lse, lse_depth, *grads]
 
 
-NAMES = ["o", "lse", "lse_depth", "dq", "dk", "dv", "d_depth_k", "d_depth_v"]
 
 
 def _compare(inputs, do, *, num_depth, causal, dtype, seq="triton"):
@@ -54,14 +46,10 @@ def _compare(inputs, do, *, num_depth, causal, dtype, seq="triton"):
     kw = dict(num_depth=num_depth, causal=causal)
     set_seq_backend(seq)
     try:
-        out = _run(moda_attn, inputs, do, **kw)
+        out = outputs_and_grads(moda_attn, inputs, do, **kw)
     finally:
         set_seq_backend("auto")
-    ref64 = _run(moda_attn_reference, [x.double() for x in inputs], do.double(), **kw)
-    ref_lowp = _run(moda_attn_reference, inputs, do, **kw)
-    floor = 1e-5 if dtype == torch.float32 else 1e-3
-    for name, a, r64, rl in zip(NAMES, out, ref64, ref_lowp):
-        check_close(name, a, r64, rl, floor=floor)
+    check_against_reference(out, inputs, do, floor=1e-5 if dtype == torch.float32 else 1e-3, **kw)
 
 
 CASES = [
@@ -125,10 +113,10 @@ def test_depth_read_in_place_from_strided_view(seq, monkeypatch):
         monkeypatch.setenv("MODA_DEPTH_HK_FAST", "0")
     set_seq_backend(seq.removesuffix("-token_grid"))
     try:
-        out = _run(moda_attn, [q, k, v, dk_p, dv_p], do, num_depth=2)
+        out = outputs_and_grads(moda_attn, [q, k, v, dk_p, dv_p], do, num_depth=2)
     finally:
         set_seq_backend("auto")
-    ref = _run(moda_attn_reference, [q, k, v, depth_k, depth_v], do, num_depth=2)
+    ref = outputs_and_grads(moda_attn_reference, [q, k, v, depth_k, depth_v], do, num_depth=2)
     for name, a, r in zip(NAMES, out, ref):
         if name == "d_depth_k":
             r = torch.cat([r[:, :, :2], torch.zeros_like(r[:, :, 2:])], dim=2)
@@ -163,7 +151,7 @@ def test_depth_kernels_merge_into_reference_sequence_part():
     g_dk, g_dv = torch.zeros_like(depth_k), torch.zeros_like(depth_v)
     moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, 0, True, scale, dq, dk, dv, g_dk, g_dv)  # "cuDNN"
     moda_depth_bwd(do, q, depth_k, depth_v, o, lse, L, scale, dq, g_dk, g_dv)
-    ref = _run(moda_attn_reference, [q, k, v, depth_k, depth_v], do, num_depth=L)
+    ref = outputs_and_grads(moda_attn_reference, [q, k, v, depth_k, depth_v], do, num_depth=L)
     for name, a, r in zip(NAMES[3:], [dq, dk, dv, g_dk, g_dv], ref[3:]):
         torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
@@ -187,11 +175,11 @@ def test_eager_path_equals_the_registered_op():
     from moda_kernels.moda_attn import function
 
     inputs, do = _inputs(2, 11, 4, 2, 16, 3, torch.float32, seed=3)
-    eager = _run(function.moda_attn, inputs, do, num_depth=2)
+    eager = outputs_and_grads(function.moda_attn, inputs, do, num_depth=2)
     original = function._through_custom_op
     function._through_custom_op = lambda: True
     try:
-        registered = _run(function.moda_attn, inputs, do, num_depth=2)
+        registered = outputs_and_grads(function.moda_attn, inputs, do, num_depth=2)
     finally:
         function._through_custom_op = original
     for name, a, b in zip(NAMES, eager, registered):
@@ -206,7 +194,7 @@ def test_depth_gradients_are_added_into_depth_grad_into(seq, route, lazy):
     from moda_kernels.moda_attn import function
 
     inputs, do = _inputs(2, 7, 4, 2, 16, 3, torch.float32, seed=5)
-    expected = _run(moda_attn_reference, inputs, do, num_depth=2)
+    expected = outputs_and_grads(moda_attn_reference, inputs, do, num_depth=2)
     g = torch.Generator().manual_seed(9)
     into = (torch.randn(inputs[3].shape, generator=g), torch.randn(inputs[4].shape, generator=g))
     start = [t.clone() for t in into]
