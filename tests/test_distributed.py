@@ -1,4 +1,8 @@
-"""Data-parallel training on CPU: two gloo processes give the gradients of one process on the whole batch."""
+"""Data-parallel training: two processes give the gradients of one process on the whole batch.
+
+On CPU with gloo and the portable backend (CI); on two GPUs with NCCL and the Triton backend
+(``-m cuda``, through the device tool).
+"""
 
 from __future__ import annotations
 
@@ -19,10 +23,11 @@ from moda_lightning.model import MoDATransformer
 VOCAB = 40
 
 
-def build_model(checkpointing: bool) -> MoDATransformer:
+def build_model(checkpointing: bool, attention: str = "moda_torch") -> MoDATransformer:
     torch.manual_seed(0)
-    cfg = MoDAConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=32,
-                     activation_checkpointing=checkpointing)
+    # head_dim 16: the smallest the Triton kernel takes
+    cfg = MoDAConfig(vocab_size=VOCAB, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                     activation_checkpointing=checkpointing, attention=attention)
     return MoDATransformer(cfg)
 
 
@@ -35,14 +40,19 @@ def loss_of(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def _worker(rank: int, world: int, port: int, out: str, checkpointing: bool) -> None:
+def _worker(rank: int, world: int, port: int, out: str, checkpointing: bool, on_gpu: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two ranks share a 2-core CI machine
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = torch.nn.parallel.DistributedDataParallel(build_model(checkpointing))
-    loss_of(model, batch().chunk(world)[rank]).backward()  # DDP averages gradients over ranks
+    dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world)
+    if on_gpu:
+        torch.cuda.set_device(rank)
+        model = torch.nn.parallel.DistributedDataParallel(build_model(checkpointing, "moda_triton").cuda(), device_ids=[rank])
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(build_model(checkpointing))
+    device = "cuda" if on_gpu else "cpu"
+    loss_of(model, batch().chunk(world)[rank].to(device)).backward()  # DDP averages gradients over ranks
     if rank == 0:
-        torch.save({n: p.grad for n, p in model.module.named_parameters()}, out)
+        torch.save({n: p.grad.cpu() for n, p in model.module.named_parameters()}, out)
     dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
@@ -62,6 +72,21 @@ def test_two_process_ddp_matches_one_process(tmp_path, checkpointing):
     loss_of(model, batch()).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp_grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (run through the device tool)")
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_two_gpu_ddp_with_the_triton_backend_matches_one_gpu(tmp_path, checkpointing):
+    """The fused backend's depth gradients (summed in its kernel) survive DDP's bucketed all-reduce."""
+    out = str(tmp_path / "grads.pt")
+    mp.spawn(_worker, args=(2, free_port(), out, checkpointing, True), nprocs=2, join=True)
+    ddp_grads = torch.load(out)
+    model = build_model(checkpointing, "moda_triton").cuda()
+    loss_of(model, batch().cuda()).backward()
+    # fp32 runs the kernels' matmuls in tf32; a missing or doubled depth gradient is far larger
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp_grads[name], p.grad.cpu(), atol=1e-4, rtol=2e-2, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.slow
