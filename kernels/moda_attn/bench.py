@@ -171,7 +171,7 @@ def measure_ceilings() -> tuple[float, float]:
 
 
 def breakdown(shapes: list[Shape]) -> None:
-    """Time the parts of the cuDNN + depth-kernel path one by one."""
+    """Time the parts of the cuDNN + depth-kernel path one by one, with the depth kernels' byte rates."""
     from moda_kernels.moda_attn.bwd import moda_depth_bwd
     from moda_kernels.moda_attn.function import _cudnn_bwd, _cudnn_fwd
     from moda_kernels.moda_attn.fwd import moda_depth_fwd
@@ -191,9 +191,11 @@ def breakdown(shapes: list[Shape]) -> None:
             cudnn_bwd=bench_ms(lambda: _cudnn_bwd(do, q, k, v, o, lse, True, scale)),
             depth_bwd=bench_ms(lambda: moda_depth_bwd(do, q, dk, dv, o, lse, s.L, scale, dq, gk, gv)),
         )
-        depth_bytes = 2 * s.B * s.T * s.d * (2 * s.L * s.Hk)
+        depth_bytes = 2 * s.B * s.T * s.d * (2 * s.L * s.Hk)  # depth k+v, bf16, read once
+        # the forward reads the slots; the backward reads them and writes their gradients
+        rates = f"depth_fwd {depth_bytes / t['depth_fwd'] / 1e9:.2f} TB/s, depth_bwd {2 * depth_bytes / t['depth_bwd'] / 1e9:.2f} TB/s"
         print(f"{s.name:<28} " + "  ".join(f"{k} {v:7.3f}" for k, v in t.items())
-              + f"  (depth k+v read once: {depth_bytes / 1e9:.2f} GB)", flush=True)  # fmt: skip
+              + f"  (depth k+v read once: {depth_bytes / 1e9:.2f} GB; {rates})", flush=True)  # fmt: skip
         del q, k, v, dk, dv, do, o, o2, dq, gk, gv
         torch.cuda.empty_cache()
 
