@@ -111,6 +111,9 @@ def main(args: list[str] | None = None) -> None:
             TextDataModule,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
+            # argparse would take a unique prefix for a whole option: `--model.attn=true` would
+            # silently set `attn_kv_proj`. Options must be spelled out.
+            parser_kwargs={"allow_abbrev": False},
             args=args,
         )
     except SetupError as err:

@@ -97,3 +97,11 @@ def test_console_script_reports_a_bad_config_in_one_line(tmp_path):
     assert result.returncode == 2
     assert "moda: error: invalid MoDA model configuration" in result.stderr
     assert "unknown norm placement 'sandwich'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_abbreviated_options_are_refused(tmp_path, capsys):
+    """A unique prefix must not stand for a whole option: `--model.attn` is not `--model.attn_kv_proj`."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.attn=true", "--print_config"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --model.attn=true" in capsys.readouterr().err
