@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDATransformer
-from train_memory import median_step_ms, training_step  # benchmarks/ is on sys.path when a script in it runs
+from train_memory import median_step_ms, training_step, unfuse_norm_rope  # benchmarks/ is on sys.path when a script in it runs
 
 # Kernel-name patterns, first match wins; the order matters (a cuDNN attention kernel is not a matmul).
 GROUPS = [
@@ -124,8 +124,12 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--trace", default=None, help="folder for Chrome traces")
     parser.add_argument("--sync-check", action="store_true")
+    parser.add_argument("--unfused-norm-rope", action="store_true", help="q/k RMSNorm and RoPE as separate torch ops")
     args = parser.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.unfused_norm_rope:
+        unfuse_norm_rope()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}"
+          + (" (norm + RoPE unfused)" if args.unfused_norm_rope else ""))  # fmt: skip
     print(f"shape: width {args.width}, {args.heads}/{args.kv_heads} heads, {args.layers} layers, "
           f"T={args.seq_len}, batch {args.batch}")  # fmt: skip
     results = {b: profile_backend(args, b) for b in args.backends}

@@ -87,6 +87,13 @@ def fmt(result: tuple[float, float] | str) -> tuple[str, str]:
     return (result, result) if isinstance(result, str) else (f"{result[0]:.1f}", f"{result[1]:.2f}")
 
 
+def unfuse_norm_rope() -> None:
+    """Run the q/k RMSNorm and RoPE as separate torch ops: the before of ``moda_kernels.norm_rope``."""
+    import moda_lightning.model
+
+    moda_lightning.model._has_triton = lambda: False  # norm_then_rope then takes the module path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
@@ -97,8 +104,14 @@ def main() -> None:
     parser.add_argument("--seq-lens", nargs="+", type=int, help="only these sequence lengths")
     parser.add_argument("--only-700m", action="store_true", help="skip the width/depth/length sweep")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile at width 384")
+    parser.add_argument(
+        "--unfused-norm-rope", action="store_true", help="q/k RMSNorm and RoPE as separate torch ops (the before of the fused kernel)"
+    )
     args = parser.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.unfused_norm_rope:
+        unfuse_norm_rope()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}"
+          + (" (norm + RoPE unfused)" if args.unfused_norm_rope else ""))  # fmt: skip
 
     layers_list = [12, 24] if args.quick else [12, 24, 48]
     seq_list = [] if args.only_700m else args.seq_lens or ([1024] if args.quick else [1024, 4096])

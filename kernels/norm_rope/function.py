@@ -1,0 +1,46 @@
+"""``norm_rope``: the fused per-head RMSNorm + RoPE as an autograd function (CUDA, or the interpreter)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moda_kernels.norm_rope.kernel import BLOCK_R, norm_rope_bwd, norm_rope_fwd
+
+
+class _NormRoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps: float) -> Tensor:
+        B, T, H, d = x.shape
+        out = torch.empty(B, T, H, d, device=x.device, dtype=x.dtype)
+        rstd = torch.empty(B * T * H, device=x.device, dtype=torch.float32)
+        norm_rope_fwd(x, weight, cos, sin, eps, out, rstd)
+        ctx.save_for_backward(x, weight, cos, sin, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> tuple:
+        x, weight, cos, sin, rstd = ctx.saved_tensors
+        B, T, H, d = x.shape
+        dx = torch.empty(B, T, H, d, device=x.device, dtype=x.dtype)
+        dw_partial = torch.empty(-(-B * T * H // BLOCK_R), d, device=x.device, dtype=torch.float32)
+        norm_rope_bwd(x, weight, cos, sin, rstd, dout.contiguous(), dx, dw_partial)
+        return dx, dw_partial.sum(0).to(weight.dtype), None, None, None
+
+
+def norm_rope(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps: float) -> Tensor:
+    """``rope(rms_norm(x) * weight)`` on ``x [B, T, H, d]`` (any strides), one kernel each way.
+
+    Same contract as :func:`~moda_kernels.norm_rope.reference.norm_rope_reference`: ``cos, sin``
+    are float32 ``[T_max, d]`` rotary tables (``sin`` negated on the first half) with
+    ``T_max >= T``; the output is contiguous, in ``x``'s dtype; gradients flow to ``x`` and
+    ``weight``. ``d`` must be a power of two (the head dims the attention kernels take).
+    """
+    d = x.shape[-1]
+    if x.dim() != 4 or d & (d - 1) or d < 2:
+        raise ValueError(f"norm_rope: x must be [B, T, H, d] with d a power of two; got {list(x.shape)}.")
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.shape[0] < x.shape[1] or cos.shape[1] != d:
+        raise ValueError(
+            f"norm_rope: cos/sin must be float32 [T_max >= {x.shape[1]}, {d}] tables; got {list(cos.shape)} {cos.dtype}."
+        )
+    return _NormRoPE.apply(x, weight, cos.contiguous(), sin.contiguous(), float(eps))
