@@ -39,21 +39,23 @@ def norm_rope_fwd_kernel(
     BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """``OUT [B*T*H, D]`` (contiguous) and ``RSTD [B*T*H]`` from ``X [B, T, H, D]`` (any strides)."""
-    b, t, h, mask = _rows(tl.program_id(0), T, H, n_rows, BLOCK_R)
-    offs = tl.arange(0, D)
-    swap = (offs + D // 2) % D  # rotate-half partner of each channel
-    base = X + b[:, None] * stride_xb + t[:, None] * stride_xt + h[:, None] * stride_xh
-    x = tl.load(base + offs[None, :] * stride_xd, mask=mask[:, None], other=0.0).to(tl.float32)
-    x_swap = tl.load(base + swap[None, :] * stride_xd, mask=mask[:, None], other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-    y = x * rstd[:, None] * tl.load(W + offs).to(tl.float32)[None, :]
-    y_swap = x_swap * rstd[:, None] * tl.load(W + swap).to(tl.float32)[None, :]
-    cos = tl.load(COS + t[:, None] * stride_cos + offs[None, :], mask=mask[:, None], other=0.0)
-    sin = tl.load(SIN + t[:, None] * stride_sin + offs[None, :], mask=mask[:, None], other=0.0)
-    out = y * cos + y_swap * sin
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    tl.store(OUT + rows.to(tl.int64)[:, None] * D + offs[None, :], out.to(OUT.dtype.element_ty), mask=mask[:, None])
-    tl.store(RSTD + rows, rstd, mask=mask)
+    b, t, h, mask_r = _rows(tl.program_id(0), T, H, n_rows, BLOCK_R)
+    offs_d = tl.arange(0, D)
+    offs_swap = (offs_d + D // 2) % D  # rotate-half partner of each channel
+    ptr_x = X + b[:, None] * stride_xb + t[:, None] * stride_xt + h[:, None] * stride_xh
+    # [BLOCK_R, D]: each row, and each row with its halves swapped
+    b_x = tl.load(ptr_x + offs_d[None, :] * stride_xd, mask=mask_r[:, None], other=0.0).to(tl.float32)
+    b_x_swap = tl.load(ptr_x + offs_swap[None, :] * stride_xd, mask=mask_r[:, None], other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=1) / D + eps)
+    b_y = b_x * rstd[:, None] * tl.load(W + offs_d).to(tl.float32)[None, :]
+    b_y_swap = b_x_swap * rstd[:, None] * tl.load(W + offs_swap).to(tl.float32)[None, :]
+    # [BLOCK_R, D]: the rotary tables at each row's token
+    b_cos = tl.load(COS + t[:, None] * stride_cos + offs_d[None, :], mask=mask_r[:, None], other=0.0)
+    b_sin = tl.load(SIN + t[:, None] * stride_sin + offs_d[None, :], mask=mask_r[:, None], other=0.0)
+    b_out = b_y * b_cos + b_y_swap * b_sin
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    tl.store(OUT + offs_r.to(tl.int64)[:, None] * D + offs_d[None, :], b_out.to(OUT.dtype.element_ty), mask=mask_r[:, None])
+    tl.store(RSTD + offs_r, rstd, mask=mask_r)
 
 
 @triton.jit
@@ -66,25 +68,28 @@ def norm_rope_bwd_kernel(
     BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """``DX [B*T*H, D]`` (contiguous) and this program's share of the weight gradient, ``DW_PARTIAL[pid]``."""
-    pid = tl.program_id(0)
-    b, t, h, mask = _rows(pid, T, H, n_rows, BLOCK_R)
-    offs = tl.arange(0, D)
-    swap = (offs + D // 2) % D
-    rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    x = tl.load(X + b[:, None] * stride_xb + t[:, None] * stride_xt + h[:, None] * stride_xh + offs[None, :] * stride_xd,
-                mask=mask[:, None], other=0.0).to(tl.float32)  # fmt: skip
-    rstd = tl.load(RSTD + rows, mask=mask, other=0.0)
-    dout = tl.load(DOUT + rows[:, None] * D + offs[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    dout_swap = tl.load(DOUT + rows[:, None] * D + swap[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    cos = tl.load(COS + t[:, None] * stride_cos + offs[None, :], mask=mask[:, None], other=0.0)
-    sin_swap = tl.load(SIN + t[:, None] * stride_sin + swap[None, :], mask=mask[:, None], other=0.0)
-    dy = dout * cos + dout_swap * sin_swap
-    x_hat = x * rstd[:, None]
-    w = tl.load(W + offs).to(tl.float32)
-    tl.store(DW_PARTIAL + pid * D + offs, tl.sum(dy * x_hat, axis=0))
-    dx_hat = dy * w[None, :]
-    dx = rstd[:, None] * (dx_hat - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / D)[:, None])
-    tl.store(DX + rows[:, None] * D + offs[None, :], dx.to(DX.dtype.element_ty), mask=mask[:, None])
+    pid_r = tl.program_id(0)
+    b, t, h, mask_r = _rows(pid_r, T, H, n_rows, BLOCK_R)
+    offs_d = tl.arange(0, D)
+    offs_swap = (offs_d + D // 2) % D
+    offs_r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    # [BLOCK_R, D]
+    b_x = tl.load(X + b[:, None] * stride_xb + t[:, None] * stride_xt + h[:, None] * stride_xh + offs_d[None, :] * stride_xd,
+                  mask=mask_r[:, None], other=0.0).to(tl.float32)  # fmt: skip
+    rstd = tl.load(RSTD + offs_r, mask=mask_r, other=0.0)
+    # [BLOCK_R, D]: the output gradient, and with its halves swapped (P is its own inverse)
+    b_dout = tl.load(DOUT + offs_r[:, None] * D + offs_d[None, :], mask=mask_r[:, None], other=0.0).to(tl.float32)
+    b_dout_swap = tl.load(DOUT + offs_r[:, None] * D + offs_swap[None, :], mask=mask_r[:, None], other=0.0).to(tl.float32)
+    # [BLOCK_R, D]
+    b_cos = tl.load(COS + t[:, None] * stride_cos + offs_d[None, :], mask=mask_r[:, None], other=0.0)
+    b_sin_swap = tl.load(SIN + t[:, None] * stride_sin + offs_swap[None, :], mask=mask_r[:, None], other=0.0)
+    b_dy = b_dout * b_cos + b_dout_swap * b_sin_swap
+    b_x_hat = b_x * rstd[:, None]
+    b_w = tl.load(W + offs_d).to(tl.float32)
+    tl.store(DW_PARTIAL + pid_r * D + offs_d, tl.sum(b_dy * b_x_hat, axis=0))
+    b_dx_hat = b_dy * b_w[None, :]
+    b_dx = rstd[:, None] * (b_dx_hat - b_x_hat * (tl.sum(b_dx_hat * b_x_hat, axis=1) / D)[:, None])
+    tl.store(DX + offs_r[:, None] * D + offs_d[None, :], b_dx.to(DX.dtype.element_ty), mask=mask_r[:, None])
 
 
 BLOCK_R = 32  # rows per program: enough to amortise the weight loads, few enough partial weight-gradient rows
