@@ -104,7 +104,13 @@ def main(args: list[str] | None = None) -> None:
     From the command line, a problem found before training (a bad config, an unreadable corpus,
     a backend this machine cannot run) prints one ``moda: error:`` line and exits with status 2;
     ``MODA_DEBUG=1`` shows the traceback. Called with ``args``, the original exception is raised.
+
+    ``moda study ...`` runs a study file (see :mod:`moda_lightning.study`) instead.
     """
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["study"]:
+        _study(argv[1:], raise_errors=args is not None)
+        return
     try:
         MoDACLI(
             MoDALightningModule,
@@ -121,6 +127,20 @@ def main(args: list[str] | None = None) -> None:
             raise err.cause from None
         print(f"moda: error: {err}\n(set MODA_DEBUG=1 to see the traceback)", file=sys.stderr)
         sys.exit(2)
+
+
+def _study(argv: list[str], raise_errors: bool) -> None:
+    from moda_lightning.study import main as study_main
+
+    try:
+        code = study_main(argv)
+    except ValueError as err:
+        if raise_errors or os.environ.get("MODA_DEBUG"):
+            raise
+        print(f"moda: error: {err}\n(set MODA_DEBUG=1 to see the traceback)", file=sys.stderr)
+        sys.exit(2)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,225 @@
+"""The study's results page: ``study.md`` (per-arm table, paired differences) and ``study.png`` (curves).
+
+Arms are compared on the final validation loss. Because every arm runs the same seeds, and a seed
+fixes both the shared initial weights and the data order, the honest comparison is *paired*: the
+per-seed difference to the reference arm, with a t confidence interval over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from moda_lightning.study.results import RunResult
+from moda_lightning.study.spec import StudySpec
+
+# Two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30; beyond that the normal's 1.96
+# is within 2%. A table keeps scipy out of the dependencies.
+_T975 = [
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+]  # fmt: skip
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (``df >= 1``)."""
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+@dataclass
+class ArmSummary:
+    name: str
+    seeds: list[int]
+    final_loss: list[float]
+    tokens_per_sec: float | None
+    params: float | None
+    flops_per_token: float | None
+    tokens: int
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.final_loss)
+
+    @property
+    def sd(self) -> float | None:
+        return statistics.stdev(self.final_loss) if len(self.final_loss) > 1 else None
+
+
+@dataclass
+class PairedDifference:
+    """Final loss of an arm minus the reference's, seed by seed (negative: the arm is better)."""
+
+    arm: str
+    seeds: list[int]
+    diffs: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.diffs)
+
+    @property
+    def ci95(self) -> tuple[float, float] | None:
+        if len(self.diffs) < 2:
+            return None
+        half = t975(len(self.diffs) - 1) * statistics.stdev(self.diffs) / math.sqrt(len(self.diffs))
+        return self.mean - half, self.mean + half
+
+
+def summarize_arms(spec: StudySpec, results: list[RunResult]) -> list[ArmSummary]:
+    out = []
+    for arm in spec.arms:
+        runs = sorted((r for r in results if r.arm == arm.name), key=lambda r: r.seed)
+        if not runs:
+            continue
+        rates = [r.tokens_per_sec for r in runs if r.tokens_per_sec is not None]
+        out.append(
+            ArmSummary(
+                name=arm.name,
+                seeds=[r.seed for r in runs],
+                final_loss=[r.final_loss for r in runs],
+                tokens_per_sec=statistics.fmean(rates) if rates else None,
+                params=runs[0].params,
+                flops_per_token=runs[0].flops_per_token,
+                tokens=runs[0].tokens,
+            )
+        )
+    return out
+
+
+def paired_differences(spec: StudySpec, results: list[RunResult]) -> list[PairedDifference]:
+    ref = {r.seed: r.final_loss for r in results if r.arm == spec.reference}
+    out = []
+    for arm in spec.arms:
+        if arm.name == spec.reference:
+            continue
+        runs = sorted((r for r in results if r.arm == arm.name and r.seed in ref), key=lambda r: r.seed)
+        if runs:
+            out.append(PairedDifference(arm.name, [r.seed for r in runs], [r.final_loss - ref[r.seed] for r in runs]))
+    return out
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def markdown(spec: StudySpec, results: list[RunResult], missing: list[str]) -> str:
+    """The text of ``study.md``."""
+    arms = summarize_arms(spec, results)
+    lines = [
+        f"# Study `{spec.name}`",
+        "",
+        f"Study file `{spec.path}`; {len(results)} finished run(s) of {len(spec.arms) * len(spec.seeds)}; "
+        f"{arms[0].tokens:,} training tokens per run." if arms else f"Study file `{spec.path}`; no finished runs.",
+        "",
+        "Final validation loss (nats/token, mean over the fixed validation windows) and perplexity, mean and "
+        "sample sd over seeds; tokens/s is the median training throughput of each run, averaged over seeds "
+        f"(runs shared a GPU {spec.runs_per_gpu} at a time, so read it as a ratio between arms).",
+        "",
+        "| arm | seeds | val loss | sd | val ppl | tokens/s | params | train FLOPs/token |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for a in arms:
+        lines.append(
+            f"| {a.name} | {len(a.seeds)} | {a.mean:.4f} | {_num(a.sd, '.4f')} | {math.exp(a.mean):.2f} | "
+            f"{_num(a.tokens_per_sec, ',.0f')} | {_num(None if a.params is None else a.params / 1e6, '.2f')}M | "
+            f"{_num(None if a.flops_per_token is None else a.flops_per_token / 1e9, '.4g')} G |"
+        )
+    diffs = paired_differences(spec, results)
+    if diffs:
+        lines += [
+            "",
+            f"Paired differences to `{spec.reference}` (arm minus reference, same seed: same shared initial "
+            "weights and data order; negative = lower loss than the reference), with a 95% t interval over seeds:",
+            "",
+            "| arm | pairs | mean difference | 95% CI | per seed |",
+            "|---|---|---|---|---|",
+        ]
+        for d in diffs:
+            ci = d.ci95
+            ci_text = "— (one pair)" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+            per_seed = ", ".join(f"{s}: {x:+.4f}" for s, x in zip(d.seeds, d.diffs))
+            lines.append(f"| {d.arm} | {len(d.diffs)} | {d.mean:+.4f} | {ci_text} | {per_seed} |")
+    if missing:
+        lines += ["", "Not finished yet: " + ", ".join(missing) + "."]
+    lines += ["", "![validation loss](study.png)", ""]
+    return "\n".join(lines)
+
+
+def _curves(runs: list[RunResult]) -> tuple[list[int], list[list[float]]]:
+    """Tokens and, per validation point, the losses of ``runs`` there (cut to the shortest run)."""
+    n = min(len(r.val_loss) for r in runs)
+    return runs[0].val_tokens[:n], [list(p) for p in zip(*(r.val_loss[:n] for r in runs))]
+
+
+def figure(spec: StudySpec, results: list[RunResult]):
+    """Three panels against training tokens: validation loss per arm (mean over seeds, band from
+    min to max), the same zoomed on the last third, and each arm's paired difference to the
+    reference with its 95% interval over seeds (below zero: lower loss than the reference)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(16, 4.5), layout="constrained")
+    full, zoom, paired = fig.subplots(1, 3)
+    zoom_lo, zoom_hi, zoom_start = math.inf, -math.inf, None
+    reference = {r.seed: r for r in results if r.arm == spec.reference}
+    for i, arm in enumerate(spec.arms):
+        colour = f"C{i % 10}"
+        runs = sorted((r for r in results if r.arm == arm.name), key=lambda r: r.seed)
+        if not runs:
+            continue
+        tokens, points = _curves(runs)
+        mean = [statistics.fmean(p) for p in points]
+        lo, hi = [min(p) for p in points], [max(p) for p in points]
+        label = f"{arm.name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        for ax in (full, zoom):
+            ax.plot(tokens, mean, color=colour, label=label, marker="." if len(tokens) < 30 else None)
+            if len(runs) > 1:
+                ax.fill_between(tokens, lo, hi, color=colour, alpha=0.2, linewidth=0)
+        zoom_start = tokens[0] + 2 * (tokens[-1] - tokens[0]) / 3
+        tail = [j for j, t in enumerate(tokens) if t >= zoom_start]
+        zoom_lo, zoom_hi = min(zoom_lo, min(lo[j] for j in tail)), max(zoom_hi, max(hi[j] for j in tail))
+        pairs = [(r, reference[r.seed]) for r in runs if r.seed in reference and arm.name != spec.reference]
+        if pairs:
+            n = min(min(len(a.val_loss), len(b.val_loss)) for a, b in pairs)
+            diffs = [[a.val_loss[j] - b.val_loss[j] for a, b in pairs] for j in range(n)]
+            d_mean = [statistics.fmean(d) for d in diffs]
+            paired.plot(tokens[:n], d_mean, color=colour, label=f"{arm.name} ({len(pairs)} pairs)")
+            if len(pairs) > 1:
+                half = [t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d)) for d in diffs]
+                paired.fill_between(tokens[:n], [m - h for m, h in zip(d_mean, half)],
+                                    [m + h for m, h in zip(d_mean, half)], color=colour, alpha=0.2, linewidth=0)  # fmt: skip
+    if zoom_start is not None:
+        zoom.set_xlim(zoom_start, max(r.val_tokens[-1] for r in results) * 1.01)
+    if zoom_lo < zoom_hi:
+        pad = 0.05 * (zoom_hi - zoom_lo)
+        zoom.set_ylim(zoom_lo - pad, zoom_hi + pad)
+    paired.axhline(0.0, color="black", linewidth=0.8)
+    full.set_title(f"{spec.name}: validation loss (mean over seeds, band: min to max)", fontsize="medium")
+    zoom.set_title("last third of training", fontsize="medium")
+    paired.set_title(f"paired difference to {spec.reference} (band: 95% CI)", fontsize="medium")
+    for ax in (full, zoom, paired):
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+    full.set_ylabel("validation loss (nats/token)")
+    paired.set_ylabel("loss difference (nats/token)")
+    full.legend(fontsize="small")
+    if paired.lines[1:]:
+        paired.legend(fontsize="small")
+    return fig
+
+
+def write_report(spec: StudySpec, results: list[RunResult], missing: list[str], out_dir: Path) -> tuple[Path, Path]:
+    """Write ``study.md`` and ``study.png`` into ``out_dir`` and log both to TensorBoard there."""
+    text = markdown(spec, results, missing)
+    md_path, png_path = out_dir / "study.md", out_dir / "study.png"
+    md_path.write_text(text)
+    fig = figure(spec, results)
+    fig.savefig(png_path, dpi=120)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out_dir / "report")) as writer:
+        step = len(results)  # one report per number of finished runs
+        writer.add_text("study/table", text, step)
+        writer.add_figure("study/validation_loss", fig, step)
+    return md_path, png_path

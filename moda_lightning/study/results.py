@@ -1,0 +1,114 @@
+"""What one finished study run measured, read back from its TensorBoard event files.
+
+The event files are the record: a run's ``result.json`` is a small summary of them, written when the
+run has finished, and the report is built from these summaries.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class RunResult:
+    """One run's validation curve and its cost.
+
+    ``val_tokens[i]`` training tokens had been seen at validation ``i`` (loss ``val_loss[i]``,
+    mean over the data module's fixed validation windows).
+    """
+
+    arm: str
+    seed: int
+    steps: int
+    tokens: int
+    val_tokens: list[int]
+    val_loss: list[float]
+    tokens_per_sec: float | None
+    params: float
+    flops_per_token: float
+
+    @property
+    def final_loss(self) -> float:
+        return self.val_loss[-1]
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / RESULT_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunResult:
+        return cls(**json.loads((run_dir / RESULT_FILE).read_text()))
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a run folder as ``tag -> [(step, value), ...]`` in step order.
+
+    All event files of the folder are read, so a resumed run continues its curve; TensorBoard's
+    reader drops the events a restart replays (steps logged again after a resume).
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 1, "histograms": 1, "tensors": 1})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def latest_step(run_dir: Path) -> int:
+    """The last training step a run has logged (0 before its first log)."""
+    scalars = read_scalars(run_dir) if any(run_dir.glob("events.out.tfevents.*")) else {}
+    return max((points[-1][0] for points in scalars.values() if points), default=0)
+
+
+def summarize(run_dir: Path, arm: str, seed: int, tokens_per_step: int, max_steps: int, eval_every_steps: int) -> RunResult:
+    """Summarise a finished run's event files.
+
+    Raises:
+        ValueError: If the run logged fewer validations than ``max_steps / eval_every_steps``.
+    """
+    scalars = read_scalars(run_dir)
+    val = [value for _, value in scalars.get("val/loss", [])]
+    expected = max_steps // eval_every_steps
+    if len(val) < expected:
+        raise ValueError(
+            f"study: run {run_dir} logged {len(val)} of its {expected} validations; it did not finish. "
+            "Run the study again to resume it."
+        )
+    # Validation i (from 1) runs after i * eval_every_steps optimizer steps; the logger's step for
+    # it depends on where in the loop Lightning logs, so count validations instead.
+    val_tokens = [(i + 1) * eval_every_steps * tokens_per_step for i in range(len(val))]
+    throughput = [value for _, value in scalars.get("train/device/items_per_sec", [])]
+    # The first windows include compilation and warm-up; the median of the rest is the run's rate.
+    rate = statistics.median(throughput[len(throughput) // 4 :]) if throughput else None
+    return RunResult(
+        arm=arm,
+        seed=seed,
+        steps=max_steps,
+        tokens=max_steps * tokens_per_step,
+        val_tokens=val_tokens,
+        val_loss=val,
+        tokens_per_sec=rate,
+        **model_cost(run_dir),
+    )
+
+
+def model_cost(run_dir: Path) -> dict[str, float]:
+    """Parameters and training FLOPs per token of a run's model, counted from its ``hparams.yaml``
+    by :mod:`moda_lightning.flops` (the FlopsOverhead callback checks that count at fit start)."""
+    from dataclasses import fields
+
+    import yaml
+
+    from moda_lightning.config import MoDAConfig
+    from moda_lightning.flops import parameter_counts, training_flops_per_token
+
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    names = {f.name for f in fields(MoDAConfig)}
+    config = MoDAConfig(**{k: v for k, v in hparams.items() if k in names})
+    return {
+        "params": float(parameter_counts(config).total),
+        "flops_per_token": float(training_flops_per_token(config, int(hparams["seq_len"])).total),
+    }

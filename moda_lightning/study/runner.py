@@ -1,0 +1,164 @@
+"""``moda study``: run a study's arms x seeds as ``moda fit`` processes, then write its report.
+
+A run whose folder holds ``result.json`` is finished and skipped; a run with a ``last.ckpt`` but no
+result resumes from it; the rest start fresh. So a study interrupted anywhere (or moved to another
+machine with its run folders, which hold small files besides the checkpoints) continues with the
+same command. Runs go ``runs_per_gpu`` at a time on each GPU (``CUDA_VISIBLE_DEVICES``), or that
+many at a time on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from moda_lightning.study.report import write_report
+from moda_lightning.study.results import RESULT_FILE, RunResult, latest_step, summarize
+from moda_lightning.study.spec import Run, StudySpec, load_study, plan_runs, resolve_fit_config
+
+
+def run_state(run: Run) -> str:
+    """``"done"``, ``"resume"`` (a checkpoint to continue from) or ``"new"``."""
+    if (run.dir / RESULT_FILE).is_file():
+        return "done"
+    return "resume" if (run.dir / "checkpoints" / "last.ckpt").is_file() else "new"
+
+
+def fit_command(run: Run) -> list[str]:
+    """The ``moda fit`` command line of a run, resuming from its last checkpoint if it has one."""
+    cmd = [sys.executable, "-m", "moda_lightning.cli", "fit", *run.args]
+    if run_state(run) == "resume":
+        cmd.append(f"--ckpt_path={run.dir / 'checkpoints' / 'last.ckpt'}")
+    return cmd
+
+
+def _slots(spec: StudySpec) -> list[str | None]:
+    """One entry per run that may go at once: the GPU it gets, or None on a CPU-only machine."""
+    import torch
+
+    gpus = spec.gpus if spec.gpus is not None else torch.cuda.device_count()
+    if gpus == 0:
+        return [None] * spec.runs_per_gpu
+    return [str(g) for g in range(gpus) for _ in range(spec.runs_per_gpu)]
+
+
+def _log(message: str) -> None:
+    print(f"[moda study {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def execute(spec: StudySpec, runs: list[Run], progress_every_s: float = 60.0) -> list[str]:
+    """Run every unfinished run; return the names of runs that failed (their fit.log says why)."""
+    todo = [r for r in runs if run_state(r) != "done"]
+    if not todo:
+        return []
+    # Tokenizer and token cache are built once here, not raced by parallel runs.
+    _prepare_data(todo[0])
+    free = _slots(spec)
+    running: dict[str, tuple[Run, subprocess.Popen, str | None, float]] = {}
+    failed: list[str] = []
+    done_count, total, started = len(runs) - len(todo), len(runs), time.time()
+    last_progress = time.time()
+    queue = list(todo)
+    while queue or running:
+        while queue and free:
+            run, slot = queue.pop(0), free.pop(0)
+            run.dir.mkdir(parents=True, exist_ok=True)
+            env = dict(os.environ)
+            if slot is not None:
+                env["CUDA_VISIBLE_DEVICES"] = slot
+            verb = "resuming" if run_state(run) == "resume" else "starting"
+            log = open(run.dir / "fit.log", "a")
+            proc = subprocess.Popen(fit_command(run), stdout=log, stderr=subprocess.STDOUT, env=env)
+            log.close()
+            running[run.name] = (run, proc, slot, time.time())
+            _log(f"{verb} {run.name}" + (f" on GPU {slot}" if slot is not None else "") + f" ({run.max_steps} steps)")
+        time.sleep(1.0)
+        for name, (run, proc, slot, t0) in list(running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del running[name]
+            free.append(slot)
+            try:
+                if code != 0:
+                    raise ValueError(f"exit status {code}")
+                summarize(run.dir, run.arm, run.seed, run.tokens_per_step, run.max_steps, run.eval_every_steps).save(run.dir)
+                done_count += 1
+                _log(f"finished {name} in {time.time() - t0:.0f} s ({done_count}/{total} done)")
+            except ValueError as err:
+                failed.append(name)
+                _log(f"FAILED {name}: {err}; see {run.dir / 'fit.log'}")
+        if running and time.time() - last_progress >= progress_every_s:
+            last_progress = time.time()
+            parts = [f"{n} step {latest_step(r.dir)}/{r.max_steps}" for n, (r, *_ignored) in running.items()]
+            _log(f"{done_count}/{total} done, {time.time() - started:.0f} s; running: " + ", ".join(parts))
+    return failed
+
+
+def _prepare_data(run: Run) -> None:
+    """Train or load the tokenizer and build the token cache, in this process, with the runs' data flags."""
+    from moda_lightning.data import TextDataModule
+
+    data = resolve_fit_config(list(run.args))["data"]
+    if isinstance(data, dict) and "class_path" in data:  # a user's data module subclass
+        module, _, name = data["class_path"].rpartition(".")
+        cls, data = getattr(importlib.import_module(module), name), data.get("init_args", {})
+    else:
+        cls = TextDataModule
+    _log("preparing the tokenizer and token cache shared by all runs")
+    cls(**data).prepare_data()
+
+
+def collect(runs: list[Run]) -> tuple[list[RunResult], list[str]]:
+    """Results of the finished runs and the names of the others."""
+    results, missing = [], []
+    for run in runs:
+        if run_state(run) == "done":
+            results.append(RunResult.load(run.dir))
+        else:
+            missing.append(run.name)
+    return results, missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``moda study --config STUDY.yaml [--out DIR] [--dry-run] [--report-only] [fit flags...]``."""
+    parser = argparse.ArgumentParser(
+        prog="moda study",
+        description="Run a study's arms x seeds as `moda fit` runs, skip finished ones, resume interrupted ones, "
+        "and write study.md and study.png. Extra arguments are added to every run's `moda fit` flags.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", required=True, help="the study file (YAML), e.g. studies/table6_24l.yaml")
+    parser.add_argument("--out", help="folder of the runs and the report (default: runs/studies/<name>)")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands; start nothing")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the finished runs; start nothing")
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if not a.startswith("--") or a.startswith("--config")]
+    if bad:
+        parser.error(f"unrecognized arguments {bad}; extra arguments must be `moda fit` flags such as --data.files=...")
+    spec = load_study(args.config)
+    if extra:
+        spec = StudySpec(**{**spec.__dict__, "args": (*spec.args, *extra)})
+    out_dir = Path(args.out or Path("runs") / "studies" / spec.name)
+    runs = plan_runs(spec, out_dir)
+    if args.dry_run:
+        for run in runs:
+            state = run_state(run)
+            print(f"{run.name:40s} {state:7s} {run.max_steps} steps x {run.tokens_per_step:,} tokens")
+            if state != "done":
+                print("    moda " + " ".join(fit_command(run)[3:]))
+        return 0
+    failed = [] if args.report_only else execute(spec, runs)
+    results, missing = collect(runs)
+    if results:
+        md, png = write_report(spec, results, missing, out_dir)
+        _log(f"wrote {md} and {png}")
+    if failed:
+        _log(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and run the same command again")
+        return 1
+    return 0

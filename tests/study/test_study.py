@@ -1,0 +1,126 @@
+"""`moda study` on a CPU: 2 arms x 2 seeds of a tiny model, the report checked against the event files."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from moda_lightning.study.report import PairedDifference, t975
+from moda_lightning.study.spec import load_study
+
+TINY = [
+    "--model.d_model=32", "--model.n_layers=2", "--model.n_heads=2", "--model.n_kv_heads=1",
+    "--model.max_seq_len=32", "--model.warmup_steps=2", "--data.tokenizer_vocab_size=300", "--data.seq_len=32",
+    "--data.batch_size=4", "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1",
+    "--trainer.enable_model_summary=false", "--data.cache_dir=cache",
+]  # fmt: skip
+
+
+def write_study(folder: Path, **overrides) -> Path:
+    study = {
+        "name": "tiny",
+        "args": TINY,
+        "arms": {"base": {"args": ["--model.attention=sdpa"]}, "moda": {"args": ["--model.attention=moda_torch"]}},
+        "reference": "base",
+        "seeds": [0, 1],
+        "tokens": 768,  # 6 steps of 4 x 32 tokens
+        "eval_every_tokens": 256,  # validation after steps 2, 4 and 6
+        "runs_per_gpu": 2,
+        **overrides,
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def moda_study(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "moda_lightning.cli", "study", "--config", "tiny.yaml", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def val_losses(run_dir: Path) -> list[float]:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return [e.value for e in acc.Scalars("val/loss")]
+
+
+@pytest.mark.slow
+def test_study_runs_reports_and_skips_finished_runs(tmp_path):
+    write_study(tmp_path)
+    first = moda_study(tmp_path)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    out = tmp_path / "runs" / "studies" / "tiny"
+    md = (out / "study.md").read_text()
+    png = (out / "study.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
+
+    # The table's numbers are the event files' final validation losses, averaged over seeds.
+    finals = {(arm, s): val_losses(out / arm / f"seed{s}")[-1] for arm in ("base", "moda") for s in (0, 1)}
+    assert all(len(val_losses(out / arm / f"seed{s}")) == 3 for arm, s in finals)
+    for arm in ("base", "moda"):
+        row = next(line for line in md.splitlines() if line.startswith(f"| {arm} | 2 |"))
+        mean = (finals[arm, 0] + finals[arm, 1]) / 2
+        assert f"| {mean:.4f} |" in row and f"| {math.exp(mean):.2f} |" in row
+    diffs = [finals["moda", s] - finals["base", s] for s in (0, 1)]
+    paired_section = md[md.index("Paired differences") :]
+    pair = next(line for line in paired_section.splitlines() if line.startswith("| moda | 2 | "))
+    assert f"{sum(diffs) / 2:+.4f}" in pair and f"0: {diffs[0]:+.4f}" in pair and f"1: {diffs[1]:+.4f}" in pair
+    lo, hi = PairedDifference("moda", [0, 1], diffs).ci95
+    assert f"[{lo:+.4f}, {hi:+.4f}]" in pair
+    assert list((out / "report").glob("events.out.tfevents.*")), "the report is logged to TensorBoard too"
+
+    # A second call starts nothing: every run is finished.
+    events_before = sorted(p.name for p in out.glob("*/seed*/events.out.tfevents.*"))
+    second = moda_study(tmp_path)
+    assert second.returncode == 0 and "starting" not in second.stdout and "resuming" not in second.stdout
+    assert sorted(p.name for p in out.glob("*/seed*/events.out.tfevents.*")) == events_before
+
+    # A run without its result resumes from its last checkpoint; the dry run says so and starts nothing.
+    (out / "moda" / "seed1" / "result.json").unlink()
+    dry = moda_study(tmp_path, "--dry-run")
+    assert dry.returncode == 0
+    assert re.search(r"moda/seed1\s+resume", dry.stdout) and "--ckpt_path=" in dry.stdout
+    assert re.search(r"base/seed0\s+done", dry.stdout)
+    assert not (out / "moda" / "seed1" / "result.json").exists()
+
+
+def test_dry_run_lists_every_run_with_equal_budgets(tmp_path):
+    write_study(tmp_path, seeds=[3, 4, 5])
+    dry = moda_study(tmp_path, "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    rows = [line for line in dry.stdout.splitlines() if not line.startswith(" ")]
+    assert [r.split()[0] for r in rows] == [f"{a}/seed{s}" for a in ("base", "moda") for s in (3, 4, 5)]
+    assert all("new" in r and "6 steps x 128 tokens" in r for r in rows)
+    assert "--seed_everything=4" in dry.stdout and "--trainer.val_check_interval=2" in dry.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_study_file_is_one_error_line(tmp_path):
+    write_study(tmp_path, reference="baseline", seeds=[1, 1], tokens=0, arms={"a": {"confgs": []}})
+    result = moda_study(tmp_path)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[0]
+    assert line.startswith("moda: error: study: invalid study file")
+    for problem in ("reference 'baseline' is not an arm", "repeat a seed", "tokens must be a positive integer", "arm 'a'"):
+        assert problem in line
+    with pytest.raises(ValueError, match="does not exist"):
+        load_study(tmp_path / "missing.yaml")
+
+
+def test_arms_with_different_tokens_per_step_are_refused(tmp_path):
+    write_study(tmp_path, arms={"a": {"args": []}, "b": {"args": ["--data.batch_size=8"]}}, reference="a")
+    result = moda_study(tmp_path, "--dry-run")
+    assert result.returncode == 2 and "different numbers of tokens per step" in result.stderr
+
+
+def test_t_quantiles():
+    assert t975(1) == pytest.approx(12.706) and t975(4) == pytest.approx(2.776) and t975(100) == 1.96
