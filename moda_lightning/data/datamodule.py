@@ -7,6 +7,8 @@ file (`token_cache.py`) -> a contiguous train head and validation tail, cut into
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import os
 from pathlib import Path
@@ -21,31 +23,34 @@ from torch.utils.data import DataLoader, Dataset
 from moda_lightning.data import token_cache as tc
 from moda_lightning.data import tokenizer as tk
 from moda_lightning.data.corpus import Corpus
+from moda_lightning.data.splits import count_windows, document_ends, held_out_split
 
 
 class PackedWindows(Dataset[torch.Tensor]):
-    """Windows of ``seq_len + 1`` tokens cut from a token range ``[start, stop)`` of a token file.
+    """Windows of ``seq_len + 1`` tokens cut from token spans ``[start, stop)`` of a token file.
 
-    Window ``i`` covers tokens ``[start + i*seq_len, start + i*seq_len + seq_len + 1)``: the last
-    token of a window is the first of the next, so ``window[1:]`` (targets) continue the stream.
-    The file is opened lazily in each process, so DataLoader workers map it instead of receiving a
-    pickled copy.
+    Within a span, window ``i`` covers tokens ``[start + i*seq_len, start + i*seq_len + seq_len + 1)``:
+    the last token of a window is the first of the next, so ``window[1:]`` (targets) continue the
+    stream. No window crosses a span's end. The file is opened lazily in each process, so
+    DataLoader workers map it instead of receiving a pickled copy.
 
     Args:
         path: The token file written by `token_cache.build_token_cache`.
         vocab_size: Vocabulary size; decides the stored dtype.
-        start: First token of the range.
-        stop: One past the last token of the range.
+        spans: Token ranges ``(start, stop)`` to cut windows from, in order.
         seq_len: Training sequence length.
     """
 
-    def __init__(self, path: Path, vocab_size: int, start: int, stop: int, seq_len: int) -> None:
-        self.path, self.vocab_size = path, vocab_size
-        self.start, self.stop, self.seq_len = start, stop, seq_len
+    def __init__(self, path: Path, vocab_size: int, spans: list[tuple[int, int]], seq_len: int) -> None:
+        self.path, self.vocab_size, self.seq_len = path, vocab_size, seq_len
+        self.spans = list(spans)
+        counts = count_windows(self.spans, seq_len)
+        # first window index of each span, and the total at the end
+        self._offsets = [0, *itertools.accumulate(counts)]
         self._tokens: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return max(0, (self.stop - self.start - 1) // self.seq_len)
+        return self._offsets[-1]
 
     def __getitem__(self, index: int) -> torch.Tensor:
         """Return window `index` as int64 token ids, [seq_len + 1]."""
@@ -53,7 +58,8 @@ class PackedWindows(Dataset[torch.Tensor]):
             raise IndexError(f"window {index} is out of range for {len(self)} windows")
         if self._tokens is None:
             self._tokens = tc.open_token_cache(self.path, self.vocab_size)
-        begin = self.start + index * self.seq_len
+        span = bisect.bisect_right(self._offsets, index) - 1
+        begin = self.spans[span][0] + (index - self._offsets[span]) * self.seq_len
         return self._tokens[begin : begin + self.seq_len + 1].to(torch.int64)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -65,8 +71,9 @@ class TextDataModule(L.LightningDataModule):
     """Language-model data: a corpus tokenized once, packed into windows of ``seq_len + 1`` tokens.
 
     Batches are int64 token ids, [batch_size, seq_len + 1]; use ``batch[:, :-1]`` as inputs and
-    ``batch[:, 1:]`` as targets. The validation split is the contiguous tail of the token stream
-    (``val_fraction`` of the tokens, at least one window), never overlapping the training head.
+    ``batch[:, 1:]`` as targets. The validation split is a held-out set of documents chosen at
+    random from the whole corpus (``val_fraction`` of the tokens, at least one window, seeded by
+    ``val_seed``; see `splits.py`), never overlapping the training text.
 
     Args:
         files: The training text: a path, a glob (``data/*.txt``), or a list of them. ``.jsonl``
@@ -84,14 +91,16 @@ class TextDataModule(L.LightningDataModule):
         seq_len: Training sequence length in tokens; each sample holds ``seq_len + 1`` tokens.
             Default 256.
         batch_size: Sequences per batch (per device under DDP). Default 16.
-        val_fraction: Fraction of the corpus tokens held out for validation, taken from the end
-            of the token stream; must be in (0, 1). Default 0.05.
+        val_fraction: Fraction of the corpus tokens held out for validation: whole documents (in
+            chunks of consecutive ones) chosen at random; must be in (0, 1). Default 0.05.
         text_field: Field holding the text in each line of a ``.jsonl`` file. Default ``"text"``.
         cache_dir: Folder for the trained tokenizer and the token files; reused across runs.
             Default ``".cache/moda"``.
         num_workers: DataLoader worker processes; 0 loads in the main process, which is enough
             here since a batch is a slice of a memory-mapped file. Default 0.
         seed: Seed of the training-window shuffle (a new order every epoch). Default 0.
+        val_seed: Seed of the choice of validation documents. Kept apart from ``seed`` so that
+            runs with different training orders are validated on the same windows. Default 0.
     """
 
     def __init__(
@@ -106,6 +115,7 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str = ".cache/moda",
         num_workers: int = 0,
         seed: int = 0,
+        val_seed: int = 0,
     ) -> None:
         super().__init__()
         problems = []
@@ -133,6 +143,7 @@ class TextDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir)
         self.num_workers = num_workers
         self.seed = seed
+        self.val_seed = val_seed
         # Resolve paths and globs now: a typo fails at instantiation, before any training work.
         self.corpus = Corpus(files, text_field=text_field)
         self.tokenizer_path: Path | None = Path(tokenizer) if tokenizer is not None else None
@@ -195,35 +206,34 @@ class TextDataModule(L.LightningDataModule):
         self._cache_path = path
         return path
 
-    def _split(self, n_tokens: int) -> tuple[int, int]:
-        """Return (train tokens, val tokens): a head and a tail that each hold one window or more."""
-        window = self.seq_len + 1
-        n_val = max(math.ceil(self.val_fraction * n_tokens), window)
-        n_train = n_tokens - n_val
-        if n_train < window:
-            raise ValueError(
-                f"data: the corpus is too small: {self.corpus.describe()} has {n_tokens:,} tokens, "
-                f"but one training and one validation sequence of seq_len+1={window} tokens need "
-                f"{2 * window:,} or more (the validation tail takes {n_val:,} tokens at "
-                f"val_fraction={self.val_fraction}). Lower --data.seq_len (at most "
-                f"{max(n_tokens // 2 - 1, 0)} here) or --data.val_fraction, or add text."
-            )
-        return n_train, n_val
+    def _split(self, tokens: torch.Tensor) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Training and validation spans of the token stream; each split holds one window or more."""
+        window, n_tokens = self.seq_len + 1, len(tokens)
+        if n_tokens >= 2 * window:
+            ends = document_ends(tokens, tk.eot_id(self.tokenizer, source=str(self.tokenizer_path)))
+            train, val = held_out_split(n_tokens, ends, self.val_fraction, window, self.val_seed)
+            if sum(count_windows(train, self.seq_len)) and sum(count_windows(val, self.seq_len)):
+                return train, val
+        raise ValueError(
+            f"data: the corpus is too small: {self.corpus.describe()} has {n_tokens:,} tokens, but one training "
+            f"and one validation sequence of seq_len+1={window} tokens need {2 * window:,} or more, in spans "
+            f"long enough for a whole window (val_fraction={self.val_fraction}). Lower --data.seq_len (at most "
+            f"{max(n_tokens // 4 - 1, 0)} here) or raise --data.val_fraction, or add text."
+        )
 
     def prepare_data(self) -> None:
         """Train or load the tokenizer and tokenize the corpus into the cache (once per node)."""
         self._token_file()
 
     def setup(self, stage: str | None = None) -> None:
-        """Map the token file and cut it into the training head and the validation tail."""
+        """Map the token file and cut it into training and held-out validation windows."""
         if self.train_dataset is not None:
             return
         path = self._token_file()
         vocab_size = self.vocab_size
-        n_tokens = len(tc.open_token_cache(path, vocab_size))
-        n_train, _ = self._split(n_tokens)
-        self.train_dataset = PackedWindows(path, vocab_size, 0, n_train, self.seq_len)
-        self.val_dataset = PackedWindows(path, vocab_size, n_train, n_tokens, self.seq_len)
+        train, val = self._split(tc.open_token_cache(path, vocab_size))
+        self.train_dataset = PackedWindows(path, vocab_size, train, self.seq_len)
+        self.val_dataset = PackedWindows(path, vocab_size, val, self.seq_len)
 
     def _loader(self, dataset: PackedWindows | None, train: bool) -> DataLoader[torch.Tensor]:
         if dataset is None:
