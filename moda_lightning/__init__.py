@@ -12,7 +12,7 @@ from moda_lightning.attention import AttentionBackend, build_backend, register_b
 from moda_lightning.config import MoDAConfig
 from moda_lightning.depth_stream import DepthStream
 from moda_lightning.model import MoDAAttention, MoDABlock, MoDATransformer, RotaryEmbedding
-from moda_lightning.norms import NORM_PLACEMENTS
+from moda_lightning.norms import NormPlacement, register_norm, registered_norms
 from moda_lightning.ops import moda_attention
 
 _LAZY = {
@@ -22,7 +22,6 @@ _LAZY = {
 }
 
 __all__ = [
-    "NORM_PLACEMENTS",
     "AttentionBackend",
     "DepthStream",
     "MoDAAttention",
@@ -31,12 +30,15 @@ __all__ = [
     "MoDAConfig",
     "MoDALightningModule",
     "MoDATransformer",
+    "NormPlacement",
     "RotaryEmbedding",
     "TextDataModule",
     "build_backend",
     "moda_attention",
     "register_backend",
+    "register_norm",
     "registered_backends",
+    "registered_norms",
 ]
 
 

@@ -1,17 +1,19 @@
 """MoDAConfig: the architecture of a MoDA language model as plain data.
 
 Names (backends, norm placements) are stored as registry keys, not classes, so that
-``hparams.yaml`` and checkpoints stay plain data. Every problem is reported in one error.
+``hparams.yaml`` and checkpoints stay plain data; ``plugins`` names the modules that register
+keys of one's own. Every problem is reported in one error.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import importlib
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
 class MoDAConfig:
-    """Shapes and switches of a decoder-only MoDA LM (see MODA_SPEC.md section 2)."""
+    """Shapes and switches of a decoder-only MoDA LM (arXiv 2603.15619; docs/method.md, section 2)."""
 
     vocab_size: int
     """Token vocabulary size (follows the tokenizer)."""
@@ -29,14 +31,17 @@ class MoDAConfig:
     """SwiGLU hidden width; default 8/3 * D rounded up to a multiple of 64."""
     max_seq_len: int = 1024
     """Longest sequence the model accepts (size of the rotary table)."""
+    plugins: list[str] = field(default_factory=list)
+    """Python modules imported before the model is built, so that the attention backends and norm
+    placements they register are selectable by key (``--model.plugins='[my_pkg.backends]'``)."""
     attention: str = "moda_torch"
-    """Attention backend key: 'sdpa' (baseline), 'moda_torch' or 'moda_triton'."""
+    """Key of a registered attention backend (``moda_lightning.attention.registered_backends()``)."""
     norm: str = "pre"
-    """Norm placement key: 'pre', 'post' or 'olmo2'."""
+    """Key of a registered norm placement (``moda_lightning.norms.registered_norms()``)."""
     depth_kv: bool | None = None
-    """Write each attention sublayer's K/V to the depth stream (default: on for MoDA backends)."""
+    """Write each attention sublayer's K/V to the depth stream (default: on for backends that read depth)."""
     ffn_kv: bool | None = None
-    """Project each FFN input into an extra depth K/V slot (default: on for MoDA backends)."""
+    """Project each FFN input into an extra depth K/V slot (default: on for backends that read depth)."""
     attn_kv_proj: bool = False
     """Give the attention's depth slot its own K/V projection instead of reusing sequence K/V."""
     qk_norm: bool = True
@@ -53,21 +58,21 @@ class MoDAConfig:
     """Recompute each layer's activations in the backward pass instead of keeping them."""
 
     def __post_init__(self) -> None:
+        # Plugins first: the keys they register are checked below.
+        problems = self._import_plugins()
         # Registries are imported here, not at module top, to keep this module plain data.
-        from moda_lightning.attention import backend_class
-        from moda_lightning.norms import NORM_PLACEMENTS
+        from moda_lightning.attention import backend_class, registered_backends
+        from moda_lightning.norms import norm_class
 
-        problems: list[str] = []
         reads_depth = True
         try:
             reads_depth = backend_class(self.attention).reads_depth
         except ValueError as err:  # unknown backend: the message lists the registered ones
             problems.append(str(err))
-        if self.norm not in NORM_PLACEMENTS:
-            problems.append(
-                f"unknown norm placement {self.norm!r}; registered: {sorted(NORM_PLACEMENTS)}. "
-                "Pick one with --model.norm=NAME."
-            )
+        try:
+            norm_class(self.norm)
+        except ValueError as err:
+            problems.append(str(err))
         if self.depth_kv is None:
             self.depth_kv = reads_depth
         if self.ffn_kv is None:
@@ -75,10 +80,11 @@ class MoDAConfig:
         if not reads_depth:
             wanted = [name for name in ("depth_kv", "ffn_kv", "attn_kv_proj") if getattr(self, name)]
             if wanted:
+                one = len(wanted) == 1
                 problems.append(
                     f"attention backend {self.attention!r} reads no depth stream, but {', '.join(wanted)} "
-                    f"{'is' if len(wanted) == 1 else 'are'} on. Use a MoDA backend (--model.attention=moda_torch "
-                    f"or moda_triton) or turn {'it' if len(wanted) == 1 else 'them'} off "
+                    f"{'is' if one else 'are'} on. Use a backend that reads it (--model.attention=NAME, NAME in "
+                    f"{registered_backends(reads_depth=True)}) or turn {'it' if one else 'them'} off "
                     + " ".join(f"(--model.{name}=false)" for name in wanted)
                     + "."
                 )
@@ -114,6 +120,29 @@ class MoDAConfig:
                 )
         if self.ffn_hidden is None:
             self.ffn_hidden = 64 * -(-(8 * self.d_model // 3) // 64)
+
+    def _import_plugins(self) -> list[str]:
+        """Import every module of ``plugins`` (importing registers its keys); one problem line per failure."""
+        if self.plugins is None:  # the LightningModule's default, passed through: no plugins
+            self.plugins = []
+        names_ok = isinstance(self.plugins, (list, tuple)) and all(isinstance(n, str) and n for n in self.plugins)
+        if not names_ok:
+            return [
+                f"plugins must be a list of module names such as ['my_pkg.backends']; got {self.plugins!r}. "
+                "On the command line: --model.plugins='[my_pkg.backends]'."
+            ]
+        self.plugins = list(self.plugins)  # stored as a plain list, whatever sequence came in
+        problems = []
+        for name in self.plugins:
+            try:
+                importlib.import_module(name)
+            except ImportError as err:
+                problems.append(
+                    f"plugin module {name!r} could not be imported ({type(err).__name__}: {err}); check that it is "
+                    "installed or that the folder above its package is on PYTHONPATH, and that it is written as a "
+                    "module path (my_pkg.backends), not a file path."
+                )
+        return problems
 
     @property
     def group_size(self) -> int:

@@ -34,9 +34,14 @@ class MoDALightningModule(L.LightningModule):
         head_dim: head size d (default D / Hq).
         ffn_hidden: SwiGLU hidden width (default 8/3 D rounded up to a multiple of 64).
         max_seq_len: longest sequence the model accepts.
-        attention: attention backend: 'sdpa' (baseline, no depth), 'moda_torch' (portable MoDA)
-            or 'moda_triton' (fused MoDA kernel, CUDA).
-        norm: norm placement: 'pre' x+f(norm(x)), 'post' norm(x+f(x)) or 'olmo2' x+norm(f(x)).
+        plugins: Python modules imported before the model is built, so that the attention backends
+            and norm placements they register are selectable by key
+            (``--model.plugins='[my_pkg.backends]'``). Saved with the hyperparameters, so loading a
+            checkpoint imports them again.
+        attention: attention backend: 'sdpa' (baseline, no depth), 'moda_torch' (portable MoDA),
+            'moda_triton' (fused MoDA kernel, CUDA), or a key one of ``plugins`` registers.
+        norm: norm placement: 'pre' x+f(norm(x)), 'post' norm(x+f(x)), 'olmo2' x+norm(f(x)),
+            or a key one of ``plugins`` registers.
         depth_kv: write each attention's K/V into the depth stream (default: on for MoDA backends).
         ffn_kv: add a depth slot projected from each FFN input (default: on for MoDA backends).
         attn_kv_proj: the attention's depth slot gets its own K/V projection (Table 3, row 5).
@@ -63,6 +68,7 @@ class MoDALightningModule(L.LightningModule):
         head_dim: int | None = None,
         ffn_hidden: int | None = None,
         max_seq_len: int = 1024,
+        plugins: list[str] | None = None,
         attention: str = "moda_torch",
         norm: str = "pre",
         depth_kv: bool | None = None,
@@ -96,6 +102,7 @@ class MoDALightningModule(L.LightningModule):
             head_dim=head_dim,
             ffn_hidden=ffn_hidden,
             max_seq_len=max_seq_len,
+            plugins=[] if plugins is None else plugins,
             attention=attention,
             norm=norm,
             depth_kv=depth_kv,

@@ -1,6 +1,6 @@
 """The MoDA decoder-only language model as a plain ``nn.Module`` (no Lightning).
 
-Read it next to MODA_SPEC.md section 2: every layer has an attention and a SwiGLU FFN
+Read it next to docs/method.md, section 2: every layer has an attention and a SwiGLU FFN
 sublayer; each attention reads the depth slots written by the layers above it, then
 writes its own K/V; each FFN may write a K/V projected from its input.
 """
@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from moda_lightning.attention import AttentionBackend, build_backend
 from moda_lightning.config import MoDAConfig
 from moda_lightning.depth_stream import DepthStream, run_eagerly_under_compile
-from moda_lightning.norms import NORM_PLACEMENTS, RMSNorm
+from moda_lightning.norms import RMSNorm, norm_class
 
 
 class RotaryEmbedding(nn.Module):
@@ -93,11 +93,11 @@ class DepthKVProjection(nn.Module):
     token, so that the query (rotated at ``t``) meets it at relative position zero.
     """
 
-    def __init__(self, cfg: MoDAConfig) -> None:
+    def __init__(self, config: MoDAConfig) -> None:
         super().__init__()
-        self.n_kv_heads, self.head_dim = cfg.n_kv_heads, cfg.head_dim
-        self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.n_kv_heads, self.head_dim = config.n_kv_heads, config.head_dim
+        self.kv_proj = nn.Linear(config.d_model, 2 * config.n_kv_heads * config.head_dim, bias=False)
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
 
     def forward(self, h: Tensor, rope: RotaryEmbedding) -> tuple[Tensor, Tensor]:
         B, T, _ = h.shape
@@ -108,20 +108,20 @@ class DepthKVProjection(nn.Module):
 class MoDAAttention(nn.Module):
     """Grouped-query attention over ``[sequence | depth]`` keys; writes its K/V to the depth stream."""
 
-    def __init__(self, cfg: MoDAConfig, backend: AttentionBackend, writes_depth: bool) -> None:
+    def __init__(self, config: MoDAConfig, backend: AttentionBackend, writes_depth: bool) -> None:
         super().__init__()
         self.backend = backend
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        D, d = cfg.d_model, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        D, d = config.d_model, config.head_dim
         # q, k and v in one matmul: one launch instead of three, forward and backward
-        self.qkv_split = [cfg.n_heads * d, cfg.n_kv_heads * d, cfg.n_kv_heads * d]
+        self.qkv_split = [config.n_heads * d, config.n_kv_heads * d, config.n_kv_heads * d]
         self.qkv_proj = nn.Linear(D, sum(self.qkv_split), bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * d, D, bias=False)
-        self.q_norm = RMSNorm(d, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(d, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.writes_depth = writes_depth and bool(cfg.depth_kv)
+        self.o_proj = nn.Linear(config.n_heads * d, D, bias=False)
+        self.q_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.writes_depth = writes_depth and bool(config.depth_kv)
         # Table 3 row 5: the depth slot gets its own projection instead of reusing k, v.
-        self.depth_kv = DepthKVProjection(cfg) if self.writes_depth and cfg.attn_kv_proj else None
+        self.depth_kv_proj = DepthKVProjection(config) if self.writes_depth and config.attn_kv_proj else None
 
     def forward(self, h: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | None) -> Tensor:
         B, T, _ = h.shape
@@ -139,22 +139,22 @@ class MoDAAttention(nn.Module):
             o = self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth)
 
         if depth is not None and self.writes_depth:
-            depth.append(*(self.depth_kv(h, rope) if self.depth_kv is not None else (k, v)))
+            depth.append(*(self.depth_kv_proj(h, rope) if self.depth_kv_proj is not None else (k, v)))
         return self.o_proj(o.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class SwiGLU(nn.Module):
     """``W_down(silu(W_gate h) * W_up h)``; with ``ffn_kv`` its input also becomes a depth slot."""
 
-    def __init__(self, cfg: MoDAConfig, writes_depth: bool) -> None:
+    def __init__(self, config: MoDAConfig, writes_depth: bool) -> None:
         super().__init__()
-        self.w_gate_up = nn.Linear(cfg.d_model, 2 * cfg.ffn_hidden, bias=False)  # W_gate and W_up, one matmul
-        self.w_down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
-        self.depth_kv = DepthKVProjection(cfg) if writes_depth and cfg.ffn_kv else None
+        self.w_gate_up = nn.Linear(config.d_model, 2 * config.ffn_hidden, bias=False)  # W_gate and W_up, one matmul
+        self.w_down = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+        self.depth_kv_proj = DepthKVProjection(config) if writes_depth and config.ffn_kv else None
 
     def forward(self, h: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | None) -> Tensor:
-        if depth is not None and self.depth_kv is not None:
-            depth.append(*self.depth_kv(h, rope))
+        if depth is not None and self.depth_kv_proj is not None:
+            depth.append(*self.depth_kv_proj(h, rope))
         gate, up = self.w_gate_up(h).chunk(2, dim=-1)
         return self.w_down(F.silu(gate) * up)
 
@@ -166,11 +166,11 @@ class MoDABlock(nn.Module):
     no depth projections (the paper's Table 3 parameter counts show the same: L - 1 layers).
     """
 
-    def __init__(self, cfg: MoDAConfig, backend: AttentionBackend, writes_depth: bool = True) -> None:
+    def __init__(self, config: MoDAConfig, backend: AttentionBackend, writes_depth: bool = True) -> None:
         super().__init__()
-        placement = NORM_PLACEMENTS[cfg.norm]
-        self.attn = placement(cfg.d_model, MoDAAttention(cfg, backend, writes_depth), cfg.norm_eps)
-        self.ffn = placement(cfg.d_model, SwiGLU(cfg, writes_depth), cfg.norm_eps)
+        placement = norm_class(config.norm)
+        self.attn = placement(config.d_model, MoDAAttention(config, backend, writes_depth), config.norm_eps)
+        self.ffn = placement(config.d_model, SwiGLU(config, writes_depth), config.norm_eps)
 
     def forward(self, x: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | None) -> Tensor:
         x = self.attn(x, rope=rope, depth=depth)
@@ -180,48 +180,49 @@ class MoDABlock(nn.Module):
 class MoDATransformer(nn.Module):
     """Token ids ``[B, T]`` to next-token logits ``[B, T, vocab_size]``."""
 
-    def __init__(self, cfg: MoDAConfig) -> None:
+    def __init__(self, config: MoDAConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        backend = build_backend(cfg.attention)
+        self.config = config
+        backend = build_backend(config.attention)
         self.backend = backend
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(
-            MoDABlock(cfg, backend, writes_depth=layer < cfg.n_layers - 1) for layer in range(cfg.n_layers)
+            MoDABlock(config, backend, writes_depth=layer < config.n_layers - 1) for layer in range(config.n_layers)
         )
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.reset_parameters()
-        if cfg.reads_depth:
+        if config.reads_depth:
             run_eagerly_under_compile()
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=self.cfg.init_std)
+                nn.init.normal_(module.weight, std=self.config.init_std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         for block in self.layers:
             for proj in (block.attn.sublayer.o_proj, block.ffn.sublayer.w_down):
-                nn.init.normal_(proj.weight, std=self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers))
+                nn.init.normal_(proj.weight, std=self.config.init_std / math.sqrt(2 * self.config.n_layers))
 
     def forward(self, idx: Tensor) -> Tensor:
         B, T = idx.shape
-        if T > self.cfg.max_seq_len:
+        if T > self.config.max_seq_len:
             raise ValueError(
-                f"sequence of {T} tokens is longer than the model's max_seq_len={self.cfg.max_seq_len}; "
-                f"lower --data.seq_len to at most {self.cfg.max_seq_len} or raise --model.max_seq_len."
+                f"sequence of {T} tokens is longer than the model's max_seq_len={self.config.max_seq_len}; "
+                f"lower --data.seq_len to at most {self.config.max_seq_len} or raise --model.max_seq_len."
             )
         self.backend.check_device(idx.device.type)
-        depth = DepthStream((self.cfg.n_layers - 1) * self.cfg.slots_per_layer) if self.cfg.reads_depth else None
+        n_slots = (self.config.n_layers - 1) * self.config.slots_per_layer
+        depth = DepthStream(n_slots) if self.config.reads_depth else None
         x = self.embed(idx)
         for layer, block in enumerate(self.layers):
-            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
-                first_slot = layer * self.cfg.slots_per_layer
+            if self.config.activation_checkpointing and torch.is_grad_enabled():
+                first_slot = layer * self.config.slots_per_layer
                 x = checkpoint(self._replayable_block, block, x, depth, first_slot, use_reentrant=False)
             else:
                 x = block(x, rope=self.rope, depth=depth)

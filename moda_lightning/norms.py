@@ -2,14 +2,19 @@
 
 A placement wraps one sublayer ``f`` (attention or FFN). Whatever ``f`` receives is also
 what feeds the depth keys/values that ``f`` writes (the FFN KV projection reads the FFN's
-input), so the placement decides which hidden state enters the depth stream.
+input), so the placement decides which hidden state enters the depth stream. Another project
+adds a placement with ``@register_norm("name")`` on a :class:`NormPlacement` subclass.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moda_lightning.registry import Registry
 
 
 class RMSNorm(nn.Module):
@@ -34,6 +39,27 @@ class NormPlacement(nn.Module):
         self.sublayer = sublayer
 
 
+_NORMS: Registry[type[NormPlacement]] = Registry(
+    "norm placement", "Pick one with --model.norm=NAME.", base=NormPlacement
+)
+
+
+def register_norm(key: str) -> Callable[[type[NormPlacement]], type[NormPlacement]]:
+    """Class decorator that makes a :class:`NormPlacement` selectable as ``--model.norm=key``."""
+    return _NORMS.register(key)
+
+
+def registered_norms() -> list[str]:
+    """Sorted keys of every registered norm placement."""
+    return _NORMS.keys()
+
+
+def norm_class(key: str) -> type[NormPlacement]:
+    """The placement class registered under ``key``; an unknown key raises ``ValueError`` naming the registered keys."""
+    return _NORMS.get(key)
+
+
+@register_norm("pre")
 class PreNorm(NormPlacement):
     """``x + f(norm(x))``: the sublayer (and its depth K/V) sees the normalised stream.
 
@@ -47,6 +73,7 @@ class PreNorm(NormPlacement):
         return x + self.sublayer(self.norm(x), **kwargs)
 
 
+@register_norm("post")
 class PostNorm(NormPlacement):
     """``norm(x + f(x))``: the sublayer sees the raw stream; the sum is normalised.
 
@@ -56,13 +83,14 @@ class PostNorm(NormPlacement):
             └─ f ─────┘                f's input = x (already normalised by the
                                        previous sublayer's norm) feeds the depth K/V
 
-    The paper finds MoDA with post-norm best (MODA_SPEC.md, Table 6).
+    The paper finds MoDA with post-norm best (arXiv 2603.15619, Table 6).
     """
 
     def forward(self, x: Tensor, **kwargs) -> Tensor:
         return self.norm(x + self.sublayer(x, **kwargs))
 
 
+@register_norm("olmo2")
 class Olmo2Norm(NormPlacement):
     """``x + norm(f(x))``: OLMo2's reordered placement; the sublayer's output is normalised.
 
@@ -75,6 +103,3 @@ class Olmo2Norm(NormPlacement):
     def forward(self, x: Tensor, **kwargs) -> Tensor:
         return x + self.norm(self.sublayer(x, **kwargs))
 
-
-NORM_PLACEMENTS: dict[str, type[NormPlacement]] = {"pre": PreNorm, "post": PostNorm, "olmo2": Olmo2Norm}
-"""Registry of norm placements by config key; add an entry to make a new one selectable."""

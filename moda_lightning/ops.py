@@ -1,31 +1,40 @@
-"""The public MoDA attention op: one signature, several backends.
+"""The public MoDA attention op: one signature, two backends named like the model's.
 
 ``moda_attention`` is what other projects call; the model's attention backends
-(``moda_lightning.attention``) are thin adapters over it.
+(``moda_lightning.attention``) are thin adapters over it, and its ``backend=`` keys are theirs:
+``"moda_torch"`` runs ``moda_attn_reference`` (vectorized PyTorch, the definition of the op) and
+``"moda_triton"`` runs the fused kernel ``moda_attn``.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 from torch import Tensor
 
 from moda_kernels.moda_attn import check_moda_inputs, moda_attn_reference
 from moda_kernels.moda_attn.grad_into import GradInto, add_grad_into
+from moda_lightning.registry import Registry
+
+_Op = Callable[..., Tensor | tuple[Tensor, Tensor, Tensor]]
+
+# Each entry returns the op on first use, so that `import moda_lightning` never imports Triton.
+_OP_BACKENDS: Registry[Callable[[], _Op]] = Registry("backend", "Pass one of them as backend=NAME.")
 
 
-def _triton_op() -> Callable[..., Tensor | tuple[Tensor, Tensor, Tensor]]:
-    # Imported on first use so that `import moda_lightning` never imports Triton.
+@_OP_BACKENDS.register("moda_torch")
+def _moda_torch_op() -> _Op:
+    return moda_attn_reference
+
+
+@_OP_BACKENDS.register("moda_triton")
+def _moda_triton_op() -> _Op:
     from moda_kernels.moda_attn import moda_attn
 
     return moda_attn
 
 
-_OP_BACKENDS: dict[str, Callable[[], Callable[..., Tensor | tuple[Tensor, Tensor, Tensor]]]] = {
-    "reference": lambda: moda_attn_reference,
-    "triton": _triton_op,
-}
+_RENAMED = {"reference": "moda_torch", "triton": "moda_triton"}
 
 
 def moda_attention(
@@ -38,7 +47,7 @@ def moda_attention(
     num_depth: int | None = None,
     causal: bool = True,
     scale: float | None = None,
-    backend: str = "reference",
+    backend: str = "moda_torch",
     return_lse: bool = False,
     depth_grad_into: GradInto | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
@@ -56,8 +65,9 @@ def moda_attention(
         num_depth: how many of the ``S`` slots are read (default: all of them).
         causal: mask sequence keys after the query's token.
         scale: logit scale, default ``d ** -0.5``.
-        backend: ``"reference"`` (vectorized PyTorch, any device, fp32/bf16/fp16) or
-            ``"triton"`` (fused kernel, CUDA only).
+        backend: the model's attention backend key: ``"moda_torch"`` (default; runs
+            ``moda_attn_reference``: vectorized PyTorch, any device, fp32/bf16/fp16) or
+            ``"moda_triton"`` (runs the fused kernel ``moda_attn``, CUDA only).
         return_lse: also return the log-sum-exp of each row and of its depth part.
         depth_grad_into: two tensors shaped like ``depth_k`` (keys, values), or a function
             returning them that is called in backward, into which the backward *adds* the depth
@@ -72,15 +82,17 @@ def moda_attention(
     Raises:
         ValueError: on inconsistent shapes or an unknown backend.
     """
-    if backend not in _OP_BACKENDS:
-        hint = difflib.get_close_matches(backend, _OP_BACKENDS, n=1)
+    if backend in _RENAMED:
         raise ValueError(
-            f"moda_attention: unknown backend {backend!r}; available: {sorted(_OP_BACKENDS)}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            f"moda_attention: backend {backend!r} was renamed to {_RENAMED[backend]!r}, the key of the same "
+            f"path as a model attention backend; pass backend={_RENAMED[backend]!r}."
         )
-    op = _OP_BACKENDS[backend]()
+    try:
+        op = _OP_BACKENDS.get(backend)()
+    except ValueError as err:
+        raise ValueError(f"moda_attention: {err}") from None
     kwargs = dict(num_depth=num_depth, causal=causal, scale=scale, return_lse=return_lse)
-    if backend == "triton":  # validates its inputs itself: once per call is enough on a hot path
+    if backend == "moda_triton":  # validates its inputs itself: once per call is enough on a hot path
         return op(q, k, v, depth_k, depth_v, **kwargs, depth_grad_into=depth_grad_into)
     kwargs["num_depth"] = check_moda_inputs(q, k, v, depth_k, depth_v, num_depth)
     if depth_grad_into is not None and depth_k is not None and depth_v is not None:

@@ -43,7 +43,7 @@ def test_forward_backward_every_combination(attention, norm, opts):
 
 
 def test_table3_parameter_counts_differ_by_the_projections():
-    """Rows 4 and 5 add 2*(L-1)*D*Hk*d parameters each over row 3 (MODA_SPEC.md section 3; the
+    """Rows 4 and 5 add 2*(L-1)*D*Hk*d parameters each over row 3 (docs/method.md, section 5; the
     last layer writes no slot that anyone reads, as in the paper's 700M counts)."""
     counts = {
         row: MoDATransformer(tiny_config(depth_kv=True, ffn_kv=ffn, attn_kv_proj=proj, qk_norm=False)).num_parameters()
@@ -54,6 +54,21 @@ def test_table3_parameter_counts_differ_by_the_projections():
     assert counts[4] - counts[3] == extra and counts[5] - counts[4] == extra
     baseline = MoDATransformer(tiny_config(attention="sdpa", qk_norm=False)).num_parameters()
     assert counts[3] == baseline
+
+
+def test_depth_projections_are_modules_named_apart_from_the_config_switch():
+    """``config.depth_kv`` is a bool; the modules that project depth K/V are ``depth_kv_proj`` in both
+    sublayers, and the model keeps its config as ``.config``."""
+    config = tiny_config(attn_kv_proj=True)
+    model = MoDATransformer(config)
+    assert model.config is config and config.depth_kv is True
+    keys = set(model.state_dict())
+    for layer in range(config.n_layers - 1):
+        for sublayer in ("attn", "ffn"):
+            assert f"layers.{layer}.{sublayer}.sublayer.depth_kv_proj.kv_proj.weight" in keys
+    last = config.n_layers - 1  # writes no slot anyone reads: no projections
+    assert not any(key.startswith(f"layers.{last}.") and "depth_kv_proj" in key for key in keys)
+    assert not any(".depth_kv." in key for key in keys)
 
 
 @register_backend("_test_recording")

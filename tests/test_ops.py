@@ -1,4 +1,4 @@
-"""The public op ``moda_attention`` (reference backend) against an independent float64 computation."""
+"""The public op ``moda_attention`` (its ``moda_torch`` backend) against an independent float64 computation."""
 
 from __future__ import annotations
 
@@ -142,10 +142,31 @@ def test_bad_shapes_say_what_was_wrong(kwargs, match):
         moda_attention(q, k, k.clone(), depth, depth.clone(), num_depth=kwargs.get("num_depth"))
 
 
-def test_unknown_op_backend_lists_the_known_ones():
+@pytest.mark.parametrize(
+    "backend,match",
+    [
+        ("moda_troch", r"^moda_attention: unknown backend 'moda_troch'; registered: \['moda_torch', 'moda_triton'\] "
+         r"\(did you mean 'moda_torch'\?\)"),
+        ("reference", r"backend 'reference' was renamed to 'moda_torch'.*pass backend='moda_torch'"),
+        ("triton", r"backend 'triton' was renamed to 'moda_triton'.*pass backend='moda_triton'"),
+    ],
+    ids=["typo", "old-reference", "old-triton"],
+)
+def test_op_backend_keys_are_the_model_backend_keys(backend, match):
     q = torch.randn(1, 3, 2, 8)
-    with pytest.raises(ValueError, match=r"unknown backend 'refrence'.*did you mean 'reference'"):
-        moda_attention(q, q, q, backend="refrence")
+    with pytest.raises(ValueError, match=match):
+        moda_attention(q, q, q, backend=backend)
+
+
+def test_moda_torch_runs_the_reference():
+    """The op's default key and the model's portable backend are the same path: moda_attn_reference."""
+    from moda_kernels.moda_attn import moda_attn_reference
+    from moda_lightning.attention import build_backend
+
+    q, k, v, depth_k, depth_v = make_inputs(1, 5, 2, 2, 8, torch.float32)
+    expected = moda_attn_reference(q, k, v, depth_k, depth_v, num_depth=3)
+    assert torch.equal(moda_attention(q, k, v, depth_k, depth_v, num_depth=3, backend="moda_torch"), expected)
+    assert torch.equal(build_backend("moda_torch")(q, k, v, depth_k, depth_v, num_depth=3), expected)
 
 
 def test_triton_backend_is_counted_by_a_flop_counter_created_first():

@@ -1,46 +1,36 @@
 """Attention backends of the model: a small open registry keyed by short strings.
 
 Importing this package registers the built-in backends (``sdpa``, ``moda_torch``,
-``moda_triton``); another project adds one by decorating its class with
-``@register_backend("name")`` before the model is built.
+``moda_triton``); another project adds one by decorating its :class:`AttentionBackend` subclass
+with ``@register_backend("name")`` in a module imported before the model is built (name that
+module in ``--model.plugins``).
 """
 
 from __future__ import annotations
 
-import difflib
+from collections.abc import Callable
 
 from moda_lightning.attention.base import AttentionBackend
+from moda_lightning.registry import Registry
 
-_BACKENDS: dict[str, type[AttentionBackend]] = {}
+_BACKENDS: Registry[type[AttentionBackend]] = Registry(
+    "attention backend", "Pick one with --model.attention=NAME.", base=AttentionBackend
+)
 
 
-def register_backend(key: str):
+def register_backend(key: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:
     """Class decorator that makes an :class:`AttentionBackend` selectable as ``--model.attention=key``."""
-
-    def add(cls: type[AttentionBackend]) -> type[AttentionBackend]:
-        if key in _BACKENDS:
-            raise ValueError(f"attention backend {key!r} is registered twice ({_BACKENDS[key].__name__}, {cls.__name__})")
-        _BACKENDS[key] = cls
-        return cls
-
-    return add
+    return _BACKENDS.register(key)
 
 
-def registered_backends() -> list[str]:
-    """Sorted keys of every registered attention backend."""
-    return sorted(_BACKENDS)
+def registered_backends(*, reads_depth: bool | None = None) -> list[str]:
+    """Sorted keys of the registered attention backends; with ``reads_depth``, only those that do (or don't)."""
+    return [key for key, cls in _BACKENDS.items() if reads_depth is None or cls.reads_depth == reads_depth]
 
 
 def backend_class(key: str) -> type[AttentionBackend]:
-    """The backend class registered under ``key``; unknown keys list the registered ones."""
-    if key not in _BACKENDS:
-        hint = difflib.get_close_matches(key, _BACKENDS, n=1)
-        raise ValueError(
-            f"unknown attention backend {key!r}; registered: {registered_backends()}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + ". Pick one with --model.attention=NAME."
-        )
-    return _BACKENDS[key]
+    """The backend class registered under ``key``; an unknown key raises ``ValueError`` listing the registered ones."""
+    return _BACKENDS.get(key)
 
 
 def build_backend(key: str) -> AttentionBackend:

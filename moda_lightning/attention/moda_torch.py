@@ -1,4 +1,4 @@
-"""Portable MoDA backend: the op's vectorized PyTorch reference; runs on CPU and GPU."""
+"""Portable MoDA backend: ``moda_torch`` runs ``moda_attn_reference``, vectorized PyTorch, on CPU and GPU."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from moda_lightning.ops import moda_attention
 
 @register_backend("moda_torch")
 class MoDATorchBackend(AttentionBackend):
-    """MoDA through ``moda_attention(..., backend="reference")``: dense, any device and dtype."""
+    """MoDA through ``moda_attention(..., backend="moda_torch")``: dense, any device and dtype."""
 
     def __call__(
         self,
@@ -24,4 +24,4 @@ class MoDATorchBackend(AttentionBackend):
         num_depth: int = 0,
         scale: float | None = None,
     ) -> Tensor:
-        return moda_attention(q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, backend="reference")
+        return moda_attention(q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, backend="moda_torch")

@@ -17,7 +17,7 @@ _CPU_HINT = "Use --model.attention=moda_torch (the portable MoDA backend) or sdp
 
 @register_backend("moda_triton")
 class MoDATritonBackend(AttentionBackend):
-    """MoDA through ``moda_attention(..., backend="triton")``: the fused Triton kernel."""
+    """MoDA through ``moda_attention(..., backend="moda_triton")``: the fused Triton kernel."""
 
     takes_depth_grad_into = True  # the backward kernel adds slot gradients into the stream's buffer
 
@@ -50,5 +50,6 @@ class MoDATritonBackend(AttentionBackend):
         depth_grad_into: GradInto | None = None,
     ) -> Tensor:
         return moda_attention(
-            q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, backend="triton", depth_grad_into=depth_grad_into
-        )
+            q, k, v, depth_k, depth_v,
+            num_depth=num_depth, scale=scale, backend="moda_triton", depth_grad_into=depth_grad_into,
+        )  # fmt: skip

@@ -1,7 +1,7 @@
 """The compiled MoDA Triton kernels on a GPU: a sweep of shapes against a float64 reference.
 
 Run through the device tool: ``pytest tests/kernels -m cuda``. Every case runs the three paths
-of the op (fully fused Triton; Triton or cuDNN sequence part + Triton depth kernel) and checks the output, both
+of the op (``fused``; ``triton_split`` or ``cudnn`` sequence part + Triton depth kernel) and checks the output, both
 log-sum-exps and all five gradients with the tolerance rule of CONVENTIONS.md.
 """
 
@@ -49,7 +49,7 @@ def _inputs(B, T, Hq, Hk, d, S, dtype, seed=0):
     return [rand(B, T, Hq, d), rand(B, T, Hk, d), rand(B, T, Hk, d), buf_k[:, :, :S], buf_v[:, :, 1:]], rand(B, T, Hq, d)
 
 
-PATHS = ["triton", "triton_split", "cudnn", "cudnn_overlap"]
+PATHS = ["fused", "triton_split", "cudnn", "cudnn_overlap"]
 
 
 def _set_path(path: str) -> None:

@@ -39,7 +39,7 @@ def _inputs(B, T, Hq, Hk, d, S, dtype, seed=0):
 
 
 
-def _compare(inputs, do, *, num_depth, causal, dtype, seq="triton"):
+def _compare(inputs, do, *, num_depth, causal, dtype, seq="fused"):
     from moda_kernels.moda_attn import moda_attn
     from moda_kernels.moda_attn.function import set_seq_backend
 
@@ -68,7 +68,7 @@ def _case_id(c):
     return f"B{B}-T{T}-Hq{Hq}-Hk{Hk}-L{L}-D{d}"
 
 
-@pytest.mark.parametrize("seq", ["triton", "triton_split"])
+@pytest.mark.parametrize("seq", ["fused", "triton_split"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_reference_fp32(case, causal, seq):
@@ -78,7 +78,7 @@ def test_matches_reference_fp32(case, causal, seq):
     _compare(inputs, do, num_depth=L, causal=causal, dtype=torch.float32, seq=seq)
 
 
-@pytest.mark.parametrize("seq", ["triton", "triton_split"])
+@pytest.mark.parametrize("seq", ["fused", "triton_split"])
 def test_matches_reference_fp16(seq):
     inputs, do = _inputs(1, 19, 4, 2, 32, 3, torch.float16, seed=1)
     _compare(inputs, do, num_depth=2, causal=True, dtype=torch.float16, seq=seq)
@@ -97,7 +97,7 @@ def test_no_depth_stream_is_plain_causal_attention():
     assert torch.isneginf(lse_depth).all() and lse.isfinite().all()
 
 
-@pytest.mark.parametrize("seq", ["triton", "triton_split", "triton_split-token_grid"])
+@pytest.mark.parametrize("seq", ["fused", "triton_split", "triton_split-token_grid"])
 def test_depth_read_in_place_from_strided_view(seq, monkeypatch):
     """Depth slots come from a slice of a larger buffer (non-contiguous) and only num_depth are read."""
     from moda_kernels.moda_attn import moda_attn
@@ -187,7 +187,7 @@ def test_eager_path_equals_the_registered_op():
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["tensors", "function"])
-@pytest.mark.parametrize("seq", ["triton", "triton_split"])
+@pytest.mark.parametrize("seq", ["fused", "triton_split"])
 @pytest.mark.parametrize("route", ["eager", "registered op"])
 def test_depth_gradients_are_added_into_depth_grad_into(seq, route, lazy):
     """The backward adds d(depth_k), d(depth_v) of the first num_depth slots into the given tensors."""
@@ -251,10 +251,27 @@ def test_errors_name_the_problem():
         moda_attn(q.double(), k.double(), k.double())
 
 
-def test_cpu_tensors_without_interpreter_name_moda_torch(monkeypatch):
+def test_cpu_tensors_without_interpreter_name_the_reference(monkeypatch):
     from moda_kernels.moda_attn import moda_attn
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q = torch.randn(1, 4, 2, 16)
-    with pytest.raises(RuntimeError, match="moda_torch"):
+    with pytest.raises(RuntimeError, match="needs CUDA tensors.*use moda_attn_reference"):
         moda_attn(q, q, q)
+
+
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("triton", r"'triton' \(passed to set_seq_backend\) was renamed to 'fused'"),
+        ("trition_split", r"unknown sequence backend 'trition_split'.*'auto', 'cudnn', 'triton_split', 'fused'"),
+    ],
+    ids=["renamed", "unknown"],
+)
+def test_sequence_backend_names_are_checked(name, match):
+    from moda_kernels.moda_attn import function
+
+    before = function._seq_backend
+    with pytest.raises(ValueError, match=match):
+        function.set_seq_backend(name)
+    assert function._seq_backend == before  # a refused name leaves the choice as it was

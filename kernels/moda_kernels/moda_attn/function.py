@@ -6,14 +6,17 @@ so ``torch.compile`` traces through them without a graph break, and a FLOP formu
 
 Where the sequence part runs (``MODA_ATTN_SEQ`` environment variable, or :func:`set_seq_backend`):
 
-- ``"triton"``: fully fused, sequence and depth in one Triton kernel each way (``fwd.py`` / ``bwd.py``).
 - ``"cudnn"``: the sequence part through cuDNN's attention with its log-sum-exp (a private aten
   op), then a Triton depth kernel merges the depth slots into the output by log-sum-exp, in place.
   The backward calls cuDNN's backward with the *merged* output and log-sum-exp, which gives the
   exact sequence gradients, and the Triton depth kernel adds the depth part of dq.
-- ``"triton_split"``: as ``"cudnn"``, with the fused Triton kernels (no depth) for the sequence part.
+- ``"triton_split"``: the same split, with the Triton sequence kernels (run without depth) in
+  place of cuDNN.
+- ``"fused"``: sequence and depth in one Triton kernel each way (``fwd.py`` / ``bwd.py``), the
+  paper's Algorithm 1.
 - ``"auto"`` (default): ``"cudnn"`` on CUDA for fp16/bf16 where the private op exists and
-  works, else ``"triton"``. A failing cuDNN call falls back to Triton (with one warning).
+  works, else ``"triton_split"`` on CUDA and ``"fused"`` elsewhere (the interpreter on CPU). A
+  failing cuDNN call falls back to ``"triton_split"`` (with one warning).
 """
 
 from __future__ import annotations
@@ -31,17 +34,31 @@ from moda_kernels.moda_attn.checks import check_moda_inputs
 from moda_kernels.moda_attn.fwd import moda_depth_fwd, moda_fwd, moda_merge
 from moda_kernels.moda_attn.grad_into import GradInto, add_grad_into, check_grad_into, resolve_grad_into
 
-_SEQ_BACKENDS = ("auto", "triton", "triton_split", "cudnn")
-_seq_backend = os.environ.get("MODA_ATTN_SEQ", "auto")
+_SEQ_BACKENDS = ("auto", "cudnn", "triton_split", "fused")
+_RENAMED_SEQ_BACKENDS = {"triton": "fused"}
+
+
+def _checked_seq_backend(name: str, source: str) -> str:
+    """``name`` if it is a sequence backend; else a ``ValueError`` that says what ``source`` should say."""
+    if name in _RENAMED_SEQ_BACKENDS:
+        new = _RENAMED_SEQ_BACKENDS[name]
+        raise ValueError(
+            f"moda_attn: sequence backend {name!r} ({source}) was renamed to {new!r} (sequence and depth in one "
+            f"Triton kernel each way); use {new!r}."
+        )
+    if name not in _SEQ_BACKENDS:
+        raise ValueError(f"moda_attn: unknown sequence backend {name!r} ({source}); choose one of {_SEQ_BACKENDS}.")
+    return name
+
+
+_seq_backend = _checked_seq_backend(os.environ.get("MODA_ATTN_SEQ", "auto"), "from MODA_ATTN_SEQ")
 _cudnn_broken: str | None = None  # the first error cuDNN raised, if any
 
 
 def set_seq_backend(name: str) -> None:
-    """Choose where the sequence part runs: one of ``"auto"``, ``"triton"``, ``"triton_split"``, ``"cudnn"``."""
+    """Choose where the sequence part runs: ``"auto"``, ``"cudnn"``, ``"triton_split"`` or ``"fused"``."""
     global _seq_backend
-    if name not in _SEQ_BACKENDS:
-        raise ValueError(f"moda_attn: unknown sequence backend {name!r}; choose one of {_SEQ_BACKENDS}.")
-    _seq_backend = name
+    _seq_backend = _checked_seq_backend(name, "passed to set_seq_backend")
 
 
 # Private aten ops: looked up once, since every call's path depends on them.
@@ -51,7 +68,7 @@ _HAS_CUDNN_OPS = hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention") 
 
 
 def _seq_path(q: Tensor) -> str:
-    """The path this call takes: ``"cudnn"``, ``"triton"`` (fully fused) or ``"triton_split"``."""
+    """The path this call takes: ``"cudnn"``, ``"triton_split"`` or ``"fused"``."""
     cudnn_ok = (
         _HAS_CUDNN_OPS
         and q.is_cuda
@@ -62,10 +79,10 @@ def _seq_path(q: Tensor) -> str:
         raise RuntimeError(
             "moda_attn: sequence backend 'cudnn' needs fp16/bf16 CUDA tensors and torch's private "
             f"aten._scaled_dot_product_cudnn_attention op (last cuDNN error: {_cudnn_broken}); "
-            "use set_seq_backend('triton') or 'auto'."
+            "use set_seq_backend('triton_split') (the same split with Triton sequence kernels) or 'auto'."
         )
     if _seq_backend == "auto":
-        return "cudnn" if cudnn_ok else ("triton_split" if q.is_cuda else "triton")
+        return "cudnn" if cudnn_ok else ("triton_split" if q.is_cuda else "fused")
     return _seq_backend
 
 
@@ -154,7 +171,7 @@ def _attn_fwd_impl(
     o = torch.empty(B, T, Hq, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     # fully fused: sequence and depth in one kernel; split: sequence only, then the depth kernel
-    moda_fwd(q, k, v, depth_k, depth_v, num_depth if path == "triton" else 0, causal, scale, o, lse, lse_depth)
+    moda_fwd(q, k, v, depth_k, depth_v, num_depth if path == "fused" else 0, causal, scale, o, lse, lse_depth)
     if path == "triton_split" and num_depth > 0:
         moda_depth_fwd(q, depth_k, depth_v, num_depth, scale, o, lse, lse_depth)
     return o, lse, lse_depth
@@ -225,13 +242,13 @@ def _attn_bwd_into(
                 moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq, d_depth_k, d_depth_v, accum_depth=accum_depth)
             return dq.contiguous(), dk.contiguous(), dv.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if path == "triton" and num_depth > 0 and accum_depth:  # the fused kernel only writes: add after
+    if path == "fused" and num_depth > 0 and accum_depth:  # the fused kernel only writes: add after
         fresh_k, fresh_v = torch.zeros_like(d_depth_k), torch.zeros_like(d_depth_v)
         moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale, dq, dk, dv, fresh_k, fresh_v)
         d_depth_k.add_(fresh_k)
         d_depth_v.add_(fresh_v)
         return dq, dk, dv
-    moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, num_depth if path == "triton" else 0, causal, scale,
+    moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, num_depth if path == "fused" else 0, causal, scale,
              dq, dk, dv, d_depth_k, d_depth_v)  # fmt: skip
     if path == "triton_split" and num_depth > 0:
         moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq, d_depth_k, d_depth_v, accum_depth=accum_depth)
@@ -359,7 +376,7 @@ def _check_kernel_inputs(tensors: dict[str, Tensor]) -> None:
     if q.device.type != "cuda" and not (_interpreting() and q.device.type == "cpu"):
         raise RuntimeError(
             f"moda_attn: the fused Triton kernel needs CUDA tensors; got device {q.device.type!r}. "
-            "On CPU use moda_attention(..., backend='reference') (the 'moda_torch' attention backend)."
+            "On CPU use moda_attn_reference (the same contract, in PyTorch)."
         )
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(
