@@ -1,6 +1,7 @@
 """Host (CPU) time per call of the MoDA op and its parts, and per training step, at tiny shapes.
 
-    PYTHONPATH=. python benchmarks/host_overhead.py
+    PYTHONPATH=kernels:. python benchmarks/host_overhead.py
+    PYTHONPATH=kernels:. python benchmarks/host_overhead.py --cprofile 25   # also the costliest Python functions
 
 At tiny shapes the GPU finishes each kernel long before the CPU has launched the next one,
 so the wall time per call is the time the host spends issuing it. A model step whose host

@@ -1,8 +1,10 @@
 """Time MoDA attention against SDPA (flash, cuDNN), FlexAttention-MoDA and the reference.
 
-    python -m moda_kernels.moda_attn.bench                 # the issue's grid (Table 2 + training shape)
-    python -m moda_kernels.moda_attn.bench --quick         # three small shapes
-    python -m moda_kernels.moda_attn.bench --impls moda,moda_fused,sdpa_cudnn --json out.json
+    PYTHONPATH=kernels:. python benchmarks/kernel_attention.py            # the grid: the paper's Table 2 shapes + the training shape
+    PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --quick    # three small shapes
+    PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --impls moda,moda_fused,sdpa_cudnn --json out.json
+    PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --quick --breakdown   # cuDNN and depth kernels timed apart
+    PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --quick --depth-configs 16x64,32x64,16x128   # depth tiles
 
 Prints, per shape and implementation, forward and forward+backward milliseconds (median of
 ``triton.testing.do_bench``), TFLOP/s (causal FLOPs actually needed, ``4*B*Hq*d*(T(T+1)/2+T*L)``
@@ -47,6 +49,8 @@ class Shape:
         return self.bytes_fwd(elt) + bwd
 
 
+# The paper's Table 2 shapes and neighbours varying G and L (B=1, d=64, Hk=8), the training shape
+# of configs/moda_700m.yaml (B=8, T=4096, Hq=16, L=36 depth slots) and a control without depth.
 GRID = [
     Shape(1, 4096, 64, 8, 64),
     Shape(1, 16384, 64, 8, 64),
@@ -100,7 +104,7 @@ def impl_fns(s: Shape):
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
         "moda": moda("auto"),
         "moda_overlap": moda("cudnn", overlap=True),
-        "moda_fused": moda("triton"),
+        "moda_fused": moda("fused"),
         "moda_split": moda("triton_split"),
         "reference": None,
     }
@@ -116,7 +120,9 @@ def impl_fns(s: Shape):
 
 def flex_moda(s: Shape):
     """MoDA through FlexAttention: keys ``[sequence | depth slots of every token]``, a block mask."""
-    if s.T >= 65536 or s.L >= 256 or s.L == 0:  # the issue reports int32 overflow crashes there
+    if s.L == 0 or s.B * s.Hk * s.T * (s.L + 1) * s.d >= 2**31:
+        # FlexAttention indexes its keys with int32 offsets and crashes once the concatenated keys
+        # [B, Hk, T(L+1), d] hold 2^31 elements or more: in the grid, T=64K at L=64 and T=16K at L=256.
         return None
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 

@@ -1,6 +1,6 @@
 """One GPU against two (DDP and FSDP) at the same global batch: the loss curves must agree within noise.
 
-    PYTHONPATH=. python benchmarks/multi_gpu.py --steps 300
+    PYTHONPATH=kernels:. python benchmarks/multi_gpu.py --steps 300
 
 Runs ``moda fit`` three times on the built-in corpus with the fused MoDA backend, reads
 ``train/loss`` and ``val/loss`` back from each run's TensorBoard events and prints them side

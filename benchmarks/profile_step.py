@@ -1,8 +1,8 @@
 """Where one GPU training step spends its time: MoDA against the SDPA baseline, kernel by kernel.
 
-    PYTHONPATH=. python benchmarks/profile_step.py                       # width 1024, 12 layers, T=4096
-    PYTHONPATH=. python benchmarks/profile_step.py --layers 36 --batch 2 # the 700M shape
-    PYTHONPATH=. python benchmarks/profile_step.py --trace $OUT          # also a Chrome trace per backend
+    PYTHONPATH=kernels:. python benchmarks/profile_step.py                         # width 1024, 12 layers, T=4096
+    PYTHONPATH=kernels:. python benchmarks/profile_step.py --layers 36 --batch 2   # the 700M shape
+    PYTHONPATH=kernels:. python benchmarks/profile_step.py --trace traces          # also a Chrome trace per backend
 
 For each backend it prints the step time (CUDA events), the GPU busy time the profiler saw
 (kernels only; a step much longer than its busy time is waiting on the CPU), the kernels
@@ -21,7 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDATransformer
-from train_memory import median_step_ms, training_step, unfuse_norm_rope  # benchmarks/ is on sys.path when a script in it runs
+
+from benchmarks._step import median_step_ms, training_step, unfuse_norm_rope
 
 # Kernel-name patterns, first match wins; the order matters (a cuDNN attention kernel is not a matmul).
 GROUPS = [

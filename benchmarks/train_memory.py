@@ -1,7 +1,8 @@
 """Peak training memory and step time of MoDA models against the SDPA baseline, on one GPU.
 
-    PYTHONPATH=. python benchmarks/train_memory.py                 # the sweep written into docs/scaling.md
-    PYTHONPATH=. python benchmarks/train_memory.py --quick         # a smaller sweep
+    PYTHONPATH=kernels:. python benchmarks/train_memory.py            # the sweep written into docs/scaling.md
+    PYTHONPATH=kernels:. python benchmarks/train_memory.py --quick    # a smaller sweep
+    PYTHONPATH=kernels:. python benchmarks/train_memory.py --only-700m --backends sdpa moda_triton
 
 One training step = forward, backward and a fused AdamW step in bf16 autocast on random
 tokens; the step time is the median of the timed steps (CUDA events), the peak is
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import time
 
 import torch
 
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDATransformer
+
+from benchmarks._step import median_step_ms, training_step, unfuse_norm_rope
 
 WIDTHS = {384: dict(n_heads=6, n_kv_heads=2), 1024: dict(n_heads=16, n_kv_heads=8)}
 VOCAB = 32768
@@ -48,35 +50,6 @@ def measure_step(
         torch.cuda.empty_cache()
 
 
-def training_step(network, model: torch.nn.Module, tokens: torch.Tensor):
-    """A closure running one training step: bf16 autocast forward of ``network`` (``model`` or
-    its compiled form), cross-entropy on the next tokens, backward, fused AdamW on ``model``."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = network(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def median_step_ms(step, steps: int) -> float:
-    """Median over ``steps`` calls of ``step`` of its GPU time, CUDA events around each call."""
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def config(width: int, layers: int, seq_len: int, attention: str, **extra) -> MoDAConfig:
     return MoDAConfig(
         vocab_size=VOCAB, d_model=width, n_layers=layers, max_seq_len=seq_len, attention=attention, **WIDTHS[width], **extra
@@ -85,13 +58,6 @@ def config(width: int, layers: int, seq_len: int, attention: str, **extra) -> Mo
 
 def fmt(result: tuple[float, float] | str) -> tuple[str, str]:
     return (result, result) if isinstance(result, str) else (f"{result[0]:.1f}", f"{result[1]:.2f}")
-
-
-def unfuse_norm_rope() -> None:
-    """Run the q/k RMSNorm and RoPE as separate torch ops: the before of ``moda_kernels.norm_rope``."""
-    import moda_lightning.model
-
-    moda_lightning.model._has_triton = lambda: False  # norm_then_rope then takes the module path
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -127,6 +128,32 @@ def main(args: list[str] | None = None) -> None:
             raise err.cause from None
         print(f"moda: error: {err}\n(set MODA_DEBUG=1 to see the traceback)", file=sys.stderr)
         sys.exit(2)
+
+
+def resolved_fit_config(args: list[str]) -> dict[str, Any]:
+    """The configuration ``moda fit ARGS`` would run with: config files, ``trainer:`` includes,
+    stacked overlays and defaults merged, parsed by this CLI (``--print_config``); nothing is
+    instantiated, trained or read.
+
+    Raises:
+        ValueError: If the arguments do not parse; the message is the parser's last line.
+    """
+    import contextlib
+    import io
+    import warnings
+
+    import yaml
+
+    printed, errors = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")  # in-process use is ours
+            main(["fit", *args, "--print_config"])
+    except SystemExit as exit_:  # --print_config exits 0 after printing; a parse error exits 2
+        if exit_.code not in (0, None):
+            last = errors.getvalue().strip().splitlines()
+            raise ValueError(f"`moda fit {' '.join(args)}` does not parse: {last[-1] if last else exit_}") from None
+    return yaml.safe_load(printed.getvalue())
 
 
 def _study(argv: list[str], raise_errors: bool) -> None:

@@ -8,7 +8,9 @@ keys of one's own. Every problem is reported in one error.
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 
 @dataclass
@@ -161,3 +163,12 @@ class MoDAConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], **overrides: Any) -> MoDAConfig:
+        """The config held in a larger mapping: a run's ``hparams.yaml``, or the ``model:`` section
+        of a resolved ``moda fit`` config. Keys that are not fields are ignored, and ``None`` means
+        the field's default (as the LightningModule's arguments do)."""
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in names and v is not None}
+        return cls(**{**kwargs, **overrides})

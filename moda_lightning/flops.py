@@ -1,14 +1,12 @@
 """Analytic FLOP and parameter counts of a MoDA LM: pure functions of a MoDAConfig and seq_len.
 
-The cost model of MODA_SPEC.md section 3 (paper Table 1), counted exactly for this
-implementation's shapes. ``python -m moda_lightning.flops`` prints the table in docs/flops.md.
+The cost model of arXiv 2603.15619, Table 1 (restated in docs/method.md), counted exactly for this
+implementation's shapes. ``benchmarks/flops_table.py`` prints the table of docs/flops.md from them.
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 from moda_lightning.config import MoDAConfig
 
@@ -162,7 +160,7 @@ def parameter_counts(cfg: MoDAConfig) -> ParamCounts:
     """Trainable parameters as ``MoDATransformer`` builds them (tied embeddings counted once).
 
     The depth K/V projections hold ``2 * D * Hk * d`` weights (plus a per-head key norm of ``d``)
-    each, on L-1 layers: the spec's ``2 * L * D * Hk * d`` with the last layer left out.
+    each, on L-1 layers: the paper's ``2 * L * D * Hk * d`` with the last layer left out.
     """
     D, L, F, V = cfg.d_model, cfg.n_layers, cfg.ffn_hidden, cfg.vocab_size
     Hq, Hk, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -172,91 +170,3 @@ def parameter_counts(cfg: MoDAConfig) -> ParamCounts:
     projections = int(bool(cfg.ffn_kv)) + int(bool(cfg.depth_kv and cfg.attn_kv_proj))
     depth_proj = (L - 1) * projections * (2 * D * Hk * d + (d if cfg.qk_norm else 0))
     return ParamCounts(total=L * per_layer + embeddings + D + depth_proj, depth_proj=depth_proj)
-
-
-# --------------------------------------------------------------------------- the docs table
-
-# Shapes of docs/flops.md beside the shipped configs: name -> (MoDAConfig fields, seq_len).
-# The paper does not give its 1.5B shape; this one is assumed: the 700M config's head size
-# (d=64), 8 KV heads and vocabulary, widened to D=2048 (32 query heads, G=4) and 28 layers,
-# which gives 1.45B parameters without MoDA and 1.50B with it.
-PAPER_SHAPES: dict[str, tuple[dict, int]] = {
-    "1.5B-like (assumed)": (dict(vocab_size=50304, d_model=2048, n_layers=28, n_heads=32, n_kv_heads=8), 4096),
-    "1.5B-like, OLMo2 vocabulary": (dict(vocab_size=100352, d_model=2048, n_layers=28, n_heads=32, n_kv_heads=8), 4096),
-}
-SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def config_from_yaml(path: str | Path) -> tuple[MoDAConfig, int]:
-    """The model of a ``moda fit`` config file and its ``data.seq_len`` (vocab from ``data.tokenizer_vocab_size``)."""
-    import yaml  # jsonargparse's dependency; only the table needs it
-
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    model, data = raw.get("model") or {}, raw.get("data") or {}
-    data = data.get("init_args", data)
-    names = {f.name for f in fields(MoDAConfig)}
-    kwargs = {k: v for k, v in model.items() if k in names}
-    kwargs.setdefault("vocab_size", data.get("tokenizer_vocab_size", 4096))
-    return MoDAConfig(**kwargs), int(data.get("seq_len", 256))
-
-
-def _baseline_of(cfg: MoDAConfig) -> MoDAConfig:
-    kwargs = {f.name: getattr(cfg, f.name) for f in fields(MoDAConfig)}
-    kwargs.update(attention="sdpa", depth_kv=False, ffn_kv=False, attn_kv_proj=False)
-    return MoDAConfig(**kwargs)
-
-
-def table_rows(shapes: dict[str, tuple[MoDAConfig, int]]) -> list[list[str]]:
-    """One row per shape: training FLOPs/token of baseline and MoDA, overhead split, parameters."""
-    rows = []
-    for name, (cfg, T) in shapes.items():
-        moda = training_flops_per_token(cfg, T)
-        params, base_params = parameter_counts(cfg), parameter_counts(_baseline_of(cfg))
-        rows.append([
-            name,
-            f"D={cfg.d_model} L={cfg.n_layers} Hq={cfg.n_heads} Hk={cfg.n_kv_heads} d={cfg.head_dim} "
-            f"F={cfg.ffn_hidden} V={cfg.vocab_size}",
-            str(T),
-            f"{moda.baseline / 1e9:.4g}",
-            f"{moda.total / 1e9:.4g}",
-            f"{100 * moda.depth_attn_overhead:.2f}%",
-            f"{100 * moda.proj_overhead:.2f}%",
-            f"{100 * moda.overhead:.2f}%",
-            f"{base_params.total / 1e6:.4g}M",
-            f"{params.total / 1e6:.4g}M",
-            f"{100 * params.overhead:.2f}%",
-        ])
-    return rows
-
-
-TABLE_HEADER = [
-    "shape", "dims", "T", "baseline GFLOP/token", "MoDA GFLOP/token", "depth attn", "extra proj.",
-    "FLOPs overhead", "baseline params", "MoDA params", "param overhead",
-]
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Print the FLOPs table of the paper's shapes and of the given ``moda fit`` config files."""
-    parser = argparse.ArgumentParser(prog="python -m moda_lightning.flops", description=main.__doc__)
-    parser.add_argument(
-        "configs", nargs="*", help="config files; default: the shipped configs/*.yaml of a source checkout"
-    )
-    args = parser.parse_args(argv)
-    print(markdown_table(TABLE_HEADER, table_rows(docs_shapes(args.configs or None))))
-
-
-def docs_shapes(configs: list[str | Path] | None = None) -> dict[str, tuple[MoDAConfig, int]]:
-    """The rows of docs/flops.md: each config file (default: the shipped ones), then :data:`PAPER_SHAPES`."""
-    paths = configs if configs is not None else sorted(SHIPPED_CONFIGS.glob("*.yaml"))
-    shapes = {f"configs/{Path(path).name}": config_from_yaml(path) for path in paths}
-    shapes.update({name: (MoDAConfig(**kw), T) for name, (kw, T) in PAPER_SHAPES.items()})
-    return shapes
-
-
-if __name__ == "__main__":
-    main()

@@ -98,16 +98,13 @@ def summarize(run_dir: Path, arm: str, seed: int, tokens_per_step: int, max_step
 def model_cost(run_dir: Path) -> dict[str, float]:
     """Parameters and training FLOPs per token of a run's model, counted from its ``hparams.yaml``
     by :mod:`moda_lightning.flops` (the FlopsOverhead callback checks that count at fit start)."""
-    from dataclasses import fields
-
     import yaml
 
     from moda_lightning.config import MoDAConfig
     from moda_lightning.flops import parameter_counts, training_flops_per_token
 
     hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
-    names = {f.name for f in fields(MoDAConfig)}
-    config = MoDAConfig(**{k: v for k, v in hparams.items() if k in names})
+    config = MoDAConfig.from_mapping(hparams)
     return {
         "params": float(parameter_counts(config).total),
         "flops_per_token": float(training_flops_per_token(config, int(hparams["seq_len"])).total),

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from moda_lightning.study.report import write_report
 from moda_lightning.study.results import RESULT_FILE, RunResult, latest_step, summarize
-from moda_lightning.study.spec import Run, StudySpec, load_study, plan_runs, resolve_fit_config
+from moda_lightning.cli import resolved_fit_config
+from moda_lightning.study.spec import Run, StudySpec, load_study, plan_runs
 
 
 def run_state(run: Run) -> str:
@@ -104,7 +105,7 @@ def _prepare_data(run: Run) -> None:
     """Train or load the tokenizer and build the token cache, in this process, with the runs' data flags."""
     from moda_lightning.data import TextDataModule
 
-    data = resolve_fit_config(list(run.args))["data"]
+    data = resolved_fit_config(list(run.args))["data"]
     if isinstance(data, dict) and "class_path" in data:  # a user's data module subclass
         module, _, name = data["class_path"].rpartition(".")
         cls, data = getattr(importlib.import_module(module), name), data.get("init_args", {})

@@ -19,14 +19,14 @@ Config paths are relative to the working directory, as for ``moda fit``.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from moda_lightning.cli import resolved_fit_config
 
 _KEYS = {"name", "configs", "args", "arms", "reference", "seeds", "tokens", "eval_every_tokens", "runs_per_gpu", "gpus"}
 _ARM_KEYS = {"configs", "args"}
@@ -178,25 +178,6 @@ def _positive_int(raw: dict, key: str, default: int | None, p: _Problems) -> int
     return value
 
 
-def resolve_fit_config(args: list[str]) -> dict[str, Any]:
-    """The configuration ``moda fit`` would run with ``args``: files, overlays and defaults merged.
-
-    Parsed by the real CLI (``--print_config``), so includes such as ``trainer: trainer/gpu.yaml``
-    and stacked ``--config`` files count; nothing is instantiated or trained.
-    """
-    from moda_lightning.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main(["fit", *args, "--print_config"])
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            last = err.getvalue().strip().splitlines()
-            raise ValueError(f"study: `moda fit {' '.join(args)}` does not parse: {last[-1] if last else exit_}") from None
-    return yaml.safe_load(out.getvalue())
-
-
 def plan_runs(spec: StudySpec, out_dir: Path) -> list[Run]:
     """Every run of the study, arm by arm, seed by seed, with the flags that make them comparable.
 
@@ -207,7 +188,7 @@ def plan_runs(spec: StudySpec, out_dir: Path) -> list[Run]:
     runs, tokens_per_step = [], {}
     for arm in spec.arms:
         shared = spec.fit_args(arm)
-        config = resolve_fit_config(shared)
+        config = resolved_fit_config(shared)
         trainer, data = config["trainer"], config["data"]
         devices = trainer.get("devices")
         world = (devices if isinstance(devices, int) else 1) * int(trainer.get("num_nodes") or 1)

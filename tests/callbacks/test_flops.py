@@ -14,19 +14,17 @@ from moda_lightning.callbacks import FlopsOverhead
 from moda_lightning.callbacks.flops_overhead import executed_convention, measure_training_step
 from moda_lightning.config import MoDAConfig
 from moda_lightning.flops import (
-    PAPER_SHAPES,
-    TABLE_HEADER,
-    docs_shapes,
     executed_training_flops_per_token,
     flops_per_token,
-    markdown_table,
     parameter_counts,
-    table_rows,
     training_flops_per_token,
 )
 from moda_lightning.model import MoDATransformer
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "flops.md"
+from benchmarks.flops_table import PAPER_SHAPES, docs_shapes, docs_table
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs" / "flops.md"
 
 
 def tiny(**kw) -> MoDAConfig:
@@ -111,6 +109,18 @@ def test_the_paper_like_1_5b_shape_costs_about_3_7_percent():
 
 
 def test_docs_table_is_the_generated_one():
-    """docs/flops.md must hold what `python -m moda_lightning.flops` prints for the shipped configs."""
-    table = markdown_table(TABLE_HEADER, table_rows(docs_shapes()))
-    assert table in DOCS.read_text(), "docs/flops.md is stale: regenerate its table with `python -m moda_lightning.flops`"
+    """docs/flops.md must hold what `benchmarks/flops_table.py` prints for the shipped configs."""
+    assert docs_table() in DOCS.read_text(), (
+        "docs/flops.md is stale: regenerate its table with `PYTHONPATH=kernels:. python benchmarks/flops_table.py`"
+    )
+
+
+def test_table_reads_configs_through_the_cli_with_includes_and_overlays():
+    """A hand YAML reader saw only the first file: the baseline overlay must turn MoDA off, and the
+    row must keep the shape config's model and data values (its `trainer:` include parsed too)."""
+    row = [ROOT / "configs" / "moda_700m.yaml", ROOT / "configs" / "variants" / "baseline.yaml"]
+    (name, (cfg, seq_len)), *_ = docs_shapes([row]).items()
+    assert name == "configs/moda_700m.yaml + configs/variants/baseline.yaml"
+    assert (cfg.attention, cfg.depth_kv, cfg.ffn_kv) == ("sdpa", False, False)
+    assert (cfg.d_model, cfg.n_layers, cfg.n_kv_heads, cfg.vocab_size, seq_len) == (1024, 36, 8, 50304, 4096)
+    assert training_flops_per_token(cfg, seq_len).overhead == 0.0

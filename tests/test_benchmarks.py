@@ -1,0 +1,53 @@
+"""Every benchmark's usage lines run from a checkout as written: ``--help`` appended, no GPU needed.
+
+The usage lines are the indented ``PYTHONPATH=kernels:. python benchmarks/NAME.py ...`` lines of
+each script's docstring. Each script runs once, as its first usage line says, with ``--help``;
+argparse answers before any CUDA or Triton work, so this runs on CPU. Every option that any of
+its usage lines passes must appear in that help, so a renamed or misspelled flag fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+USAGE = re.compile(r"^\s+(PYTHONPATH=kernels:\. python (benchmarks/\w+\.py)\b[^#\n]*)", re.M)
+
+
+def usage_lines(script: Path) -> list[str]:
+    """The script's usage commands, comments stripped; each must name the script itself."""
+    docstring = ast.get_docstring(ast.parse(script.read_text()), clean=False) or ""
+    lines = []
+    for match in USAGE.finditer(docstring):
+        assert match.group(2) == f"benchmarks/{script.name}", f"{script.name}: a usage line runs {match.group(2)}"
+        lines.append(match.group(1).strip())
+    return lines
+
+
+def test_every_benchmark_has_usage_lines():
+    assert {p.name for p in SCRIPTS} >= {"kernel_attention.py", "profile_step.py", "train_memory.py", "flops_table.py"}
+    assert [p.name for p in SCRIPTS if not usage_lines(p)] == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_usage_lines_run_from_a_checkout(script: Path):
+    lines = usage_lines(script)
+    # Only the checkout is on the path: a stale PYTHONPATH of the caller must not help.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this interpreter
+    result = subprocess.run(
+        ["bash", "-c", f"{lines[0]} --help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, f"`{lines[0]} --help` failed:\n{result.stderr[-3000:]}"
+    assert result.stdout.startswith("usage:")
+    options = {token.split("=")[0] for line in lines for token in line.split() if token.startswith("--")}
+    unknown = sorted(option for option in options if not re.search(rf"{re.escape(option)}(?![\w-])", result.stdout))
+    assert unknown == [], f"{script.name}: its usage lines pass options its --help does not list: {unknown}"
