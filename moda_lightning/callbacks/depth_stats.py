@@ -1,9 +1,10 @@
-"""DepthAttentionStats: how much each layer and head reads the depth stream, in TensorBoard.
+"""DepthAttentionStats: how much each layer and head reads the depth stream, logged to every logger.
 
 Every ``every_n_steps`` optimizer steps the callback runs one forward pass on a fixed probe
 batch from the validation data, without gradients, with each layer's attention backend
 wrapped by a probe that records the statistics of the softmax rows; then it restores the
-backends. The model files need no hooks for this.
+backends. The model files need no hooks for this. Figures come from ``figures.py`` and reach
+each logger through ``log_media.py``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from moda_lightning.callbacks.heatmap import heatmap_image, labeled_heatmap
+from moda_lightning.callbacks.figures import heatmap_figure, histogram_figure
+from moda_lightning.callbacks.log_media import log_figure, log_histogram, log_text
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDAAttention
 
@@ -140,11 +143,18 @@ class DepthAttentionStats(L.Callback):
     - ``depth_attn/layer_LL/sink``: probability on sequence token 0 (the attention sink).
     - ``depth_attn/layer_LL/entropy``: entropy in nats of the whole ``[sequence | depth]`` row.
     - ``depth_attn/mean_mass``, ``mean_sink``, ``mean_entropy``: over layers (mass over the layers
-      that read depth, i.e. not layer 0); ``depth_attn/probe_seconds``: the probe's own time.
-    - images ``depth_attn/mass_layer_x_head`` and ``depth_attn/mass_layer_x_slot`` (the paper's
-      Figure 5; rows are layers, columns heads or slots, both numbered; colors scaled to the
-      image's maximum, shown on the colour bar; gray = slot not yet written), histograms
-      ``depth_attn/layer_LL/mass_hist`` of the per-row mass, and a text legend of the slots.
+      that read depth, i.e. not layer 0); ``depth_attn/probe_seconds``: the time of the probe and
+      of logging its results (figures included).
+    - figures ``depth_attn/mass_layer_x_head`` and ``depth_attn/mass_layer_x_slot`` (the paper's
+      Figure 5; rows are layers, columns query heads or depth slots named by the sublayer that
+      wrote them, e.g. ``L03.ffn``; colours from 0 to the map's maximum, on the colour bar; grey =
+      nothing read), ``depth_attn/mass_hist`` (one histogram of per-row mass per reading layer),
+      and the text legend ``depth_attn/slot_legend`` of the slots, once.
+    - TensorBoard also gets native histograms ``depth_attn/layer_LL/mass_hist``.
+
+    Scalars go to every logger through ``log_metrics``; figures and text through
+    :mod:`moda_lightning.callbacks.log_media` (TensorBoard, CSV files under ``log_dir/media/``,
+    W&B, MLflow; other loggers get the scalars and one warning).
 
     Rows include every token and query head; token 0's row always puts ``1 - mass`` on the sink.
     With a backend that reads no depth (``sdpa``) only sink and entropy are logged. Each layer's
@@ -155,8 +165,11 @@ class DepthAttentionStats(L.Callback):
     memory) warns and turns the callback off instead of ending the run.
 
     Args:
-        every_n_steps: optimizer steps between probes. The default costs 0.25% of training time
-            on the CPU default config and 1.5% at the Table 6 shape on an H100 (docs/flops.md).
+        every_n_steps: optimizer steps between probes. The probe's forward pass costs 0.25% of
+            training time on the CPU default config and 1.5% at the Table 6 shape on an H100
+            (docs/flops.md). Drawing and logging the three figures adds about 0.35 s per probe at
+            the default config and 0.85 s at 24 layers x 16 heads (one thread of a shared 2-core
+            Xeon, 2026-12-01), which can outweigh the probe: raise this on fast GPUs.
         probe_batch_size: rows of the first validation batch kept as the probe batch.
     """
 
@@ -226,22 +239,38 @@ class DepthAttentionStats(L.Callback):
             per_slot[idx, : st.num_depth] = st.slot_mass.float().cpu()
         return per_head, per_slot
 
-    def write(self, writer: Any, stats: list[LayerStats], cfg: MoDAConfig, step: int) -> dict[str, float]:
-        """Log everything to a TensorBoard ``SummaryWriter`` (or any object with its ``add_*`` methods)."""
+    def figures(self, stats: list[LayerStats], cfg: MoDAConfig, step: int) -> dict[str, Figure]:
+        """The heatmaps and the histogram figure by tag; none when no layer reads depth (e.g. ``sdpa``)."""
+        if not (cfg.reads_depth and any(st.num_depth > 0 for st in stats)):
+            return {}
+        per_head, per_slot = self.heatmaps(stats, cfg)
+        masses = [(idx, st.mass) for idx, st in enumerate(stats) if st.num_depth > 0]
+        return {
+            "depth_attn/mass_layer_x_head": heatmap_figure(
+                per_head, step=step, title="Depth mass per layer and query head", xlabel="query head"
+            ),
+            "depth_attn/mass_layer_x_slot": heatmap_figure(
+                per_slot, step=step, title="Depth mass per layer and depth slot", xlabel="depth slot (written by)",
+                xticklabels=slot_labels(cfg),
+            ),
+            "depth_attn/mass_hist": histogram_figure(masses, step=step),
+        }
+
+    def log_stats(self, loggers: list[Logger], stats: list[LayerStats], cfg: MoDAConfig, step: int) -> dict[str, float]:
+        """Log the scalars, figures, histograms and (once) the slot legend to every logger; returns the scalars."""
         scalars = self.scalars(stats, cfg)
-        for tag, value in scalars.items():
-            writer.add_scalar(tag, value, step)
+        for logger in loggers:
+            logger.log_metrics(scalars, step)
+        for tag, fig in self.figures(stats, cfg, step).items():
+            log_figure(loggers, tag, fig, step)
         if cfg.reads_depth:
-            per_head, per_slot = self.heatmaps(stats, cfg)
-            writer.add_image("depth_attn/mass_layer_x_head", labeled_heatmap(per_head), step, dataformats="CHW")
-            writer.add_image("depth_attn/mass_layer_x_slot", labeled_heatmap(per_slot), step, dataformats="CHW")
             for idx, st in enumerate(stats):
                 if st.num_depth > 0:
-                    writer.add_histogram(f"depth_attn/layer_{idx:02d}/mass_hist", st.mass.float().flatten().cpu(), step)
+                    log_histogram(loggers, f"depth_attn/layer_{idx:02d}/mass_hist", st.mass, step)
             if not self._legend_written:
                 labels = slot_labels(cfg)
                 legend = "slot | written by\n---|---\n" + "\n".join(f"{s} | {name}" for s, name in enumerate(labels))
-                writer.add_text("depth_attn/slot_legend", legend, step)
+                log_text(loggers, "depth_attn/slot_legend", legend, step)
                 self._legend_written = True
         return scalars
 
@@ -276,11 +305,7 @@ class DepthAttentionStats(L.Callback):
             )
             return
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    self.write(logger.experiment, stats, cfg, step)
-                else:
-                    logger.log_metrics(self.scalars(stats, cfg), step)
+            self.log_stats(trainer.loggers, stats, cfg, step)
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         self.last_duration_s = time.perf_counter() - start

@@ -13,12 +13,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ThroughputMonitor
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from moda_lightning.callbacks.depth_stats import _config_of
+from moda_lightning.callbacks.log_media import log_text
 from moda_lightning.config import MoDAConfig
 from moda_lightning.flops import (
     FlopsPerToken,
@@ -97,7 +97,8 @@ class FlopsOverhead(ThroughputMonitor):
     ``flops/train_per_token_baseline``, ``flops/overhead_ratio``, ``flops/depth_overhead_ratio``,
     ``flops/proj_overhead_ratio``, ``flops/params``, ``flops/params_baseline``,
     ``flops/param_overhead_ratio``, ``flops/measured_per_token``, ``flops/executed_per_token``,
-    ``flops/measured_over_executed`` and the text ``flops/table``.
+    ``flops/measured_over_executed`` and the text ``flops/table`` (to every logger that takes text,
+    see :mod:`moda_lightning.callbacks.log_media`).
 
     During training it sets ``pl_module.flops_per_batch`` from the model count (causal pairs,
     the MFU convention) before each batch, and Lightning's ThroughputMonitor logs
@@ -157,10 +158,9 @@ class FlopsOverhead(ThroughputMonitor):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(report, step=trainer.global_step)
-                if isinstance(logger, TensorBoardLogger):
-                    # Markdown in TensorBoard's text tab: indent by 4 spaces to keep the columns.
-                    text = "\n".join("    " + line for line in table.splitlines())
-                    logger.experiment.add_text("flops/table", text, trainer.global_step)
+            # A markdown code block (4-space indent) keeps the columns aligned wherever it is rendered.
+            text = "\n".join("    " + line for line in table.splitlines())
+            log_text(trainer.loggers, "flops/table", text, trainer.global_step)
 
     def _cross_check(
         self, trainer: L.Trainer, pl_module: L.LightningModule, cfg: MoDAConfig, seq_len: int

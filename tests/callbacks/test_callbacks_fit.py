@@ -1,4 +1,4 @@
-"""A short CPU `moda fit` with both callbacks writes the expected TensorBoard tags."""
+"""A short CPU `moda fit` with both callbacks writes the expected TensorBoard tags, or CSV-side files."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from moda_lightning.cli import main
@@ -16,7 +17,7 @@ CALLBACKS = [
 ]
 
 
-def fit(tmp_path: Path, *args: str) -> tuple[EventAccumulator, dict[str, list[str]]]:
+def run_fit(tmp_path: Path, *args: str) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(f"word{i % 97} follows word{(i * 7) % 89}." for i in range(4000)))
     main([
@@ -41,6 +42,10 @@ def fit(tmp_path: Path, *args: str) -> tuple[EventAccumulator, dict[str, list[st
         f"--trainer.callbacks={json.dumps(CALLBACKS)}",
         *args,
     ])
+
+
+def fit(tmp_path: Path, *args: str) -> tuple[EventAccumulator, dict[str, list[str]]]:
+    run_fit(tmp_path, *args)
     (events,) = tmp_path.glob("runs/**/events.out.tfevents.*")
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
     acc.Reload()
@@ -56,9 +61,15 @@ def test_moda_fit_writes_depth_and_flops_tags(tmp_path):
     assert {"depth_attn/layer_00/sink", "depth_attn/mean_mass", "depth_attn/probe_seconds"} <= scalars
     assert "depth_attn/layer_00/mass" not in scalars  # layer 0 reads no depth
     assert [e.step for e in acc.Scalars("depth_attn/layer_02/mass")] == [2, 4]
-    assert set(tags["images"]) == {"depth_attn/mass_layer_x_head", "depth_attn/mass_layer_x_slot"}
+    figures = {"depth_attn/mass_layer_x_head", "depth_attn/mass_layer_x_slot", "depth_attn/mass_hist"}
+    assert set(tags["images"]) == figures
+    for tag in figures:  # matplotlib figures at each probe, a few hundred pixels a side
+        assert [im.step for im in acc.Images(tag)] == [2, 4]
+        assert all(im.width >= 300 and im.height >= 250 for im in acc.Images(tag))
     assert set(tags["histograms"]) == {"depth_attn/layer_01/mass_hist", "depth_attn/layer_02/mass_hist"}
     assert {"flops/table/text_summary", "depth_attn/slot_legend/text_summary"} <= set(tags["tensors"])
+    (table,) = acc.Tensors("flops/table/text_summary")
+    assert "training FLOPs / token" in table.tensor_proto.string_val[0].decode()
     flops = {"train_per_token", "train_per_token_baseline", "overhead_ratio", "depth_overhead_ratio", "proj_overhead_ratio",
              "params", "params_baseline", "param_overhead_ratio", "measured_per_token", "executed_per_token", "measured_over_executed"}
     assert {f"flops/{name}" for name in flops} <= scalars
@@ -74,3 +85,20 @@ def test_sdpa_baseline_logs_the_sink_only(tmp_path):
     assert {"depth_attn/layer_00/sink", "depth_attn/layer_02/entropy", "flops/overhead_ratio"} <= scalars
     assert not any(tag.startswith("depth_attn/") and "mass" in tag for tag in scalars)
     assert not tags["images"]
+
+
+@pytest.mark.slow
+def test_csv_logger_gets_the_figures_and_the_flops_table_as_files(tmp_path):
+    run_fit(tmp_path, "--trainer.logger=lightning.pytorch.loggers.CSVLogger")
+    (metrics,) = tmp_path.glob("runs/**/metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert {"depth_attn/layer_02/mass", "flops/overhead_ratio"} <= set(header)
+    media = metrics.parent / "media"
+    for name in ("mass_layer_x_head", "mass_layer_x_slot", "mass_hist"):
+        for step in (2, 4):
+            png = media / f"depth_attn-{name}-step{step:06d}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            width, height = Image.open(png).size
+            assert 300 <= width <= 2000 and 250 <= height <= 1500
+    assert "training FLOPs / token" in (media / "flops-table-step000000.md").read_text()
+    assert "L01.ffn" in (media / "depth_attn-slot_legend-step000002.md").read_text()

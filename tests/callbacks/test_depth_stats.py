@@ -11,34 +11,12 @@ from torch import nn
 
 from moda_lightning.attention import build_backend
 from moda_lightning.callbacks import DepthAttentionStats
-from moda_lightning.callbacks.depth_stats import attention_row_stats, heatmap_image, slot_labels
+from moda_lightning.callbacks.depth_stats import attention_row_stats, slot_labels
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDAAttention, MoDATransformer
 from moda_lightning.ops import moda_attention
 
 B, T, H, d = 2, 9, 2, 8  # Hq = Hk = 2, so each query head has its own KV head
-
-
-class Recorder:
-    """Stands in for TensorBoard's SummaryWriter and keeps what was logged."""
-
-    def __init__(self) -> None:
-        self.scalars: dict[str, float] = {}
-        self.images: dict[str, torch.Tensor] = {}
-        self.histograms: dict[str, torch.Tensor] = {}
-        self.texts: dict[str, str] = {}
-
-    def add_scalar(self, tag, value, step):
-        self.scalars[tag] = value
-
-    def add_image(self, tag, img, step, dataformats="CHW"):
-        self.images[tag] = img
-
-    def add_histogram(self, tag, values, step):
-        self.histograms[tag] = values
-
-    def add_text(self, tag, text, step):
-        self.texts[tag] = text
 
 
 class TwoLayerProbe(nn.Module):
@@ -59,11 +37,10 @@ def config(**kw) -> MoDAConfig:
     return MoDAConfig(vocab_size=16, d_model=H * d, n_layers=2, n_heads=H, n_kv_heads=H, **kw)
 
 
-def logged(cfg: MoDAConfig, *tensors, num_depth: int) -> Recorder:
-    callback, writer = DepthAttentionStats(), Recorder()
+def logged(cfg: MoDAConfig, *tensors, num_depth: int) -> dict[str, float]:
+    callback = DepthAttentionStats()
     stats = callback.collect(TwoLayerProbe(cfg, *tensors, num_depth), cfg, torch.zeros(1, T, dtype=torch.long))
-    callback.write(writer, stats, cfg, step=0)
-    return writer
+    return callback.scalars(stats, cfg)
 
 
 def unit_queries() -> torch.Tensor:
@@ -75,23 +52,23 @@ def test_depth_keys_aligned_with_the_query_take_all_the_mass():
     torch.manual_seed(0)
     q, k, v = unit_queries(), torch.randn(B, T, H, d), torch.randn(B, T, H, d)
     depth_k = (40.0 * q).unsqueeze(2).repeat(1, 1, 2, 1, 1)  # logit 40 / sqrt(8) ~ 14 per depth slot
-    writer = logged(config(), q, k, v, depth_k, torch.randn_like(depth_k), num_depth=2)
-    assert writer.scalars["depth_attn/layer_01/mass"] > 0.999
-    assert writer.scalars["depth_attn/mean_mass"] > 0.999
+    scalars = logged(config(), q, k, v, depth_k, torch.randn_like(depth_k), num_depth=2)
+    assert scalars["depth_attn/layer_01/mass"] > 0.999
+    assert scalars["depth_attn/mean_mass"] > 0.999
     # Two equal slots share the mass equally: half on layer 0's attention slot, half on its FFN slot.
-    assert writer.scalars["depth_attn/layer_01/mass_attn_slots"] == pytest.approx(0.5, abs=1e-3)
-    assert writer.scalars["depth_attn/layer_01/mass_ffn_slots"] == pytest.approx(0.5, abs=1e-3)
-    assert writer.scalars["depth_attn/layer_01/sink"] < 1e-3
-    assert "depth_attn/layer_00/mass" not in writer.scalars  # layer 0 reads no depth
+    assert scalars["depth_attn/layer_01/mass_attn_slots"] == pytest.approx(0.5, abs=1e-3)
+    assert scalars["depth_attn/layer_01/mass_ffn_slots"] == pytest.approx(0.5, abs=1e-3)
+    assert scalars["depth_attn/layer_01/sink"] < 1e-3
+    assert "depth_attn/layer_00/mass" not in scalars  # layer 0 reads no depth
 
 
 def test_depth_keys_opposite_to_the_query_get_no_mass():
     torch.manual_seed(1)
     q, k, v = unit_queries(), torch.randn(B, T, H, d), torch.randn(B, T, H, d)
     depth_k = (-40.0 * q).unsqueeze(2).repeat(1, 1, 2, 1, 1)
-    writer = logged(config(), q, k, v, depth_k, torch.randn_like(depth_k), num_depth=2)
-    assert writer.scalars["depth_attn/layer_01/mass"] < 1e-4
-    assert writer.scalars["depth_attn/layer_01/mass_std"] < 1e-4
+    scalars = logged(config(), q, k, v, depth_k, torch.randn_like(depth_k), num_depth=2)
+    assert scalars["depth_attn/layer_01/mass"] < 1e-4
+    assert scalars["depth_attn/layer_01/mass_std"] < 1e-4
 
 
 def test_a_single_valid_slot_gets_all_the_per_slot_mass():
@@ -107,10 +84,9 @@ def test_a_single_valid_slot_gets_all_the_per_slot_mass():
     per_head, per_slot = callback.heatmaps(stats, cfg)
     assert per_slot.shape == (2, 1) and torch.isnan(per_slot[0, 0])
     assert per_slot[1, 0].item() == pytest.approx(stats[1].mass.mean().item(), rel=1e-5)
-    writer = Recorder()
-    callback.write(writer, stats, cfg, step=0)
-    assert writer.scalars["depth_attn/layer_01/mass"] == pytest.approx(per_slot[1, 0].item(), rel=1e-5)
-    assert "depth_attn/layer_01/mass_attn_slots" not in writer.scalars  # only one kind of slot
+    scalars = callback.scalars(stats, cfg)
+    assert scalars["depth_attn/layer_01/mass"] == pytest.approx(per_slot[1, 0].item(), rel=1e-5)
+    assert "depth_attn/layer_01/mass_attn_slots" not in scalars  # only one kind of slot
     assert slot_labels(cfg) == ["L00.attn"]
 
 
@@ -154,49 +130,16 @@ def test_probe_restores_the_backends_and_rows_are_distributions():
 
 def test_sdpa_baseline_logs_sink_and_entropy_only_and_says_so(caplog):
     cfg = MoDAConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, attention="sdpa")
-    callback, writer = DepthAttentionStats(), Recorder()
+    callback = DepthAttentionStats()
     stats = callback.collect(MoDATransformer(cfg), cfg, torch.randint(50, (1, 16)))
-    callback.write(writer, stats, cfg, step=0)
-    assert {"depth_attn/layer_00/sink", "depth_attn/layer_01/entropy", "depth_attn/mean_sink"} <= set(writer.scalars)
-    assert not any("mass" in tag for tag in writer.scalars) and not writer.images and not writer.histograms
+    scalars = callback.scalars(stats, cfg)
+    assert {"depth_attn/layer_00/sink", "depth_attn/layer_01/entropy", "depth_attn/mean_sink"} <= set(scalars)
+    assert not any("mass" in tag for tag in scalars) and callback.figures(stats, cfg, step=0) == {}
     with caplog.at_level(logging.INFO):
         callback.on_fit_start(SimpleNamespace(), SimpleNamespace(config=cfg))
     assert "depth statistics do not apply" in caplog.text
 
 
-def test_heatmap_is_an_upscaled_rgb_image_with_gray_for_missing_cells():
-    img = heatmap_image(torch.tensor([[0.0, 1.0], [0.5, float("nan")]]), cell=4)
-    assert img.shape == (3, 8, 8) and 0 <= img.min() and img.max() <= 1
-    assert torch.allclose(img[:, 4:, 4:], torch.full((3, 4, 4), 0.5))
-    assert img[:, 0, 4].sum() > img[:, 0, 0].sum()  # the maximum is brighter than zero
-
-
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="every_n_steps=0"):
         DepthAttentionStats(every_n_steps=0)
-
-
-def test_labeled_heatmap_frames_the_matrix_with_indices_and_a_colour_bar():
-    from moda_lightning.callbacks.heatmap import labeled_heatmap
-
-    values = torch.tensor([[float("nan"), float("nan")], [0.1, 0.4], [0.2, 0.3]])
-    img = labeled_heatmap(values)
-    cell = 32  # three rows: the largest cell size
-    assert img.shape[0] == 3 and img.shape[1] > 3 * cell and img.shape[2] > 2 * cell
-    # The colored matrix sits inside the frame, unchanged.
-    core = heatmap_image(values, cell)
-    matches = [
-        (y, x)
-        for y in range(0, img.shape[1] - core.shape[1] + 1)
-        for x in range(0, img.shape[2] - core.shape[2] + 1, 2)
-        if torch.equal(img[:, y : y + core.shape[1], x : x + core.shape[2]], core)
-    ]
-    assert len(matches) == 1
-    top, left = matches[0]
-    # Row indices are drawn in black to the left of the matrix, column indices above it.
-    assert (img[:, top:, :left] == 0).all(dim=0).any()
-    assert (img[:, :top, left:] == 0).all(dim=0).any()
-    # The colour bar starts at the maximum (yellow) at the top and ends at 0 (dark) at the bottom.
-    bar = img[:, top, left + core.shape[2] + 8]
-    assert bar[0] > 0.9 and bar[1] > 0.8 and bar[2] < 0.3
-    assert img[:, top + core.shape[1] - 1, left + core.shape[2] + 8].sum() < 1.0
