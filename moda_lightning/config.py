@@ -13,6 +13,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
+_CHOICES = {
+    "depth_keys": ("writer", "reader"),
+    "qk_norm_scope": ("head", "full"),
+    "init_scheme": ("gpt2", "olmo2"),
+}
+
+
 @dataclass
 class MoDAConfig:
     """Shapes and switches of a decoder-only MoDA LM (arXiv 2603.15619; docs/method.md, section 2)."""
@@ -46,8 +53,20 @@ class MoDAConfig:
     """Project each FFN input into an extra depth K/V slot (default: on for backends that read depth)."""
     attn_kv_proj: bool = False
     """Give the attention's depth slot its own K/V projection instead of reusing sequence K/V."""
+    depth_keys: str = "writer"
+    """What a depth slot's key is. 'writer': the key exactly as its sublayer used it (after that
+    sublayer's key norm and RoPE at its own token). 'reader': the sublayer's pre-norm, pre-RoPE key;
+    the reading layer applies its own key norm and no rotation (see docs/method.md)."""
     qk_norm: bool = True
-    """RMSNorm on queries and keys (per head) before RoPE, as in OLMo2."""
+    """RMSNorm on queries and keys before RoPE, as in OLMo2."""
+    qk_norm_scope: str = "head"
+    """What one QK norm spans: 'head' (each head's d channels, one d-wide gain shared by the heads) or
+    'full' (the whole Hq*d or Hk*d projection, one gain per channel, as OLMo2 does)."""
+    linear_bias: bool = False
+    """Biases on every linear map but the LM head (the paper's models have none)."""
+    last_layer_depth_proj: bool = False
+    """Give the last layer depth K/V projections too. No layer reads its slots, so their weights never
+    train; only for matching parameter counts that include them."""
     tie_embeddings: bool = False
     """Share the token embedding with the output projection."""
     rope_theta: float = 10000.0
@@ -56,6 +75,10 @@ class MoDAConfig:
     """RMSNorm epsilon."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights."""
+    init_scheme: str = "gpt2"
+    """'gpt2': normal(0, init_std), the residual output projections scaled by 1/sqrt(2L); 'olmo2':
+    normal(0, init_std) truncated at 3 std, no scaling. Either way each parameter is drawn from a
+    generator seeded by its name, so models that share a parameter start it identical."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them."""
 
@@ -111,6 +134,14 @@ class MoDAConfig:
             )
         if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
             problems.append(f"head_dim must be an even number >= 2 for rotary embeddings; got {self.head_dim}.")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name}={getattr(self, name)!r}; expected one of {list(allowed)} (--model.{name}=...).")
+        if self.last_layer_depth_proj and not reads_depth:
+            problems.append(
+                f"last_layer_depth_proj=true adds depth projections, but backend {self.attention!r} reads no depth; "
+                "turn it off (--model.last_layer_depth_proj=false)."
+            )
         if problems:
             raise ValueError("invalid MoDA model configuration:\n  - " + "\n  - ".join(problems))
         if self.head_dim is None:

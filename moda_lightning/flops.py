@@ -159,14 +159,20 @@ class ParamCounts:
 def parameter_counts(cfg: MoDAConfig) -> ParamCounts:
     """Trainable parameters as ``MoDATransformer`` builds them (tied embeddings counted once).
 
-    The depth K/V projections hold ``2 * D * Hk * d`` weights (plus a per-head key norm of ``d``)
-    each, on L-1 layers: the paper's ``2 * L * D * Hk * d`` with the last layer left out.
+    The depth K/V projections hold ``2 * D * Hk * d`` weights (plus a key norm under
+    ``depth_keys="writer"``, and biases with ``linear_bias``) each, on L-1 layers: the paper's
+    ``2 * L * D * Hk * d`` with the last layer left out (all L with ``last_layer_depth_proj``).
     """
     D, L, F, V = cfg.d_model, cfg.n_layers, cfg.ffn_hidden, cfg.vocab_size
     Hq, Hk, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    qk_norm = 2 * d if cfg.qk_norm else 0
-    per_layer = D * (2 * Hq * d + 2 * Hk * d) + qk_norm + 3 * D * F + 2 * D  # + the two placement norms
+    full = cfg.qk_norm_scope == "full"
+    q_norm = (Hq * d if full else d) if cfg.qk_norm else 0
+    k_norm = (Hk * d if full else d) if cfg.qk_norm else 0
+    bias = (Hq * d + 2 * Hk * d) + D + 2 * F + D if cfg.linear_bias else 0  # qkv, o, gate/up, down
+    per_layer = D * (2 * Hq * d + 2 * Hk * d) + q_norm + k_norm + 3 * D * F + 2 * D + bias  # + the two placement norms
     embeddings = V * D * (1 if cfg.tie_embeddings else 2)
     projections = int(bool(cfg.ffn_kv)) + int(bool(cfg.depth_kv and cfg.attn_kv_proj))
-    depth_proj = (L - 1) * projections * (2 * D * Hk * d + (d if cfg.qk_norm else 0))
+    per_proj = 2 * D * Hk * d + (k_norm if cfg.depth_keys == "writer" else 0) + (2 * Hk * d if cfg.linear_bias else 0)
+    layers_with_proj = L if cfg.last_layer_depth_proj else L - 1
+    depth_proj = layers_with_proj * projections * per_proj
     return ParamCounts(total=L * per_layer + embeddings + D + depth_proj, depth_proj=depth_proj)

@@ -45,11 +45,20 @@ class MoDALightningModule(L.LightningModule):
         depth_kv: write each attention's K/V into the depth stream (default: on for MoDA backends).
         ffn_kv: add a depth slot projected from each FFN input (default: on for MoDA backends).
         attn_kv_proj: the attention's depth slot gets its own K/V projection (Table 3, row 5).
-        qk_norm: per-head RMSNorm of queries and keys.
+        depth_keys: 'writer' (a slot's key as its sublayer used it, normed and rotated) or 'reader'
+            (the raw key; the reading layer applies its own key norm and no rotation).
+        qk_norm: RMSNorm of queries and keys.
+        qk_norm_scope: 'head' (per head, one d-wide gain) or 'full' (over the whole projection).
+        linear_bias: biases on every linear map but the LM head.
+        last_layer_depth_proj: the last layer gets depth projections too (never read; for parameter counts).
         tie_embeddings: share input embedding and output projection.
         rope_theta: RoPE base.
         init_std: std of the normal weight init.
+        init_scheme: 'gpt2' (residual output projections scaled by 1/sqrt(2L)) or 'olmo2' (truncated
+            normal, unscaled); either way each weight is seeded by its name (paired initialisation).
         activation_checkpointing: recompute each layer in the backward pass to save memory.
+        z_loss: weight of the auxiliary loss ``mean(logsumexp(logits)^2)`` that keeps the output
+            logits from drifting (OLMo2 trains with 1e-5); 0 turns it off.
         lr: peak learning rate.
         min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio``.
         warmup_steps: linear warmup steps (an int) or fraction of all steps (a float < 1).
@@ -74,11 +83,17 @@ class MoDALightningModule(L.LightningModule):
         depth_kv: bool | None = None,
         ffn_kv: bool | None = None,
         attn_kv_proj: bool = False,
+        depth_keys: str = "writer",
         qk_norm: bool = True,
+        qk_norm_scope: str = "head",
+        linear_bias: bool = False,
+        last_layer_depth_proj: bool = False,
         tie_embeddings: bool = False,
         rope_theta: float = 10000.0,
         init_std: float = 0.02,
+        init_scheme: str = "gpt2",
         activation_checkpointing: bool = False,
+        z_loss: float = 0.0,
         lr: float = 3e-3,
         min_lr_ratio: float = 0.1,
         warmup_steps: int | float = 0.05,
@@ -93,27 +108,8 @@ class MoDALightningModule(L.LightningModule):
                 "vocab_size is not set: run through `moda fit`, which links it from the data module's tokenizer, "
                 "or pass vocab_size=len(tokenizer) when building the module yourself."
             )
-        self.config = MoDAConfig(
-            vocab_size=vocab_size,
-            d_model=d_model,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            n_kv_heads=n_kv_heads,
-            head_dim=head_dim,
-            ffn_hidden=ffn_hidden,
-            max_seq_len=max_seq_len,
-            plugins=[] if plugins is None else plugins,
-            attention=attention,
-            norm=norm,
-            depth_kv=depth_kv,
-            ffn_kv=ffn_kv,
-            attn_kv_proj=attn_kv_proj,
-            qk_norm=qk_norm,
-            tie_embeddings=tie_embeddings,
-            rope_theta=rope_theta,
-            init_std=init_std,
-            activation_checkpointing=activation_checkpointing,
-        )
+        # Every init argument that is a MoDAConfig field goes to the config (None: its default).
+        self.config = MoDAConfig.from_mapping(self.hparams)
         self.model = MoDATransformer(self.config)
         self.val_loss = MeanMetric()
         self.tokens_seen = 0
@@ -134,21 +130,27 @@ class MoDALightningModule(L.LightningModule):
         """Logits ``[B, T, vocab]`` for token ids ``[B, T]``."""
         return self.model(idx)
 
-    def _loss(self, batch: Tensor) -> Tensor:
+    def _loss(self, batch: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Mean next-token cross-entropy and, with ``z_loss``, the mean squared log-partition."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = self.model(inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        logits = self.model(inputs).float().flatten(0, 1)
+        ce = F.cross_entropy(logits, targets.flatten())
+        z = torch.logsumexp(logits, dim=-1).square().mean() if self.hparams.z_loss else None
+        return ce, z
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
+        loss, z = self._loss(batch)
         self.tokens_seen += batch[:, 1:].numel() * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True)  # the cross-entropy alone, comparable across runs
         self.log("train/ppl", torch.exp(loss.detach()))
         self.log("train/tokens_seen", float(self.tokens_seen))
+        if z is not None:
+            self.log("train/z_loss", z)
+            return loss + self.hparams.z_loss * z
         return loss
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        loss = self._loss(batch)
+        loss, _ = self._loss(batch)
         # Every batch holds the same number of tokens, so the batch mean is the token mean.
         self.val_loss.update(loss)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from functools import cache
 
 import torch
@@ -19,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from moda_lightning.attention import AttentionBackend, build_backend
 from moda_lightning.config import MoDAConfig
 from moda_lightning.depth_stream import DepthStream, run_eagerly_under_compile
-from moda_lightning.norms import RMSNorm, norm_class
+from moda_lightning.init import draw_base_seed, init_parameters
+from moda_lightning.norms import QKNorm, RMSNorm, norm_class, unit_rms
 
 
 class RotaryEmbedding(nn.Module):
@@ -72,6 +74,7 @@ def norm_then_rope(x: Tensor, norm: nn.Module, rope: RotaryEmbedding) -> Tensor:
     """
     fused = (
         isinstance(norm, RMSNorm)
+        and not getattr(norm, "spans_heads", False)  # the kernel normalises one head at a time
         and x.is_cuda
         and type(norm.weight) is nn.Parameter  # not a DTensor shard: the kernel reads plain memory
         and x.shape[-1] & (x.shape[-1] - 1) == 0
@@ -86,74 +89,110 @@ def norm_then_rope(x: Tensor, norm: nn.Module, rope: RotaryEmbedding) -> Tensor:
     return rope(norm(x))
 
 
+def qk_norm(config: MoDAConfig, n_heads: int) -> nn.Module:
+    """The query or key norm of ``n_heads`` heads as configured (``qk_norm``, ``qk_norm_scope``)."""
+    return QKNorm(n_heads, config.head_dim, config.qk_norm_scope, config.norm_eps) if config.qk_norm else nn.Identity()
+
+
+def reader_slot_key(k: Tensor, config: MoDAConfig) -> Tensor:
+    """A slot key under ``depth_keys="reader"``: the raw key divided by its RMS, no gain, no rotation.
+
+    The reading layer's key norm is ``unit_rms(k) * gain``; the first factor is the same for every
+    reader, so the writer stores it once, and each reader puts its own gain on its query instead
+    (``q_depth``): no per-layer copy of the slots.
+    """
+    return unit_rms(k, config.qk_norm_scope == "full", config.norm_eps) if config.qk_norm else k
+
+
 class DepthKVProjection(nn.Module):
     """Maps ``D -> Hk*d`` (keys and values, one matmul) that turn a sublayer's input into one depth slot.
 
-    The key gets the same per-head norm as sequence keys and the rotary phase of its own
-    token, so that the query (rotated at ``t``) meets it at relative position zero.
+    ``depth_keys="writer"``: the key gets the same norm as sequence keys and the rotary phase of its
+    own token, so that the query (rotated at ``t``) meets it at relative position zero.
+    ``depth_keys="reader"``: the key is stored unrotated at unit RMS (:func:`reader_slot_key`).
     """
 
     def __init__(self, config: MoDAConfig) -> None:
         super().__init__()
+        self.config = config
         self.n_kv_heads, self.head_dim = config.n_kv_heads, config.head_dim
-        self.kv_proj = nn.Linear(config.d_model, 2 * config.n_kv_heads * config.head_dim, bias=False)
-        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.kv_proj = nn.Linear(config.d_model, 2 * config.n_kv_heads * config.head_dim, bias=config.linear_bias)
+        self.k_norm = qk_norm(config, config.n_kv_heads) if config.depth_keys == "writer" else None
 
     def forward(self, h: Tensor, rope: RotaryEmbedding) -> tuple[Tensor, Tensor]:
         B, T, _ = h.shape
         k, v = self.kv_proj(h).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(dim=2)
+        if self.k_norm is None:
+            return reader_slot_key(k, self.config), v
         return norm_then_rope(k, self.k_norm, rope), v
 
 
 class MoDAAttention(nn.Module):
-    """Grouped-query attention over ``[sequence | depth]`` keys; writes its K/V to the depth stream."""
+    """Grouped-query attention over ``[sequence | depth]`` keys; writes its K/V to the depth stream.
 
-    def __init__(self, config: MoDAConfig, backend: AttentionBackend, writes_depth: bool) -> None:
+    ``has_depth_proj`` builds the attention's own depth projection (``attn_kv_proj``) even where
+    ``writes_depth`` is off (``last_layer_depth_proj``): it then exists, for parameter counts, but
+    is never called.
+    """
+
+    def __init__(self, config: MoDAConfig, backend: AttentionBackend, writes_depth: bool, has_depth_proj: bool) -> None:
         super().__init__()
+        self.config = config
         self.backend = backend
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         D, d = config.d_model, config.head_dim
         # q, k and v in one matmul: one launch instead of three, forward and backward
         self.qkv_split = [config.n_heads * d, config.n_kv_heads * d, config.n_kv_heads * d]
-        self.qkv_proj = nn.Linear(D, sum(self.qkv_split), bias=False)
-        self.o_proj = nn.Linear(config.n_heads * d, D, bias=False)
-        self.q_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.qkv_proj = nn.Linear(D, sum(self.qkv_split), bias=config.linear_bias)
+        self.o_proj = nn.Linear(config.n_heads * d, D, bias=config.linear_bias)
+        self.q_norm = qk_norm(config, config.n_heads)
+        self.k_norm = qk_norm(config, config.n_kv_heads)
         self.writes_depth = writes_depth and bool(config.depth_kv)
         # Table 3 row 5: the depth slot gets its own projection instead of reusing k, v.
-        self.depth_kv_proj = DepthKVProjection(config) if self.writes_depth and config.attn_kv_proj else None
+        wants_proj = bool(config.depth_kv) and config.attn_kv_proj and has_depth_proj
+        self.depth_kv_proj = DepthKVProjection(config) if wants_proj else None
+        self.reader_keys = config.depth_keys == "reader"
 
     def forward(self, h: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | None) -> Tensor:
         B, T, _ = h.shape
-        q, k, v = self.qkv_proj(h).split(self.qkv_split, dim=-1)
+        q, k_raw, v = self.qkv_proj(h).split(self.qkv_split, dim=-1)
         q = norm_then_rope(q.view(B, T, self.n_heads, self.head_dim), self.q_norm, rope)
-        k = norm_then_rope(k.view(B, T, self.n_kv_heads, self.head_dim), self.k_norm, rope)
+        k_raw = k_raw.view(B, T, self.n_kv_heads, self.head_dim)
+        k = norm_then_rope(k_raw, self.k_norm, rope)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
 
         # Read the slots of the layers above before writing this layer's own.
         depth_k, depth_v, num_depth = depth.read() if depth is not None else (None, None, 0)
+        extra = {}
+        if num_depth and self.reader_keys and isinstance(self.k_norm, QKNorm):
+            # this layer's key-norm gain on the unit-RMS slots, carried by the query of the depth logits
+            extra["q_depth"] = q * self.k_norm.gain_per_head(self.n_heads).to(q.dtype)
         if num_depth and getattr(self.backend, "takes_depth_grad_into", False) and not torch.compiler.is_compiling():
             # the backward kernel adds this read's slot gradients straight into the stream's buffer
-            o = self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth, depth_grad_into=depth.grad_buffers(num_depth))
-        else:
-            o = self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth)
+            extra["depth_grad_into"] = depth.grad_buffers(num_depth)
+        o = self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth, **extra)
 
         if depth is not None and self.writes_depth:
-            depth.append(*(self.depth_kv_proj(h, rope) if self.depth_kv_proj is not None else (k, v)))
+            if self.depth_kv_proj is not None:
+                depth.append(*self.depth_kv_proj(h, rope))
+            else:
+                depth.append(reader_slot_key(k_raw, self.config) if self.reader_keys else k, v)
         return self.o_proj(o.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class SwiGLU(nn.Module):
     """``W_down(silu(W_gate h) * W_up h)``; with ``ffn_kv`` its input also becomes a depth slot."""
 
-    def __init__(self, config: MoDAConfig, writes_depth: bool) -> None:
+    def __init__(self, config: MoDAConfig, writes_depth: bool, has_depth_proj: bool) -> None:
         super().__init__()
-        self.w_gate_up = nn.Linear(config.d_model, 2 * config.ffn_hidden, bias=False)  # W_gate and W_up, one matmul
-        self.w_down = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
-        self.depth_kv_proj = DepthKVProjection(config) if writes_depth and config.ffn_kv else None
+        bias = config.linear_bias
+        self.w_gate_up = nn.Linear(config.d_model, 2 * config.ffn_hidden, bias=bias)  # W_gate and W_up, one matmul
+        self.w_down = nn.Linear(config.ffn_hidden, config.d_model, bias=bias)
+        self.depth_kv_proj = DepthKVProjection(config) if has_depth_proj and config.ffn_kv else None
+        self.writes_depth = writes_depth
 
     def forward(self, h: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | None) -> Tensor:
-        if depth is not None and self.depth_kv_proj is not None:
+        if depth is not None and self.depth_kv_proj is not None and self.writes_depth:
             depth.append(*self.depth_kv_proj(h, rope))
         gate, up = self.w_gate_up(h).chunk(2, dim=-1)
         return self.w_down(F.silu(gate) * up)
@@ -163,14 +202,16 @@ class MoDABlock(nn.Module):
     """One layer: attention then FFN, each wrapped in the configured norm placement.
 
     ``writes_depth`` is off for the last layer: no layer below reads its slots, so it gets
-    no depth projections (the paper's Table 3 parameter counts show the same: L - 1 layers).
+    no depth projections (the paper's Table 3 parameter counts show the same: L - 1 layers),
+    unless ``last_layer_depth_proj`` asks for them anyway (Table 6's counts include them).
     """
 
     def __init__(self, config: MoDAConfig, backend: AttentionBackend, writes_depth: bool = True) -> None:
         super().__init__()
         placement = norm_class(config.norm)
-        self.attn = placement(config.d_model, MoDAAttention(config, backend, writes_depth), config.norm_eps)
-        self.ffn = placement(config.d_model, SwiGLU(config, writes_depth), config.norm_eps)
+        has_proj = writes_depth or config.last_layer_depth_proj
+        self.attn = placement(config.d_model, MoDAAttention(config, backend, writes_depth, has_proj), config.norm_eps)
+        self.ffn = placement(config.d_model, SwiGLU(config, writes_depth, has_proj), config.norm_eps)
 
     def forward(self, x: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | None) -> Tensor:
         x = self.attn(x, rope=rope, depth=depth)
@@ -183,6 +224,8 @@ class MoDATransformer(nn.Module):
     def __init__(self, config: MoDAConfig) -> None:
         super().__init__()
         self.config = config
+        # Drawn first, before any module is built: the one number of torch's global stream the weights depend on.
+        self.init_seed = draw_base_seed()
         backend = build_backend(config.attention)
         self.backend = backend
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
@@ -199,15 +242,17 @@ class MoDATransformer(nn.Module):
             run_eagerly_under_compile()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=self.config.init_std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-        for block in self.layers:
-            for proj in (block.attn.sublayer.o_proj, block.ffn.sublayer.w_down):
-                nn.init.normal_(proj.weight, std=self.config.init_std / math.sqrt(2 * self.config.n_layers))
+        """Normal(0, init_std) weights, each from a generator seeded by its name (paired
+        initialisation, ``moda_lightning/init.py``). ``init_scheme="gpt2"``: the projections that
+        write into the residual stream get std / sqrt(2L); ``"olmo2"``: truncated at 3 std, unscaled."""
+        std, gpt2 = self.config.init_std, self.config.init_scheme == "gpt2"
+        residual_out = re.compile(r"layers\.\d+\.(attn\.sublayer\.o_proj|ffn\.sublayer\.w_down)\.weight")
+        scaled = std / math.sqrt(2 * self.config.n_layers)
+
+        def std_of(name: str) -> float:
+            return scaled if gpt2 and residual_out.fullmatch(name) else std
+
+        init_parameters(self, self.init_seed, std_of, truncated=not gpt2)
 
     def forward(self, idx: Tensor) -> Tensor:
         B, T = idx.shape

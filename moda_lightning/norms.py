@@ -30,6 +30,37 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
+class QKNorm(RMSNorm):
+    """RMSNorm of per-head queries or keys ``[B, T, H, d]``: over each head's ``d`` channels with one
+    shared ``[d]`` gain (``scope="head"``), or over all ``H*d`` channels with a gain per channel
+    (``scope="full"``, OLMo2's form)."""
+
+    def __init__(self, n_heads: int, head_dim: int, scope: str = "head", eps: float = 1e-6) -> None:
+        self.spans_heads = scope == "full"
+        super().__init__(n_heads * head_dim if self.spans_heads else head_dim, eps)
+        self.n_heads, self.head_dim = n_heads, head_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.flatten(-2)).view_as(x) if self.spans_heads else super().forward(x)
+
+    def unit(self, x: Tensor) -> Tensor:
+        """``x`` divided by its RMS over the norm's span, without the gain: ``forward(x) = unit(x) * gain``."""
+        return unit_rms(x, self.spans_heads, self.eps)
+
+    def gain_per_head(self, n_heads: int) -> Tensor:
+        """The gain as ``[n_heads, d]`` for ``n_heads`` query heads reading these ``self.n_heads`` KV heads
+        (query head ``h`` reads KV head ``h // G``)."""
+        if not self.spans_heads:
+            return self.weight.expand(n_heads, self.head_dim)
+        return self.weight.view(self.n_heads, self.head_dim).repeat_interleave(n_heads // self.n_heads, dim=0)
+
+
+def unit_rms(x: Tensor, spans_heads: bool, eps: float) -> Tensor:
+    """``[B, T, H, d]`` divided by its root mean square over each head (or over all heads), in float32."""
+    flat = x.flatten(-2) if spans_heads else x
+    return F.rms_norm(flat.float(), flat.shape[-1:], None, eps).to(x.dtype).view_as(x)
+
+
 class NormPlacement(nn.Module):
     """A sublayer ``f`` and its norm on the residual stream; subclasses say where the norm sits."""
 
