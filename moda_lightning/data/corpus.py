@@ -18,6 +18,10 @@ BUILTIN_CORPUS = "pydoc_data.topics"
 """Name of the built-in corpus: the help topics of the Python documentation (~79 documents,
 ~465 KB of English technical prose), shipped in every CPython install, so no download is needed."""
 
+PACKAGE_PREFIX = "pkg:"
+"""``--data.files`` entries ``pkg:NAME`` stand for the ``.py`` sources of the installed package
+``NAME`` (e.g. ``pkg:torch``): a large corpus of real code that needs no download."""
+
 JSONL_SUFFIXES = (".jsonl",)
 """Files with these suffixes are read line by line, one JSON object (one document) per line; any
 other file is read whole as one UTF-8 document."""
@@ -58,7 +62,9 @@ def resolve_files(files: str | Sequence[str]) -> list[Path]:
     paths: list[Path] = []
     for entry in entries:
         entry = os.path.expanduser(str(entry))
-        if glob.has_magic(entry):
+        if entry.startswith(PACKAGE_PREFIX):
+            paths.extend(package_sources(entry[len(PACKAGE_PREFIX) :]))
+        elif glob.has_magic(entry):
             matches = sorted(glob.glob(entry, recursive=True))
             matches = [m for m in matches if os.path.isfile(m)]
             if not matches:
@@ -101,7 +107,33 @@ def resolve_files(files: str | Sequence[str]) -> list[Path]:
     return unique
 
 
-def _read_text(path: Path) -> str:
+def package_sources(name: str) -> list[Path]:
+    """The ``.py`` files of installed package ``name``, sorted.
+
+    Raises:
+        ValueError: If no such package is installed, or it has no Python sources.
+    """
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not folders:
+        raise ValueError(
+            f"data: {PACKAGE_PREFIX}{name} names no installed package (a folder with __init__.py importable as "
+            f"{name!r}); install it or drop it from --data.files."
+        )
+    files = sorted({p for folder in folders for p in Path(folder).rglob("*.py") if p.is_file()})
+    if not files:
+        raise ValueError(f"data: package {name!r} ({folders[0]}) has no .py files; drop {PACKAGE_PREFIX}{name}.")
+    return files
+
+
+def _read_text(path: Path, lenient: bool = False) -> str:
+    if lenient:  # an installed package's source: the user cannot fix it, so a stray byte becomes U+FFFD
+        return path.read_bytes().decode("utf-8", errors="replace")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -146,14 +178,18 @@ class Corpus:
     """An ordered collection of text documents: the built-in corpus or the user's files.
 
     Args:
-        files: A path, a glob, or a list of them; ``None`` selects the built-in corpus
-            (`BUILTIN_CORPUS`). Globs are expanded and checked here, so a bad path fails at once.
+        files: A path, a glob, ``pkg:NAME`` (the ``.py`` sources of an installed package), or a list
+            of them; ``None`` selects the built-in corpus (`BUILTIN_CORPUS`). Globs are expanded and
+            checked here, so a bad path fails at once.
         text_field: The field holding the text in each line of a ``.jsonl`` file.
     """
 
     def __init__(self, files: str | Sequence[str] | None = None, text_field: str = "text") -> None:
         self.paths: list[Path] | None = None if files is None else resolve_files(files)
         self.text_field = text_field
+        entries = [] if files is None else [files] if isinstance(files, (str, os.PathLike)) else list(files)
+        packages = [str(e)[len(PACKAGE_PREFIX) :] for e in entries if str(e).startswith(PACKAGE_PREFIX)]
+        self._package_files = {p.resolve() for name in packages for p in package_sources(name)}
 
     @property
     def is_builtin(self) -> bool:
@@ -181,7 +217,7 @@ class Corpus:
             if path.suffix.lower() in JSONL_SUFFIXES:
                 yield from (doc for doc in _iter_jsonl(path, self.text_field) if doc)
             else:
-                text = _read_text(path)
+                text = _read_text(path, lenient=path in self._package_files)
                 if text:
                     yield text
 

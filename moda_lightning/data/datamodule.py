@@ -76,7 +76,8 @@ class TextDataModule(L.LightningDataModule):
     ``val_seed``; see `splits.py`), never overlapping the training text.
 
     Args:
-        files: The training text: a path, a glob (``data/*.txt``), or a list of them. ``.jsonl``
+        files: The training text: a path, a glob (``data/*.txt``), ``pkg:NAME`` (every ``.py`` file
+            of the installed package NAME, e.g. ``pkg:torch``), or a list of them. ``.jsonl``
             files give one document per line (the ``text_field`` field); any other file is read
             whole as one UTF-8 document. Default ``None``: the built-in corpus, the Python
             documentation's help topics (``pydoc_data.topics``, ~465 KB), which every Python

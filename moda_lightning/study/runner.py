@@ -52,9 +52,10 @@ def _log(message: str) -> None:
     print(f"[moda study {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def execute(spec: StudySpec, runs: list[Run], progress_every_s: float = 60.0) -> list[str]:
-    """Run every unfinished run; return the names of runs that failed (their fit.log says why)."""
-    todo = [r for r in runs if run_state(r) != "done"]
+def execute(spec: StudySpec, runs: list[Run], progress_every_s: float = 60.0, max_runs: int | None = None) -> list[str]:
+    """Run the unfinished runs (at most ``max_runs`` of them); return the names of runs that failed
+    (their fit.log says why)."""
+    todo = [r for r in runs if run_state(r) != "done"][:max_runs]
     if not todo:
         return []
     # Tokenizer and token cache are built once here, not raced by parallel runs.
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="folder of the runs and the report (default: runs/studies/<name>)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands; start nothing")
     parser.add_argument("--report-only", action="store_true", help="write the report from the finished runs; start nothing")
+    parser.add_argument("--max-runs", type=int, help="start at most this many of the unfinished runs (e.g. what fits a time slot)")
     args, extra = parser.parse_known_args(argv)
     bad = [a for a in extra if not a.startswith("--") or a.startswith("--config")]
     if bad:
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             if state != "done":
                 print("    moda " + " ".join(fit_command(run)[3:]))
         return 0
-    failed = [] if args.report_only else execute(spec, runs)
+    failed = [] if args.report_only else execute(spec, runs, max_runs=args.max_runs)
     results, missing = collect(runs)
     if results:
         md, png = write_report(spec, results, missing, out_dir)

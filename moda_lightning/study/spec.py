@@ -179,7 +179,7 @@ def _positive_int(raw: dict, key: str, default: int | None, p: _Problems) -> int
 
 
 def plan_runs(spec: StudySpec, out_dir: Path) -> list[Run]:
-    """Every run of the study, arm by arm, seed by seed, with the flags that make them comparable.
+    """Every run of the study, seed by seed, arm by arm, with the flags that make them comparable.
 
     Each run trains ``spec.tokens`` tokens (rounded up to whole evaluation intervals) and validates
     every ``eval_every_tokens`` on the data module's fixed validation windows, so all runs are
@@ -212,6 +212,9 @@ def plan_runs(spec: StudySpec, out_dir: Path) -> list[Run]:
                 f"--trainer.logger.init_args.version=seed{seed}",
             ]
             runs.append(Run(arm.name, seed, run_dir, tuple(args), max_steps, eval_steps, per_step))
+    # Seed-major: the arms of one seed run side by side, so a partly finished study holds whole pairs.
+    order = {arm.name: i for i, arm in enumerate(spec.arms)}
+    runs.sort(key=lambda run: (spec.seeds.index(run.seed), order[run.arm]))
     if len(set(tokens_per_step.values())) > 1:
         raise ValueError(
             f"study: the arms train different numbers of tokens per step ({tokens_per_step}); a comparison at equal "

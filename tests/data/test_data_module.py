@@ -232,3 +232,16 @@ def test_fits_with_a_lightning_trainer(builtin_cache: Path) -> None:
     before = trainer.validate(model, datamodule=dm, verbose=False)[0]["val_loss"]
     trainer.fit(model, datamodule=dm)
     assert trainer.callback_metrics["val_loss"] < before - 0.25  # held-out documents: it learned, not memorised
+
+
+def test_installed_package_sources_are_a_corpus(tmp_path: Path) -> None:
+    """`pkg:NAME` reads the .py files of an installed package: here `json` of the standard library."""
+    import json as json_package
+
+    corpus = Corpus(["pkg:json"])
+    folder = Path(json_package.__file__).parent
+    assert corpus.paths == sorted(p.resolve() for p in folder.rglob("*.py"))
+    docs = list(corpus.documents())
+    assert len(docs) == len(corpus.paths) and any("def dumps(" in d for d in docs)
+    with pytest.raises(ValueError, match=r"pkg:no_such_pkg names no installed package"):
+        Corpus(["pkg:no_such_pkg"])

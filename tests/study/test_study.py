@@ -98,7 +98,8 @@ def test_dry_run_lists_every_run_with_equal_budgets(tmp_path):
     dry = moda_study(tmp_path, "--dry-run")
     assert dry.returncode == 0, dry.stderr[-2000:]
     rows = [line for line in dry.stdout.splitlines() if not line.startswith(" ")]
-    assert [r.split()[0] for r in rows] == [f"{a}/seed{s}" for a in ("base", "moda") for s in (3, 4, 5)]
+    # seed-major: the arms of one seed run side by side
+    assert [r.split()[0] for r in rows] == [f"{a}/seed{s}" for s in (3, 4, 5) for a in ("base", "moda")]
     assert all("new" in r and "6 steps x 128 tokens" in r for r in rows)
     assert "--seed_everything=4" in dry.stdout and "--trainer.val_check_interval=2" in dry.stdout
     assert not (tmp_path / "runs").exists()
