@@ -80,7 +80,9 @@ def _display(path: str | Path) -> str:
 
 
 def _baseline_of(cfg: MoDAConfig) -> MoDAConfig:
-    return dataclasses.replace(cfg, attention="sdpa", depth_kv=False, ffn_kv=False, attn_kv_proj=False)
+    return dataclasses.replace(
+        cfg, attention="sdpa", depth_kv=False, ffn_kv=False, attn_kv_proj=False, last_layer_depth_proj=False
+    )
 
 
 def table_rows(shapes: dict[str, tuple[MoDAConfig, int]]) -> list[list[str]]:

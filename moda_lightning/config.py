@@ -65,8 +65,8 @@ class MoDAConfig:
     linear_bias: bool = False
     """Biases on every linear map but the LM head (the paper's models have none)."""
     last_layer_depth_proj: bool = False
-    """Give the last layer depth K/V projections too. No layer reads its slots, so their weights never
-    train; only for matching parameter counts that include them."""
+    """Give the last layer depth K/V projections too. No layer reads its slots, so their weights are
+    frozen (requires_grad=False) and never train; only for matching parameter counts that include them."""
     tie_embeddings: bool = False
     """Share the token embedding with the output projection."""
     rope_theta: float = 10000.0

@@ -238,6 +238,12 @@ class MoDATransformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.reset_parameters()
+        if config.last_layer_depth_proj:
+            # No layer reads the last layer's slots: its projections would never get a gradient,
+            # which DDP reports as an error. Frozen, they still count as parameters.
+            for sublayer in (self.layers[-1].attn.sublayer, self.layers[-1].ffn.sublayer):
+                if sublayer.depth_kv_proj is not None:
+                    sublayer.depth_kv_proj.requires_grad_(False)
         if config.reads_depth:
             run_eagerly_under_compile()
 

@@ -103,12 +103,12 @@ def test_table6_study_file_plans_every_arm_and_seed():
     assert all(r.tokens_per_step * r.max_steps >= 100_000_000 for r in runs)
     by_arm = {r.arm: parsed(["fit", *r.args, "--print_config"]) for r in runs if r.seed == 0}
     expected = {  # (attention, norm, ffn_kv, depth_keys)
-        "baseline_post": ("sdpa", "post", False, "writer"),
-        "moda_depth_post": ("moda_triton", "post", False, "writer"),
-        "moda_ffn_post": ("moda_triton", "post", True, "writer"),
-        "baseline_pre": ("sdpa", "pre", False, "writer"),
-        "moda_ffn_pre": ("moda_triton", "pre", True, "writer"),
-        "moda_ffn_post_reader": ("moda_triton", "post", True, "reader"),
+        "baseline_post": ("sdpa", "post", False, "reader"),
+        "moda_depth_post": ("moda_triton", "post", False, "reader"),
+        "moda_ffn_post": ("moda_triton", "post", True, "reader"),
+        "baseline_pre": ("sdpa", "pre", False, "reader"),
+        "moda_ffn_pre": ("moda_triton", "pre", True, "reader"),
+        "moda_ffn_post_writer": ("moda_triton", "post", True, "writer"),
     }
     for arm, config in by_arm.items():
         model = config["model"]

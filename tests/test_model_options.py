@@ -109,7 +109,7 @@ def test_biases_and_last_layer_projections():
     # The last layer's projection exists but no layer reads its slot: it gets no gradient.
     idx = torch.randint(0, VOCAB, (2, 9))
     biased(idx).logsumexp(-1).mean().backward()
-    assert last.kv_proj.weight.grad is None
+    assert last.kv_proj.weight.grad is None and not last.kv_proj.weight.requires_grad  # frozen: DDP needs no flag
     assert biased.layers[-2].ffn.sublayer.depth_kv_proj.kv_proj.weight.grad is not None
 
 

@@ -122,5 +122,5 @@ def test_table_reads_configs_through_the_cli_with_includes_and_overlays():
     (name, (cfg, seq_len)), *_ = docs_shapes([row]).items()
     assert name == "configs/moda_700m.yaml + configs/variants/baseline.yaml"
     assert (cfg.attention, cfg.depth_kv, cfg.ffn_kv) == ("sdpa", False, False)
-    assert (cfg.d_model, cfg.n_layers, cfg.n_kv_heads, cfg.vocab_size, seq_len) == (1024, 36, 8, 50304, 4096)
+    assert (cfg.d_model, cfg.n_layers, cfg.n_kv_heads, cfg.vocab_size, seq_len) == (1024, 36, 8, 100278, 4096)
     assert training_flops_per_token(cfg, seq_len).overhead == 0.0
