@@ -4,7 +4,7 @@
 # Arms (configs/table6_24l.yaml plus overlays from configs/variants/): baseline and MoDA depth-KV-only
 # and MoDA + FFN KV, post-norm (rows 7-9); the pre-norm pair; and the best MoDA arm with the other
 # depth-key reading. The corpus is the Python sources of installed packages (torch, transformers,
-# sympy, scipy, pandas); pass --data.files=... for your own.
+# sympy); pass --data.files=... for your own.
 #
 # Time: 6 runs share the GPU at a time; 18 runs of 100M tokens each. docs/quality.md gives the
 # measured time per round of 6 on an H200. Finished runs are skipped and interrupted ones resume,

@@ -50,13 +50,16 @@ def moda_attention(
     backend: str = "moda_torch",
     return_lse: bool = False,
     depth_grad_into: GradInto | None = None,
+    q_depth: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Mixture-of-Depths attention: sequence and depth keys under one softmax.
 
     Query head ``h`` of token ``t`` attends to the sequence keys ``k[j]`` (``j <= t`` when
     causal) and to the first ``num_depth`` depth slots of its own token,
     ``depth_k[t, :num_depth]``, with one softmax over both; query head ``h`` reads KV
-    head ``h // (Hq // Hk)`` (grouped-query attention).
+    head ``h // (Hq // Hk)`` (grouped-query attention). The depth logits may use a query of
+    their own, ``q_depth``: a reader that puts a per-channel gain ``g`` on every slot it reads
+    passes ``q * g`` there, since ``(q * g) . k_s = q . (k_s * g)``, instead of copying the slots.
 
     Args:
         q: queries ``[B, T, Hq, d]``.
@@ -74,6 +77,9 @@ def moda_attention(
             gradients instead of returning them to ``depth_k`` and ``depth_v``. For callers that
             sum many readers' gradients of one buffer, as the model's depth stream does; the
             Triton backend fuses the add into its kernel.
+        q_depth: ``[B, T, Hq, d]`` like ``q``: the query of the depth logits (default: ``q``).
+            The sequence logits keep ``q``; ``q`` gets the sequence part of the query gradient
+            and ``q_depth`` the depth part.
 
     Returns:
         ``o [B, T, Hq, d]``; with ``return_lse=True`` the tuple ``(o, lse, lse_depth)``,
@@ -93,8 +99,8 @@ def moda_attention(
         raise ValueError(f"moda_attention: {err}") from None
     kwargs = dict(num_depth=num_depth, causal=causal, scale=scale, return_lse=return_lse)
     if backend == "moda_triton":  # validates its inputs itself: once per call is enough on a hot path
-        return op(q, k, v, depth_k, depth_v, **kwargs, depth_grad_into=depth_grad_into)
-    kwargs["num_depth"] = check_moda_inputs(q, k, v, depth_k, depth_v, num_depth)
+        return op(q, k, v, depth_k, depth_v, **kwargs, depth_grad_into=depth_grad_into, q_depth=q_depth)
+    kwargs["num_depth"] = check_moda_inputs(q, k, v, depth_k, depth_v, num_depth, q_depth)
     if depth_grad_into is not None and depth_k is not None and depth_v is not None:
         depth_k, depth_v = add_grad_into(depth_k, depth_v, depth_grad_into)
-    return op(q, k, v, depth_k, depth_v, **kwargs)
+    return op(q, k, v, depth_k, depth_v, **kwargs, q_depth=q_depth)

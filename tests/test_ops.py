@@ -13,9 +13,11 @@ from moda_lightning.ops import moda_attention
 S_SLOTS = 6
 
 
-def dense_moda_float64(q, k, v, depth_k, depth_v, num_depth, causal, scale=None):
+def dense_moda_float64(q, k, v, depth_k, depth_v, num_depth, causal, scale=None, q_depth=None):
     """MoDA written the long way: repeat K/V per query head, build each token's logit row
-    [sequence keys | its own depth keys] explicitly, one softmax, weighted sum."""
+    [sequence keys | its own depth keys] explicitly, one softmax, weighted sum. The depth
+    logits use ``q_depth`` when given."""
+    q_depth = (q if q_depth is None else q_depth).double()
     q, k, v = q.double(), k.double(), v.double()
     B, T, Hq, d = q.shape
     G = Hq // k.shape[2]
@@ -27,7 +29,7 @@ def dense_moda_float64(q, k, v, depth_k, depth_v, num_depth, causal, scale=None)
         seq = seq.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     dk = depth_k[:, :, :num_depth].double().repeat_interleave(G, dim=3)  # [B, T, n, Hq, d]
     dv = depth_v[:, :, :num_depth].double().repeat_interleave(G, dim=3)
-    dep = torch.einsum("bthd,btshd->bhts", q, dk) * scale  # [B, Hq, T, n]
+    dep = torch.einsum("bthd,btshd->bhts", q_depth, dk) * scale  # [B, Hq, T, n]
     p = torch.softmax(torch.cat([seq, dep], -1), -1)
     o = torch.einsum("bhts,bshd->bthd", p[..., :T], v_rep) + torch.einsum("bhts,btshd->bthd", p[..., T:], dv)
     lse = torch.logsumexp(torch.cat([seq, dep], -1), -1).transpose(1, 2)
@@ -115,6 +117,93 @@ def test_no_depth_equals_sdpa(T, G):
     ).transpose(1, 2)
     torch.testing.assert_close(moda_attention(q, k, v, depth_k, depth_v, num_depth=0), expected)
     torch.testing.assert_close(moda_attention(q, k, v), expected)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("T,G,num_depth", [(1, 2, 1), (7, 3, 5), (63, 2, 3), (9, 1, 0)])
+def test_q_depth_is_the_query_of_the_depth_logits(T, G, num_depth, causal):
+    """``moda_torch`` with a separate ``q_depth`` against the dense float64 computation, all six gradients:
+    ``q`` gets only the sequence part of the query gradient, ``q_depth`` only the depth part."""
+    inputs = make_inputs(2, T, 2, G, 16, torch.float32, seed=T + G)
+    q_depth = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    o, lse, lse_depth = moda_attention(*inputs, num_depth=num_depth, causal=causal, return_lse=True, q_depth=q_depth)
+    o64, lse64, lse_depth64 = dense_moda_float64(*inputs, num_depth, causal, q_depth=q_depth)
+    torch.testing.assert_close(o.double(), o64, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), lse64, atol=2e-5, rtol=1e-5)
+    if num_depth:
+        torch.testing.assert_close(lse_depth.double(), lse_depth64, atol=2e-5, rtol=1e-5)
+    grad_o = torch.randn_like(o)
+    leaves = [*inputs, q_depth]
+    grads = torch.autograd.grad((o * grad_o).sum(), leaves, materialize_grads=True)
+    grads64 = torch.autograd.grad((o64 * grad_o.double()).sum(), leaves, materialize_grads=True)
+    for name, g, g64 in zip(["dq", "dk", "dv", "d_depth_k", "d_depth_v", "dq_depth"], grads, grads64):
+        torch.testing.assert_close(g.double(), g64.double(), atol=5e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    if num_depth == 0:
+        assert (grads[5] == 0).all()
+
+
+def test_q_depth_equal_to_q_is_the_plain_call():
+    """Passing ``q`` itself as ``q_depth`` gives exactly the call without it, output and gradients."""
+    inputs = make_inputs(2, 63, 2, 2, 16, torch.float32, seed=5)
+    grad_o = torch.randn(inputs[0].shape)
+    plain = moda_attention(*inputs, num_depth=3, return_lse=True)
+    same = moda_attention(*inputs, num_depth=3, return_lse=True, q_depth=inputs[0])
+    for a, b in zip(plain, same):
+        assert torch.equal(a, b)
+    grads_plain = torch.autograd.grad((plain[0] * grad_o).sum(), inputs)
+    grads_same = torch.autograd.grad((same[0] * grad_o).sum(), inputs)
+    for g, h in zip(grads_plain, grads_same):
+        assert torch.equal(g, h)
+
+
+def test_q_depth_gradcheck_float64():
+    """Analytic against numerical gradients of the reference with ``q_depth``, every input, tiny float64 shapes."""
+    from moda_kernels.moda_attn import moda_attn_reference
+
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    q, q_depth, k, v = rand(1, 5, 4, 4), rand(1, 5, 4, 4), rand(1, 5, 2, 4), rand(1, 5, 2, 4)
+    depth_k, depth_v = rand(1, 5, 3, 2, 4), rand(1, 5, 3, 2, 4)
+
+    def f(q, k, v, depth_k, depth_v, q_depth):
+        o, lse, _ = moda_attn_reference(q, k, v, depth_k, depth_v, num_depth=2, return_lse=True, q_depth=q_depth)
+        return o, lse
+
+    assert torch.autograd.gradcheck(f, (q, k, v, depth_k, depth_v, q_depth))
+
+
+def test_a_gain_on_the_depth_query_is_a_gain_on_every_slot_key():
+    """Why ``q_depth`` exists: ``(q * g) . k_s = q . (k_s * g)``, so a reader's per-channel gain ``g``
+    on the slots it reads can ride on its query instead of a copy of the slots."""
+    q, k, v, depth_k, depth_v = make_inputs(2, 9, 2, 2, 16, torch.float32, seed=6)
+    gain = torch.rand(16, generator=torch.Generator().manual_seed(2)) + 0.5
+    on_query = moda_attention(q, k, v, depth_k, depth_v, num_depth=4, q_depth=q * gain)
+    on_slots = moda_attention(q, k, v, depth_k * gain, depth_v, num_depth=4)
+    torch.testing.assert_close(on_query, on_slots, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(on_query, moda_attention(q, k, v, depth_k, depth_v, num_depth=4), atol=1e-3)
+
+
+def test_model_backends_pass_q_depth_on():
+    """``moda_torch`` hands ``q_depth`` to the op; ``sdpa`` (no depth logits) accepts it and is unchanged."""
+    from moda_kernels.moda_attn import moda_attn_reference
+    from moda_lightning.attention import build_backend
+
+    q, k, v, depth_k, depth_v = make_inputs(1, 7, 2, 2, 8, torch.float32, seed=4)
+    q_depth = 3 * q
+    expected = moda_attn_reference(q, k, v, depth_k, depth_v, num_depth=3, q_depth=q_depth)
+    assert torch.equal(build_backend("moda_torch")(q, k, v, depth_k, depth_v, num_depth=3, q_depth=q_depth), expected)
+    sdpa = build_backend("sdpa")
+    assert torch.equal(sdpa(q, k, v, q_depth=q_depth), sdpa(q, k, v))
+
+
+def test_q_depth_unlike_q_is_refused():
+    q = torch.randn(1, 5, 4, 8)
+    k, depth = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 3, 2, 8)
+    with pytest.raises(ValueError, match=r"q_depth \(the query of the depth logits\) must match q \(\[1, 5, 4, 8\]"):
+        moda_attention(q, k, k, depth, depth, q_depth=q[:, :, :2])
 
 
 def test_depth_mass_from_lse():

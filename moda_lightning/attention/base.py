@@ -10,10 +10,14 @@ from torch import Tensor
 class AttentionBackend(ABC):
     """One way of computing a layer's attention, selected by a registry key.
 
-    ``__call__(q, k, v, depth_k, depth_v, *, num_depth, scale)`` takes ``q [B, T, Hq, d]``,
+    ``__call__(q, k, v, depth_k, depth_v, *, num_depth, scale, q_depth)`` takes ``q [B, T, Hq, d]``,
     ``k, v [B, T, Hk, d]`` and the depth stream ``depth_k, depth_v [B, T, S, Hk, d]`` of which
     the first ``num_depth`` slots are valid, and returns ``o [B, T, Hq, d]``. Attention is
-    causal. Backends that cannot read depth (``reads_depth = False``) get ``None`` for both.
+    causal. ``q_depth`` (shaped like ``q``, default ``None`` = ``q``) is the query of the depth
+    logits only: the model passes ``q`` times the reader's key-norm gain when slots are stored
+    without it (``depth_keys="reader"``). Backends that read depth must use it for the depth
+    logits and ``q`` for the sequence logits. Backends that cannot read depth
+    (``reads_depth = False``) get ``None`` for ``depth_k``, ``depth_v`` and ``q_depth``.
     """
 
     reads_depth: bool = True
@@ -41,5 +45,6 @@ class AttentionBackend(ABC):
         *,
         num_depth: int = 0,
         scale: float | None = None,
+        q_depth: Tensor | None = None,
     ) -> Tensor:
         """Attention output ``[B, T, Hq, d]``."""

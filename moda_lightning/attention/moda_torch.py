@@ -23,5 +23,8 @@ class MoDATorchBackend(AttentionBackend):
         *,
         num_depth: int = 0,
         scale: float | None = None,
+        q_depth: Tensor | None = None,
     ) -> Tensor:
-        return moda_attention(q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, backend="moda_torch")
+        return moda_attention(
+            q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, backend="moda_torch", q_depth=q_depth
+        )

@@ -48,8 +48,9 @@ class MoDATritonBackend(AttentionBackend):
         num_depth: int = 0,
         scale: float | None = None,
         depth_grad_into: GradInto | None = None,
+        q_depth: Tensor | None = None,
     ) -> Tensor:
         return moda_attention(
             q, k, v, depth_k, depth_v,
-            num_depth=num_depth, scale=scale, backend="moda_triton", depth_grad_into=depth_grad_into,
+            num_depth=num_depth, scale=scale, backend="moda_triton", depth_grad_into=depth_grad_into, q_depth=q_depth,
         )  # fmt: skip

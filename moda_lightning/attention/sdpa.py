@@ -25,7 +25,9 @@ class SDPABackend(AttentionBackend):
         *,
         num_depth: int = 0,
         scale: float | None = None,
+        q_depth: Tensor | None = None,
     ) -> Tensor:
+        # No depth logits here, so q_depth (their query) has nothing to act on: ignoring it is exact.
         # SDPA wants heads before tokens: [B, T, H, d] -> [B, H, T, d] views, no copies.
         o_BHTd = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True

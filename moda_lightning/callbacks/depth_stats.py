@@ -55,11 +55,13 @@ def attention_row_stats(
     num_depth: int = 0,
     scale: float | None = None,
     max_chunk_elems: int = 2**24,
+    q_depth: Tensor | None = None,
 ) -> LayerStats:
     """Statistics of the causal MoDA softmax rows, recomputed from ``q``, ``k`` and the depth keys.
 
     With ``s_j``, ``r_s`` the sequence and depth logits of a row and ``p`` its softmax over
-    ``[s_0 .. s_t | r_0 .. r_{S-1}]`` (the definition of ``moda_attention``)::
+    ``[s_0 .. s_t | r_0 .. r_{S-1}]`` (the definition of ``moda_attention``; ``r_s`` uses
+    ``q_depth`` when given, as the op does)::
 
         depth mass    = sum_s p_s  (= exp(lse_depth - lse) of the op)
         slot mass[s]  = mean over rows of p_s
@@ -76,6 +78,7 @@ def attention_row_stats(
         num_depth: valid depth slots.
         scale: logit scale, default ``d ** -0.5``.
         max_chunk_elems: logits held at once.
+        q_depth: ``[B, T, Hq, d]``, the query of the depth logits (default: ``q``).
     """
     B, T, Hq, d = q.shape
     Hk = k.shape[2]
@@ -84,6 +87,7 @@ def attention_row_stats(
     scale = d**-0.5 if scale is None else scale
     with torch.autocast(q.device.type, enabled=False):
         q_g = q.float().view(B, T, Hk, G, d)
+        qd_g = q_g if q_depth is None else q_depth.float().reshape(B, T, Hk, G, d)
         kf = k.float()
         mass, sink, entropy = (q.new_zeros(B, T, Hk, G, dtype=torch.float32) for _ in range(3))
         slot_sum = q.new_zeros(S, dtype=torch.float32)
@@ -97,7 +101,7 @@ def attention_row_stats(
             logits = logits.masked_fill(future[None, :, None, None, :], float("-inf"))
             if S > 0:
                 # Each token's own depth slots [B, C, Hk, G, S], after the sequence keys.
-                depth = torch.einsum("bckgd,bcskd->bckgs", q_g[:, t0:t1], depth_k[:, t0:t1, :S].float()) * scale
+                depth = torch.einsum("bckgd,bcskd->bckgs", qd_g[:, t0:t1], depth_k[:, t0:t1, :S].float()) * scale
                 logits = torch.cat([logits, depth], dim=-1)
             p = torch.softmax(logits, dim=-1)
             sink[:, t0:t1] = p[..., 0]
@@ -121,9 +125,13 @@ class _ProbeBackend:
     def check_device(self, device_type: str) -> None:
         self.backend.check_device(device_type)
 
-    def __call__(self, q, k, v, depth_k=None, depth_v=None, *, num_depth: int = 0, scale: float | None = None) -> Tensor:
-        self.records.append(attention_row_stats(q, k, depth_k, num_depth=num_depth, scale=scale))
-        return self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale)
+    def __call__(
+        self, q, k, v, depth_k=None, depth_v=None, *, num_depth: int = 0, scale: float | None = None, q_depth=None
+    ) -> Tensor:
+        self.records.append(attention_row_stats(q, k, depth_k, num_depth=num_depth, scale=scale, q_depth=q_depth))
+        # q_depth only where the model gave one: a backend that reads no depth need not take it
+        extra = {} if q_depth is None else {"q_depth": q_depth}
+        return self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, **extra)
 
 
 def slot_labels(cfg: MoDAConfig) -> list[str]:
@@ -159,8 +167,9 @@ class DepthAttentionStats(L.Callback):
     Rows include every token and query head; token 0's row always puts ``1 - mass`` on the sink.
     With a backend that reads no depth (``sdpa``) only sink and entropy are logged. Each layer's
     backend still computes its output (so any backend works), and the statistics come from the
-    same ``q``, ``k`` and depth keys through a float32 recomputation of the softmax rows, the
-    definition of the MoDA op (:func:`attention_row_stats`). The probe runs on every rank (sharded
+    same ``q``, ``k``, depth keys and depth query (``q_depth``, when the model passes one) through
+    a float32 recomputation of the softmax rows, the definition of the MoDA op
+    (:func:`attention_row_stats`). The probe runs on every rank (sharded
     models need all ranks in a forward); only rank zero logs. A failing probe (e.g. out of
     memory) warns and turns the callback off instead of ending the run.
 

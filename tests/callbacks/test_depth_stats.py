@@ -11,7 +11,7 @@ from torch import nn
 
 from moda_lightning.attention import build_backend
 from moda_lightning.callbacks import DepthAttentionStats
-from moda_lightning.callbacks.depth_stats import attention_row_stats, slot_labels
+from moda_lightning.callbacks.depth_stats import _ProbeBackend, attention_row_stats, slot_labels
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDAAttention, MoDATransformer
 from moda_lightning.ops import moda_attention
@@ -22,24 +22,28 @@ B, T, H, d = 2, 9, 2, 8  # Hq = Hk = 2, so each query head has its own KV head
 class TwoLayerProbe(nn.Module):
     """Two attention layers fed constructed tensors: layer 0 reads no depth, layer 1 reads ``num_depth`` slots."""
 
-    def __init__(self, cfg: MoDAConfig, q, k, v, depth_k, depth_v, num_depth: int) -> None:
+    def __init__(self, cfg: MoDAConfig, q, k, v, depth_k, depth_v, num_depth: int, q_depth=None) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(MoDAAttention(cfg, build_backend("moda_torch"), writes_depth=True) for _ in range(2))
+        self.layers = nn.ModuleList(
+            MoDAAttention(cfg, build_backend("moda_torch"), writes_depth=True, has_depth_proj=False) for _ in range(2)
+        )
         self.inputs = (q, k, v, depth_k, depth_v, num_depth)
+        self.extra = {} if q_depth is None else {"q_depth": q_depth}  # as the model passes it
 
     def forward(self, idx):
         q, k, v, depth_k, depth_v, num_depth = self.inputs
         self.layers[0].backend(q, k, v)
-        return self.layers[1].backend(q, k, v, depth_k, depth_v, num_depth=num_depth)
+        return self.layers[1].backend(q, k, v, depth_k, depth_v, num_depth=num_depth, **self.extra)
 
 
 def config(**kw) -> MoDAConfig:
     return MoDAConfig(vocab_size=16, d_model=H * d, n_layers=2, n_heads=H, n_kv_heads=H, **kw)
 
 
-def logged(cfg: MoDAConfig, *tensors, num_depth: int) -> dict[str, float]:
+def logged(cfg: MoDAConfig, *tensors, num_depth: int, q_depth=None) -> dict[str, float]:
     callback = DepthAttentionStats()
-    stats = callback.collect(TwoLayerProbe(cfg, *tensors, num_depth), cfg, torch.zeros(1, T, dtype=torch.long))
+    model = TwoLayerProbe(cfg, *tensors, num_depth, q_depth=q_depth)
+    stats = callback.collect(model, cfg, torch.zeros(1, T, dtype=torch.long))
     return callback.scalars(stats, cfg)
 
 
@@ -112,6 +116,28 @@ def test_statistics_match_a_dense_softmax_computed_by_hand():
     v = torch.randn(B, T, Hk, d)
     _, lse, lse_depth = moda_attention(q, k, v, depth_k, torch.randn_like(depth_k), num_depth=S, return_lse=True)
     torch.testing.assert_close(st.mass, torch.exp(lse_depth - lse))
+
+
+def test_depth_logits_use_the_depth_query_when_the_model_passes_one():
+    """With ``q_depth`` (the reader's key gain on the query of the depth logits) the statistics describe
+    the softmax the model computes: slots opposite to ``q`` but aligned with ``q_depth`` take the mass."""
+    torch.manual_seed(5)
+    q, k, v = unit_queries(), torch.randn(B, T, H, d), torch.randn(B, T, H, d)
+    q_depth = -q
+    depth_k = (40.0 * q_depth).unsqueeze(2).repeat(1, 1, 2, 1, 1)
+    depth_v = torch.randn_like(depth_k)
+    assert logged(config(), q, k, v, depth_k, depth_v, num_depth=2)["depth_attn/layer_01/mass"] < 1e-4
+    scalars = logged(config(), q, k, v, depth_k, depth_v, num_depth=2, q_depth=q_depth)
+    assert scalars["depth_attn/layer_01/mass"] > 0.999
+
+    # The probe hands q_depth on to the backend, and its mass is the op's own by-product.
+    records = []
+    weak = 0.1 * q_depth  # logits near 1.4: depth and sequence share the mass
+    o = _ProbeBackend(build_backend("moda_torch"), records)(q, k, v, depth_k, depth_v, num_depth=1, q_depth=weak)
+    o_op, lse, lse_depth = moda_attention(q, k, v, depth_k, depth_v, num_depth=1, q_depth=weak, return_lse=True)
+    assert torch.equal(o, o_op)
+    torch.testing.assert_close(records[0].mass, torch.exp(lse_depth - lse))
+    assert 0.05 < records[0].mass.mean() < 0.95  # a row that splits its mass: the check has something to compare
 
 
 def test_probe_restores_the_backends_and_rows_are_distributions():

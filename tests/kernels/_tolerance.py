@@ -1,4 +1,4 @@
-"""The tolerance rule of CONVENTIONS.md: error vs float64 at most ~2x the same-dtype reference's, plus a floor."""
+"""The kernel tests' tolerance rule: error vs float64 at most ~2x the same-dtype reference's, plus a floor."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """The compiled MoDA Triton kernels on a GPU: a sweep of shapes against a float64 reference.
 
-Run through the device tool: ``pytest tests/kernels -m cuda``. Every case runs the three paths
+Run on a CUDA machine: ``pytest tests/kernels -m cuda``. Every case runs the three paths
 of the op (``fused``; ``triton_split`` or ``cudnn`` sequence part + Triton depth kernel) and checks the output, both
-log-sum-exps and all five gradients with the tolerance rule of CONVENTIONS.md.
+log-sum-exps and all five gradients with the rule of ``_tolerance.py``; the ``q_depth`` cases add a separate
+query for the depth logits and its gradient.
 """
 
 from __future__ import annotations
@@ -12,10 +13,16 @@ import torch
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-from _reference_check import NAMES, check_against_reference, outputs_and_grads  # noqa: E402
+from _reference_check import (  # noqa: E402
+    NAMES,
+    NAMES_Q_DEPTH,
+    check_against_reference,
+    outputs_and_grads,
+    with_q_depth,
+)
 
 from moda_kernels.moda_attn import moda_attn_reference  # noqa: E402
 
@@ -60,8 +67,6 @@ def _set_path(path: str) -> None:
     set_overlap(path.endswith("_overlap"))
 
 
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -79,6 +84,85 @@ def test_matches_float64_reference(case, dtype, path):
     finally:
         _set_path("auto")
     check_against_reference(out, inputs, do, floor=1e-3, **kw)
+
+
+def _q_depth_inputs(B, T, Hq, Hk, d, S, dtype, seed=0):
+    """The inputs plus ``q_depth = q * gain`` (per-channel, as the model builds it), drawn apart from ``q``."""
+    inputs, do = _inputs(B, T, Hq, Hk, d, S, dtype, seed)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1000)
+    gain = 0.5 + torch.rand(d, device="cuda", generator=g)
+    q_depth = (torch.randn(B, T, Hq, d, device="cuda", generator=g) * gain).to(dtype)
+    return [*inputs, q_depth], do
+
+
+Q_DEPTH_CASES = [
+    # B, T, Hq, Hk, d, S, num_depth, causal
+    (2, 1, 8, 8, 64, 4, 4, True),
+    (2, 128, 8, 2, 64, 64, 64, True),
+    (1, 1000, 12, 4, 128, 40, 33, True),  # G = 3, odd T, slots past num_depth unread
+    (1, 257, 4, 4, 32, 3, 3, False),
+    (1, 300, 8, 2, 64, 4, 0, True),  # no slot read: d(q_depth) is zero
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", Q_DEPTH_CASES, ids=_case_id)
+def test_q_depth_matches_float64_reference(case, path):
+    """bf16; sequence logits from q, depth logits from q_depth; ``fused`` requests run ``triton_split``."""
+    from moda_kernels.moda_attn import moda_attn
+
+    B, T, Hq, Hk, d, S, L, causal = case
+    if T == 1 and path.startswith("cudnn"):
+        pytest.skip("cuDNN rejects s_q = s_kv = 1; 'auto' sends T = 1 to the Triton kernels")
+    inputs, do = _q_depth_inputs(B, T, Hq, Hk, d, S, torch.bfloat16, seed=T + Hq)
+    kw = dict(num_depth=L, causal=causal)
+    _set_path(path)
+    try:
+        out = outputs_and_grads(with_q_depth(moda_attn), inputs, do, **kw)
+    finally:
+        _set_path("auto")
+    check_against_reference(out, inputs, do, floor=1e-3, **kw)
+    if L == 0:
+        assert torch.equal(out[-1], torch.zeros_like(inputs[5]))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_q_depth_with_depth_grad_into(path):
+    """``depth_grad_into`` with ``q_depth``: the same gradients as the plain call, added into the buffers."""
+    from moda_kernels.moda_attn import moda_attn
+
+    inputs, do = _q_depth_inputs(2, 300, 8, 2, 64, 12, torch.bfloat16, seed=4)
+    _set_path(path)
+    try:
+        plain = outputs_and_grads(with_q_depth(moda_attn), inputs, do, num_depth=9)
+        into = [torch.zeros_like(inputs[3]), torch.zeros_like(inputs[4])]
+        xs = [x.detach().clone().requires_grad_() for x in inputs]
+        moda_attn(*xs[:5], num_depth=9, q_depth=xs[5], depth_grad_into=tuple(into)).backward(do)
+    finally:
+        _set_path("auto")
+    assert xs[3].grad is None and xs[4].grad is None
+    got = [x.grad for x in (*xs[:3], xs[5])]
+    for name, g, ref in zip(["dq", "dk", "dv", "dq_depth"], got, [*plain[3:6], plain[8]]):
+        assert torch.equal(g, ref), name
+    for total, ref in zip(into, plain[6:8]):
+        assert torch.equal(total, ref)
+
+
+def test_q_depth_torch_compile_fullgraph():
+    """The registered ops with their optional ``q_depth`` argument trace without a graph break."""
+    from moda_kernels.moda_attn import moda_attn
+
+    inputs, do = _q_depth_inputs(1, 257, 8, 2, 64, 5, torch.bfloat16)
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+
+    @torch.compile(fullgraph=True)
+    def f(q, k, v, dk, dv, qd):
+        return moda_attn(q, k, v, dk, dv, num_depth=4, q_depth=qd) * 2
+
+    f(*xs).backward(do)
+    ref = outputs_and_grads(with_q_depth(moda_attn), inputs, 2 * do, num_depth=4)
+    for name, x, r in zip(NAMES_Q_DEPTH[3:], xs, ref[3:]):
+        torch.testing.assert_close(x.grad, r, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_no_depth_matches_sdpa():

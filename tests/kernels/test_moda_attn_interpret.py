@@ -1,7 +1,8 @@
 """The MoDA Triton kernels under ``TRITON_INTERPRET=1`` on CPU, against the PyTorch reference.
 
 Tiny shapes (odd T, G in {1, 2, 3, 4}, num_depth in {0, 1, 3}), forward, both log-sum-exps and
-every gradient. fp32 and fp16 only: bf16 arithmetic does not run under the interpreter.
+every gradient, also with a separate query for the depth logits (``q_depth``). fp32 and fp16
+only: bf16 arithmetic does not run under the interpreter.
 On a CUDA machine these are skipped; ``test_moda_attn_cuda.py`` covers the compiled kernels.
 """
 
@@ -19,7 +20,13 @@ pytestmark = pytest.mark.skipif(
 
 triton = pytest.importorskip("triton")
 
-from _reference_check import NAMES, check_against_reference, outputs_and_grads  # noqa: E402
+from _reference_check import (  # noqa: E402
+    NAMES,
+    NAMES_Q_DEPTH,
+    check_against_reference,
+    outputs_and_grads,
+    with_q_depth,
+)
 
 from moda_kernels.moda_attn import moda_attn_reference  # noqa: E402
 
@@ -33,10 +40,6 @@ def _inputs(B, T, Hq, Hk, d, S, dtype, seed=0):
     depth_v = torch.randn(B, T, S, Hk, d, generator=g).to(dtype)
     do = torch.randn(B, T, Hq, d, generator=g).to(dtype)
     return [q, k, v, depth_k, depth_v], do
-
-
-
-
 
 
 def _compare(inputs, do, *, num_depth, causal, dtype, seq="fused"):
@@ -156,15 +159,18 @@ def test_depth_kernels_merge_into_reference_sequence_part():
         torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_flop_counter_counts_the_op():
+@pytest.mark.parametrize("own_depth_query", [False, True], ids=["q", "q_depth"])
+def test_flop_counter_counts_the_op(own_depth_query):
+    """A separate depth query changes which query the depth logits use, not how many FLOPs they take."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from moda_kernels.moda_attn import moda_attn
 
     (q, k, v, depth_k, depth_v), _ = _inputs(1, 9, 4, 2, 16, 3, torch.float32)
     q.requires_grad_()
+    q_depth = 2 * q if own_depth_query else None
     with FlopCounterMode(display=False) as counter:
-        moda_attn(q, k, v, depth_k, depth_v, num_depth=3).sum().backward()
+        moda_attn(q, k, v, depth_k, depth_v, num_depth=3, q_depth=q_depth).sum().backward()
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     fwd = 4 * 1 * 4 * 16 * (9 * 10 // 2 + 9 * 3)
     assert counts == {"moda.attn_fwd": fwd, "moda.attn_bwd": fwd * 5 // 2}
@@ -215,6 +221,121 @@ def test_depth_gradients_are_added_into_depth_grad_into(seq, route, lazy):
         torch.testing.assert_close(total - first, ref, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
+# ----------------------------------------------------------------------------- separate depth query
+
+
+def _q_depth_inputs(B, T, Hq, Hk, d, S, dtype, seed=0):
+    """The inputs plus ``q_depth``, drawn independently of ``q``: an op that reads the wrong query fails."""
+    inputs, do = _inputs(B, T, Hq, Hk, d, S, dtype, seed)
+    q_depth = torch.randn(B, T, Hq, d, generator=torch.Generator().manual_seed(seed + 1000)).to(dtype)
+    return [*inputs, q_depth], do
+
+
+def _run_q_depth(inputs, do, *, seq, route, **kw):
+    """``outputs_and_grads`` of ``moda_attn(..., q_depth=inputs[5])`` on one path and route."""
+    from moda_kernels.moda_attn import function
+
+    original = function._through_custom_op
+    function._through_custom_op = (lambda: True) if route == "registered op" else original
+    function.set_seq_backend(seq)
+    try:
+        return outputs_and_grads(with_q_depth(function.moda_attn), inputs, do, **kw)
+    finally:
+        function._through_custom_op = original
+        function.set_seq_backend("auto")
+
+
+Q_DEPTH_CASES = [
+    # B, T, Hq, Hk, d, S, num_depth, causal
+    (1, 63, 4, 2, 16, 3, 3, True),  # odd T over several row blocks
+    (2, 17, 6, 2, 16, 5, 3, False),  # G = 3 (padded rows), slots past num_depth unread
+    (1, 21, 4, 1, 16, 2, 0, True),  # no slot read: d(q_depth) is zero
+]
+
+
+def _q_depth_case_id(c):
+    return _case_id(c[:7]) + ("" if c[7] else "-noncausal")
+
+
+@pytest.mark.parametrize("route", ["eager", "registered op"])
+@pytest.mark.parametrize("seq", ["fused", "triton_split"])
+@pytest.mark.parametrize("case", Q_DEPTH_CASES, ids=_q_depth_case_id)
+def test_q_depth_matches_reference_fp32(case, seq, route):
+    """Sequence logits from q, depth logits from q_depth: output, LSEs and all six gradients.
+
+    A ``fused`` request runs ``triton_split`` (the fused kernels take one query); were it to run
+    the fused kernels, the depth logits would use q and this check would fail.
+    """
+    B, T, Hq, Hk, d, S, L, causal = case
+    inputs, do = _q_depth_inputs(B, T, Hq, Hk, d, S, torch.float32, seed=T)
+    out = _run_q_depth(inputs, do, seq=seq, route=route, num_depth=L, causal=causal)
+    check_against_reference(out, inputs, do, floor=1e-5, num_depth=L, causal=causal)
+    if L == 0:
+        assert torch.equal(out[-1], torch.zeros_like(inputs[5]))
+
+
+@pytest.mark.parametrize("seq", ["fused", "triton_split"])
+def test_q_depth_matches_reference_fp16(seq):
+    inputs, do = _q_depth_inputs(1, 63, 4, 2, 32, 3, torch.float16, seed=2)
+    out = _run_q_depth(inputs, do, seq=seq, route="eager", num_depth=3, causal=True)
+    check_against_reference(out, inputs, do, floor=1e-3, num_depth=3, causal=True)
+
+
+def test_q_depth_equal_to_q_splits_the_plain_query_gradient():
+    """With ``q_depth = q`` the op is the plain call: same output and LSEs, and ``dq + dq_depth`` is the
+    plain ``dq`` (bitwise in fp32: the plain depth kernel adds its part to the same sequence dq)."""
+    (q, k, v, depth_k, depth_v), do = _inputs(1, 63, 4, 2, 16, 3, torch.float32, seed=7)
+    from moda_kernels.moda_attn import function
+
+    function.set_seq_backend("triton_split")
+    try:
+        ref = outputs_and_grads(function.moda_attn, [q, k, v, depth_k, depth_v], do, num_depth=3)
+    finally:
+        function.set_seq_backend("auto")
+    for route in ("eager", "registered op"):
+        out = _run_q_depth([q, k, v, depth_k, depth_v, q], do, seq="triton_split", route=route, num_depth=3)
+        for name, a, r in zip(NAMES, out, ref):
+            if name != "dq":
+                assert torch.equal(a, r), f"{route}: {name}"
+        assert torch.equal(out[3] + out[8], ref[3]), f"{route}: dq + dq_depth"
+
+
+def test_fused_request_with_q_depth_runs_the_split_path():
+    """Bitwise the ``triton_split`` results: the fallback, not a second implementation."""
+    inputs, do = _q_depth_inputs(1, 19, 4, 2, 16, 3, torch.float32, seed=8)
+    split = _run_q_depth(inputs, do, seq="triton_split", route="eager", num_depth=2)
+    fused = _run_q_depth(inputs, do, seq="fused", route="eager", num_depth=2)
+    for name, a, b in zip(NAMES_Q_DEPTH, fused, split):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("seq", ["fused", "triton_split"])
+@pytest.mark.parametrize("route", ["eager", "registered op"])
+def test_q_depth_with_depth_grad_into(seq, route):
+    """``depth_grad_into`` gets the depth gradients of slots read with ``q_depth``; ``q_depth`` its own gradient."""
+    from moda_kernels.moda_attn import function
+
+    inputs, do = _q_depth_inputs(2, 7, 4, 2, 16, 3, torch.float32, seed=5)
+    expected = outputs_and_grads(with_q_depth(moda_attn_reference), inputs, do, num_depth=2)
+    g = torch.Generator().manual_seed(9)
+    into = (torch.randn(inputs[3].shape, generator=g), torch.randn(inputs[4].shape, generator=g))
+    start = [t.clone() for t in into]
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    original = function._through_custom_op
+    function._through_custom_op = (lambda: True) if route == "registered op" else original
+    function.set_seq_backend(seq)
+    try:
+        function.moda_attn(*xs[:5], num_depth=2, q_depth=xs[5], depth_grad_into=into).backward(do)
+    finally:
+        function._through_custom_op = original
+        function.set_seq_backend("auto")
+    assert xs[3].grad is None and xs[4].grad is None  # added into `into`, not returned
+    for name, x, ref in zip(["dq", "dk", "dv", "dq_depth"], [*xs[:3], xs[5]], [*expected[3:6], expected[8]]):
+        torch.testing.assert_close(x.grad, ref, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    for name, total, first, ref in zip(["d_depth_k", "d_depth_v"], into, start, expected[6:8]):
+        torch.testing.assert_close(total - first, ref, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_depth_grad_into_must_match_the_depth_stream():
     from moda_kernels.moda_attn import moda_attn
 
@@ -234,8 +355,12 @@ def test_fake_tensor_shapes():
         dk = torch.empty(2, 5, 3, 2, 16)
         o, lse, lse_depth = torch.ops.moda.attn_fwd(q, k, v, dk, dk, 3, True, 0.25)
         grads = torch.ops.moda.attn_bwd(o, q, k, v, dk, dk, o, lse, 3, True, 0.25)
-    assert o.shape == q.shape and lse.shape == (2, 4, 5) and lse_depth.shape == (2, 4, 5)
-    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape, dk.shape, dk.shape]
+        o2, _, _ = torch.ops.moda.attn_fwd(q, k, v, dk, dk, 3, True, 0.25, q.clone())
+        grads_q_depth = torch.ops.moda.attn_bwd(o, q, k, v, dk, dk, o, lse, 3, True, 0.25, q.clone())
+    assert o.shape == q.shape and lse.shape == (2, 4, 5) and lse_depth.shape == (2, 4, 5) and o2.shape == q.shape
+    # the sixth result is d(q_depth): empty without a q_depth (its part of the gradient is in dq)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape, dk.shape, dk.shape, (0,)]
+    assert [g.shape for g in grads_q_depth] == [q.shape, k.shape, v.shape, dk.shape, dk.shape, q.shape]
 
 
 def test_errors_name_the_problem():

@@ -1,4 +1,4 @@
-"""The fused norm + RoPE kernels on a GPU against the float64 reference (run through the device tool)."""
+"""The fused norm + RoPE kernels on a GPU against the float64 reference."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
 from _norm_rope_check import check_norm_rope, rotary_tables, strided_inputs  # noqa: E402

@@ -21,6 +21,7 @@ def check_moda_inputs(
     depth_k: Tensor | None,
     depth_v: Tensor | None,
     num_depth: int | None,
+    q_depth: Tensor | None = None,
 ) -> int:
     """Validate the shapes of one MoDA attention call and return the number of depth slots read.
 
@@ -29,6 +30,7 @@ def check_moda_inputs(
         k, v: sequence keys and values ``[B, T, Hk, d]`` with ``Hq % Hk == 0``.
         depth_k, depth_v: depth stream ``[B, T, S, Hk, d]`` or both ``None``.
         num_depth: how many of the ``S`` slots to read (default: all of them).
+        q_depth: the query of the depth logits, ``None`` or shaped like ``q`` (same device, dtype).
 
     Returns:
         The number of depth slots the call reads (``0`` when there is no depth stream).
@@ -53,6 +55,11 @@ def check_moda_inputs(
         raise ValueError(
             f"moda_attention: the {Hq} query heads must be a multiple of the {Hk} key/value heads "
             f"(query head h reads KV head h // (Hq // Hk)); got q {_shape(q)}, k {_shape(k)}."
+        )
+    if q_depth is not None and (q_depth.shape != q.shape or q_depth.device != q.device or q_depth.dtype != q.dtype):
+        raise ValueError(
+            f"moda_attention: q_depth (the query of the depth logits) must match q ({_shape(q)}, {q.dtype}, "
+            f"{q.device}); got {_shape(q_depth)}, {q_depth.dtype}, {q_depth.device}. Build it from q, e.g. q * gain."
         )
     if (depth_k is None) != (depth_v is None):
         raise ValueError("moda_attention: pass both depth_k and depth_v, or neither.")

@@ -13,7 +13,8 @@ Where the sequence part runs (``MODA_ATTN_SEQ`` environment variable, or :func:`
 - ``"triton_split"``: the same split, with the Triton sequence kernels (run without depth) in
   place of cuDNN.
 - ``"fused"``: sequence and depth in one Triton kernel each way (``fwd.py`` / ``bwd.py``), the
-  paper's Algorithm 1.
+  paper's Algorithm 1. These kernels take one query for both parts, so a call with a separate
+  depth query (``q_depth``) and depth slots to read runs ``"triton_split"`` instead.
 - ``"auto"`` (default): ``"cudnn"`` on CUDA for fp16/bf16 where the private op exists and
   works, else ``"triton_split"`` on CUDA and ``"fused"`` elsewhere (the interpreter on CPU). A
   failing cuDNN call falls back to ``"triton_split"`` (with one warning).
@@ -67,8 +68,12 @@ _HAS_CUDNN_OPS = hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention") 
 )
 
 
-def _seq_path(q: Tensor) -> str:
-    """The path this call takes: ``"cudnn"``, ``"triton_split"`` or ``"fused"``."""
+def _seq_path(q: Tensor, own_depth_query: bool = False) -> str:
+    """The path this call takes: ``"cudnn"``, ``"triton_split"`` or ``"fused"``.
+
+    ``own_depth_query``: the depth logits use a query of their own (``q_depth``, with slots to
+    read), which the split paths give the depth kernels and the fused kernels cannot take.
+    """
     cudnn_ok = (
         _HAS_CUDNN_OPS
         and q.is_cuda
@@ -81,9 +86,10 @@ def _seq_path(q: Tensor) -> str:
             f"aten._scaled_dot_product_cudnn_attention op (last cuDNN error: {_cudnn_broken}); "
             "use set_seq_backend('triton_split') (the same split with Triton sequence kernels) or 'auto'."
         )
-    if _seq_backend == "auto":
-        return "cudnn" if cudnn_ok else ("triton_split" if q.is_cuda else "fused")
-    return _seq_backend
+    path = _seq_backend
+    if path == "auto":
+        path = "cudnn" if cudnn_ok else ("triton_split" if q.is_cuda else "fused")
+    return "triton_split" if path == "fused" and own_depth_query else path
 
 
 def _cudnn_failed(err: Exception) -> str:
@@ -140,12 +146,24 @@ def _BHTd(x: Tensor) -> Tensor:  # [B, T, H, d] -> [B, H, T, d] view, the layout
 
 
 def _attn_fwd_impl(
-    q: Tensor, k: Tensor, v: Tensor, depth_k: Tensor, depth_v: Tensor, num_depth: int, causal: bool, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    depth_k: Tensor,
+    depth_v: Tensor,
+    num_depth: int,
+    causal: bool,
+    scale: float,
+    q_depth: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns ``o [B,T,Hq,d]`` (contiguous), ``lse, lse_depth [B,Hq,T]`` (fp32, natural log)."""
+    """Returns ``o [B,T,Hq,d]`` (contiguous), ``lse, lse_depth [B,Hq,T]`` (fp32, natural log).
+
+    The sequence part reads ``q``; the depth kernels read ``q_depth`` (default ``q``).
+    """
     B, T, Hq, d = q.shape
+    qd = q if q_depth is None else q_depth
     lse_depth = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    path = _seq_path(q)
+    path = _seq_path(q, q_depth is not None and num_depth > 0)
     if path == "cudnn":
         overlap = _overlap and num_depth > 0
         if overlap:  # depth-only part on a side stream while cuDNN runs the sequence part
@@ -153,7 +171,7 @@ def _attn_fwd_impl(
             o_depth = torch.empty(B, T, Hq, d, device=q.device, dtype=torch.float32)
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                moda_depth_fwd(q, depth_k, depth_v, num_depth, scale, o_depth, lse_depth, lse_depth, merge=False)
+                moda_depth_fwd(qd, depth_k, depth_v, num_depth, scale, o_depth, lse_depth, lse_depth, merge=False)
         try:
             o, lse = _cudnn_fwd(q, k, v, causal, scale)
         except RuntimeError as err:
@@ -164,7 +182,7 @@ def _attn_fwd_impl(
             if overlap:
                 moda_merge(o, lse, o_depth, lse_depth)
             elif num_depth > 0:
-                moda_depth_fwd(q, depth_k, depth_v, num_depth, scale, o, lse, lse_depth)
+                moda_depth_fwd(qd, depth_k, depth_v, num_depth, scale, o, lse, lse_depth)
             else:
                 lse_depth.fill_(float("-inf"))
             return o, lse, lse_depth
@@ -173,7 +191,7 @@ def _attn_fwd_impl(
     # fully fused: sequence and depth in one kernel; split: sequence only, then the depth kernel
     moda_fwd(q, k, v, depth_k, depth_v, num_depth if path == "fused" else 0, causal, scale, o, lse, lse_depth)
     if path == "triton_split" and num_depth > 0:
-        moda_depth_fwd(q, depth_k, depth_v, num_depth, scale, o, lse, lse_depth)
+        moda_depth_fwd(qd, depth_k, depth_v, num_depth, scale, o, lse, lse_depth)
     return o, lse, lse_depth
 
 
@@ -181,7 +199,7 @@ moda_attn_fwd = torch.library.custom_op("moda::attn_fwd", _attn_fwd_impl, mutate
 
 
 @moda_attn_fwd.register_fake
-def _(q, k, v, depth_k, depth_v, num_depth, causal, scale):
+def _(q, k, v, depth_k, depth_v, num_depth, causal, scale, q_depth=None):
     B, T, Hq, d = q.shape
     lse = q.new_empty(B, Hq, T, dtype=torch.float32)
     return q.new_empty(B, T, Hq, d), lse, torch.empty_like(lse)
@@ -202,32 +220,45 @@ def _attn_bwd_impl(
     num_depth: int,
     causal: bool,
     scale: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``d(depth_k), d(depth_v)`` ``[B,T,S,Hk,d]`` (zero past ``num_depth``)."""
+    q_depth: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``dq, dk, dv`` (shapes of q, k, v), ``d(depth_k), d(depth_v)`` ``[B,T,S,Hk,d]`` (zero past
+    ``num_depth``) and ``d(q_depth)``: an empty tensor when ``q_depth`` is None (a custom op returns
+    tensors only), the depth part of the query gradient then being in ``dq``."""
     S = depth_k.shape[2]
     # *_like keeps a dense input's layout; slots past num_depth get no gradient
     new_depth_grad = torch.empty_like if num_depth == S else torch.zeros_like
     d_depth_k, d_depth_v = new_depth_grad(depth_k), new_depth_grad(depth_v)
-    dq, dk, dv = _attn_bwd_into(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale, d_depth_k, d_depth_v, False)
-    return dq, dk, dv, d_depth_k, d_depth_v
+    dq, dk, dv, dq_depth = _attn_bwd_into(
+        do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale, d_depth_k, d_depth_v, False, q_depth
+    )
+    return dq, dk, dv, d_depth_k, d_depth_v, q.new_empty(0) if dq_depth is None else dq_depth
 
 
 def _attn_bwd_into(
     do, q, k, v, depth_k, depth_v, o, lse, num_depth: int, causal: bool, scale: float,
-    d_depth_k: Tensor, d_depth_v: Tensor, accum_depth: bool,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """``dq, dk, dv``; the depth gradients of the first ``num_depth`` slots are written to
-    ``d_depth_k, d_depth_v``, or added to them with ``accum_depth``."""
+    d_depth_k: Tensor, d_depth_v: Tensor, accum_depth: bool, q_depth: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """``dq, dk, dv, d(q_depth)``; the depth gradients of the first ``num_depth`` slots are written to
+    ``d_depth_k, d_depth_v``, or added to them with ``accum_depth``.
+
+    Without ``q_depth`` the depth part of the query gradient is added to ``dq`` and ``d(q_depth)``
+    is None; with it, the depth kernel writes that part (``accum_dq=False``) to its own tensor.
+    """
     do = do.contiguous()
-    path = _seq_path(q)
+    own = q_depth is not None
+    qd = q if q_depth is None else q_depth
+    # the depth kernel casts its fp32 accumulator once on store: no fp32 buffer needed for d(q_depth)
+    dq_depth = None if q_depth is None else (torch.empty_like if num_depth > 0 else torch.zeros_like)(q_depth)
+    path = _seq_path(q, own and num_depth > 0)
     if path == "cudnn":
         overlap = _overlap and num_depth > 0
         if overlap:  # depth gradients on a side stream while cuDNN runs the sequence backward
             main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
-            dq_depth = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+            dq_side = dq_depth if own else torch.empty(q.shape, device=q.device, dtype=torch.float32)
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq_depth, d_depth_k, d_depth_v,
+                moda_depth_bwd(do, qd, depth_k, depth_v, o, lse, num_depth, scale, dq_side, d_depth_k, d_depth_v,
                                accum_dq=False, accum_depth=accum_depth)  # fmt: skip
         try:
             dq, dk, dv = _cudnn_bwd(do, q, k, v, o, lse, causal, scale)
@@ -236,53 +267,59 @@ def _attn_bwd_into(
         if overlap:
             main.wait_stream(side)
         if path == "cudnn":
-            if overlap:
-                dq.add_(dq_depth)
-            elif num_depth > 0:  # the depth gradients, and the depth part of dq added in place
-                moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq, d_depth_k, d_depth_v, accum_depth=accum_depth)
-            return dq.contiguous(), dk.contiguous(), dv.contiguous()
+            if overlap and not own:
+                dq.add_(dq_side)
+            elif num_depth > 0 and not overlap:  # the depth gradients, and the depth part of dq (added unless own)
+                moda_depth_bwd(do, qd, depth_k, depth_v, o, lse, num_depth, scale, dq_depth if own else dq,
+                               d_depth_k, d_depth_v, accum_dq=not own, accum_depth=accum_depth)  # fmt: skip
+            return dq.contiguous(), dk.contiguous(), dv.contiguous(), dq_depth
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if path == "fused" and num_depth > 0 and accum_depth:  # the fused kernel only writes: add after
         fresh_k, fresh_v = torch.zeros_like(d_depth_k), torch.zeros_like(d_depth_v)
         moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale, dq, dk, dv, fresh_k, fresh_v)
         d_depth_k.add_(fresh_k)
         d_depth_v.add_(fresh_v)
-        return dq, dk, dv
+        return dq, dk, dv, dq_depth
     moda_bwd(do, q, k, v, depth_k, depth_v, o, lse, num_depth if path == "fused" else 0, causal, scale,
              dq, dk, dv, d_depth_k, d_depth_v)  # fmt: skip
     if path == "triton_split" and num_depth > 0:
-        moda_depth_bwd(do, q, depth_k, depth_v, o, lse, num_depth, scale, dq, d_depth_k, d_depth_v, accum_depth=accum_depth)
-    return dq, dk, dv
+        moda_depth_bwd(do, qd, depth_k, depth_v, o, lse, num_depth, scale, dq_depth if own else dq,
+                       d_depth_k, d_depth_v, accum_dq=not own, accum_depth=accum_depth)  # fmt: skip
+    return dq, dk, dv, dq_depth
 
 
 moda_attn_bwd = torch.library.custom_op("moda::attn_bwd", _attn_bwd_impl, mutates_args=())
 
 
 @moda_attn_bwd.register_fake
-def _(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale):
+def _(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale, q_depth=None):
     return (
         torch.empty_like(q),
         torch.empty_like(k),
         torch.empty_like(v),
         torch.empty_like(depth_k),
         torch.empty_like(depth_v),
+        q.new_empty(0) if q_depth is None else torch.empty_like(q_depth),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, depth_k, depth_v, num_depth, causal, scale = inputs
+    q, k, v, depth_k, depth_v, num_depth, causal, scale, q_depth = inputs
     o, lse, lse_depth = output
-    ctx.save_for_backward(q, k, v, depth_k, depth_v, o, lse)
+    ctx.save_for_backward(q, k, v, depth_k, depth_v, o, lse, q_depth)
     ctx.num_depth, ctx.causal, ctx.scale = num_depth, causal, scale
     ctx.mark_non_differentiable(lse, lse_depth)
 
 
 def _grads(ctx, do: Tensor | None, attn_bwd) -> tuple:
-    q, k, v, depth_k, depth_v, o, lse = ctx.saved_tensors
+    """Gradients of the forward op's nine inputs."""
+    q, k, v, depth_k, depth_v, o, lse, q_depth = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv, d_depth_k, d_depth_v = attn_bwd(do, q, k, v, depth_k, depth_v, o, lse, ctx.num_depth, ctx.causal, ctx.scale)
-    return dq, dk, dv, d_depth_k, d_depth_v, None, None, None
+    dq, dk, dv, d_depth_k, d_depth_v, dq_depth = attn_bwd(
+        do, q, k, v, depth_k, depth_v, o, lse, ctx.num_depth, ctx.causal, ctx.scale, q_depth
+    )
+    return dq, dk, dv, d_depth_k, d_depth_v, None, None, None, None if q_depth is None else dq_depth
 
 
 def _backward(ctx, do, _dlse, _dlse_depth):
@@ -306,9 +343,9 @@ class _EagerAttn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, depth_k, depth_v, num_depth, causal, scale, grad_into=None):
-        output = _attn_fwd_impl(q, k, v, depth_k, depth_v, num_depth, causal, scale)
-        _setup_context(ctx, (q, k, v, depth_k, depth_v, num_depth, causal, scale), output)
+    def forward(ctx, q, k, v, depth_k, depth_v, num_depth, causal, scale, q_depth=None, grad_into=None):
+        output = _attn_fwd_impl(q, k, v, depth_k, depth_v, num_depth, causal, scale, q_depth)
+        _setup_context(ctx, (q, k, v, depth_k, depth_v, num_depth, causal, scale, q_depth), output)
         ctx.grad_into = grad_into
         ctx.set_materialize_grads(False)  # the log-sum-exps get no gradient; do not fill zeros for them
         return output
@@ -317,12 +354,12 @@ class _EagerAttn(torch.autograd.Function):
     def backward(ctx, do, _dlse, _dlse_depth):
         if ctx.grad_into is None:
             return *_grads(ctx, do, _attn_bwd_impl), None
-        q, k, v, depth_k, depth_v, o, lse = ctx.saved_tensors
+        q, k, v, depth_k, depth_v, o, lse, q_depth = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
         into_k, into_v = resolve_grad_into(ctx.grad_into, depth_k)
-        dq, dk, dv = _attn_bwd_into(do, q, k, v, depth_k, depth_v, o, lse, ctx.num_depth, ctx.causal, ctx.scale,
-                                    into_k, into_v, True)  # fmt: skip
-        return dq, dk, dv, None, None, None, None, None, None
+        dq, dk, dv, dq_depth = _attn_bwd_into(do, q, k, v, depth_k, depth_v, o, lse, ctx.num_depth, ctx.causal,
+                                              ctx.scale, into_k, into_v, True, q_depth)  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, dq_depth, None
 
 
 def _through_custom_op() -> bool:
@@ -346,6 +383,7 @@ def _attn_flops(q_shape, num_depth: int, causal: bool) -> int:
     return 4 * B * Hq * d * (pairs + T * num_depth)
 
 
+# q_depth, the ops' last argument, changes which query the depth logits use, not their count.
 @register_flop_formula(torch.ops.moda.attn_fwd)
 def _fwd_flop(q_shape, k_shape, v_shape, dk_shape, dv_shape, num_depth, causal, scale, *args, out_shape=None, **kwargs) -> int:
     return _attn_flops(q_shape, num_depth, causal)
@@ -400,6 +438,7 @@ def moda_attn(
     scale: float | None = None,
     return_lse: bool = False,
     depth_grad_into: GradInto | None = None,
+    q_depth: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Fused MoDA attention (CUDA; same contract as :func:`moda_attn_reference`).
 
@@ -417,20 +456,28 @@ def moda_attn(
         depth_grad_into: two tensors shaped like ``depth_k``, or a function returning them that
             is called in backward; the backward adds the depth gradients into them instead of
             returning them (see ``grad_into.py``).
+        q_depth: ``[B, T, Hq, d]`` like ``q``, the query of the depth logits only (default: ``q``);
+            the sequence logits keep ``q``. With depth slots to read, a ``"fused"`` path request
+            runs ``"triton_split"`` (the fused kernels take one query).
 
     Returns:
-        ``o [B, T, Hq, d]``, or ``(o, lse, lse_depth)``; gradients flow to q, k, v, depth_k, depth_v.
+        ``o [B, T, Hq, d]``, or ``(o, lse, lse_depth)``; gradients flow to q, k, v, depth_k, depth_v
+        and q_depth (``q`` gets the sequence part of the query gradient, ``q_depth`` the depth part).
     """
-    num_depth = check_moda_inputs(q, k, v, depth_k, depth_v, num_depth)
+    num_depth = check_moda_inputs(q, k, v, depth_k, depth_v, num_depth, q_depth)
     if q.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         # like SDPA under autocast: run in the autocast dtype (a no-op for tensors already in it)
         dtype = torch.get_autocast_dtype("cuda")
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if depth_k is not None and depth_v is not None:
             depth_k, depth_v = depth_k.to(dtype), depth_v.to(dtype)
+        if q_depth is not None:
+            q_depth = q_depth.to(dtype)
     tensors = {"q": q, "k": k, "v": v}
     if depth_k is not None and depth_v is not None:
         tensors.update(depth_k=depth_k, depth_v=depth_v)
+    if q_depth is not None:
+        tensors.update(q_depth=q_depth)
     _check_kernel_inputs(tensors)
     B, T, Hq, d = q.shape
     if depth_k is None or depth_v is None:
@@ -440,11 +487,13 @@ def moda_attn(
     if _through_custom_op():
         if depth_grad_into is not None:
             depth_k, depth_v = add_grad_into(depth_k, depth_v, depth_grad_into)
-        o, lse, lse_depth = torch.ops.moda.attn_fwd(q, k, v, depth_k, depth_v, num_depth, causal, scale)
+        o, lse, lse_depth = torch.ops.moda.attn_fwd(q, k, v, depth_k, depth_v, num_depth, causal, scale, q_depth)
     else:
         if depth_grad_into is not None and not callable(depth_grad_into):
             check_grad_into(depth_grad_into, depth_k)  # fail now, not in backward
-        o, lse, lse_depth = _EagerAttn.apply(q, k, v, depth_k, depth_v, num_depth, causal, scale, depth_grad_into)
+        o, lse, lse_depth = _EagerAttn.apply(
+            q, k, v, depth_k, depth_v, num_depth, causal, scale, q_depth, depth_grad_into
+        )
     if not return_lse:
         return o
     return o, lse.transpose(1, 2), lse_depth.transpose(1, 2)

@@ -21,14 +21,19 @@ def moda_attn_reference(
     causal: bool = True,
     scale: float | None = None,
     return_lse: bool = False,
+    q_depth: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Attention over ``[sequence | depth]`` keys under one softmax.
 
-    For query head ``h`` of token ``t`` (KV head ``g = h // G``, ``G = Hq // Hk``)::
+    For query head ``h`` of token ``t`` (KV head ``g = h // G``, ``G = Hq // Hk``), with
+    ``q_depth = q`` unless given::
 
-        s_j = scale * q[t, h] . k[j, g]              for j <= t (all j if not causal)
-        r_s = scale * q[t, h] . depth_k[t, s, g]     for s < num_depth
+        s_j = scale * q[t, h] . k[j, g]                  for j <= t (all j if not causal)
+        r_s = scale * q_depth[t, h] . depth_k[t, s, g]   for s < num_depth
         o[t, h] = sum_j softmax(s, r)_j v[j, g] + sum_s softmax(s, r)_s depth_v[t, s, g]
+
+    A separate ``q_depth`` lets a reader apply a per-channel factor to every slot it reads
+    without copying the slots: ``(q * g) . k_s = q . (k_s * g)``.
 
     The matmuls run in the inputs' dtype and the softmax in float32 (float64 for float64
     inputs), like a low-precision attention kernel, so the reference run in bf16 measures
@@ -43,6 +48,8 @@ def moda_attn_reference(
         causal: sequence keys ``j <= t`` only.
         scale: logit scale, default ``d ** -0.5``.
         return_lse: also return the row log-sum-exp and the depth part's log-sum-exp.
+        q_depth: ``[B, T, Hq, d]``, the query of the depth logits only (default: ``q``); it
+            gets the depth part's share of the query gradient, ``q`` the sequence part's.
 
     Returns:
         ``o [B, T, Hq, d]`` in ``q.dtype``; with ``return_lse`` also ``lse, lse_depth
@@ -71,10 +78,11 @@ def moda_attn_reference(
     if num_depth > 0:
         dk = depth_k[:, :, :num_depth].permute(0, 3, 1, 2, 4).unsqueeze(2)  # [B, Hk, 1, T, S, d]
         dv = depth_v[:, :, :num_depth].permute(0, 3, 1, 2, 4).unsqueeze(2)
+        qd_g = q_g if q_depth is None else q_depth.reshape(B, T, Hk, G, d).permute(0, 2, 3, 1, 4)
         # Each token attends only to its own depth slots. Multiply-and-sum rather than a
         # broadcast matmul: matmul would save a G-fold copy of the slots for backward, and the
         # model's depth stream relies on reads being views, not copies.
-        logits_depth = (q_g.unsqueeze(-2) * dk).sum(-1)  # [B, Hk, G, T, S]
+        logits_depth = (qd_g.unsqueeze(-2) * dk).sum(-1)  # [B, Hk, G, T, S]
         logits_depth = logits_depth.to(softmax_dtype) * scale
     else:
         logits_depth = logits_seq.new_empty(B, Hk, G, T, 0)
