@@ -28,13 +28,15 @@ TINY = [
 ]
 
 
-def moda_script() -> str:
+def moda_command() -> list[str]:
+    """The installed `moda` console script; from a checkout on PYTHONPATH (no install), the module it runs."""
     script = Path(sys.executable).with_name("moda")
-    return str(script) if script.exists() else shutil.which("moda")
+    found = str(script) if script.exists() else shutil.which("moda")
+    return [found] if found else [sys.executable, "-m", "moda_lightning.cli"]
 
 
 def run_moda(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [moda_script(), "fit", *TINY, f"--data.cache_dir={tmp_path / 'cache'}", *args]
+    cmd = [*moda_command(), "fit", *TINY, f"--data.cache_dir={tmp_path / 'cache'}", *args]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"moda fit failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
@@ -92,7 +94,7 @@ def test_resuming_with_another_tokenizer_is_refused(tmp_path, monkeypatch):
 
 def test_console_script_reports_a_bad_config_in_one_line(tmp_path):
     """From the shell a configuration problem is one `moda: error:` line and exit status 2, not a traceback."""
-    cmd = [moda_script(), "fit", *TINY, "--model.norm=sandwich", f"--data.cache_dir={tmp_path / 'cache'}"]
+    cmd = [*moda_command(), "fit", *TINY, "--model.norm=sandwich", f"--data.cache_dir={tmp_path / 'cache'}"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "moda: error: invalid MoDA model configuration" in result.stderr

@@ -110,14 +110,15 @@ def quadratic_coefficient(sizes: dict[int, int]) -> float:
     return ((b3 - b2) / (l3 - l2) - (b2 - b1) / (l2 - l1)) / (l3 - l1)
 
 
-def test_saved_memory_keeps_no_copies_of_earlier_slots(monkeypatch):
+@pytest.mark.parametrize("depth_keys", ["writer", "reader"])
+def test_saved_memory_keeps_no_copies_of_earlier_slots(monkeypatch, depth_keys):
     """Bytes saved for backward at 4, 8 and 16 layers. A stream that copies earlier slots for every
     layer grows as L^2 through those copies; the buffer must not. What stays quadratic is the
     reference op's softmax over [sequence | depth], which keeps [B, Hq, T, S] probabilities per
     layer (G/d of a slot copy; the Triton kernel keeps none), so the quadratic term must be a small
     fraction of the naive stream's. Head dim 32 with G=1 makes that fraction about 5%."""
     idx = torch.randint(0, VOCAB, (2, 32))
-    shape = dict(d_model=64, n_heads=2, n_kv_heads=2)
+    shape = dict(d_model=64, n_heads=2, n_kv_heads=2, depth_keys=depth_keys)  # reader: its own key norm per read
     buffered = {n: saved_bytes(tiny_model(n_layers=n, **shape), idx) for n in (4, 8, 16)}
     monkeypatch.setattr("moda_lightning.model.DepthStream", StackedDepthStream)
     naive = {n: saved_bytes(tiny_model(n_layers=n, **shape), idx) for n in (4, 8, 16)}

@@ -1,7 +1,7 @@
 """Data-parallel training: two processes give the gradients of one process on the whole batch.
 
 On CPU with gloo and the portable backend (CI); on two GPUs with NCCL and the Triton backend
-(``-m cuda``, through the device tool).
+(``-m cuda``, on a machine with two GPUs).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, checkpointing):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (run through the device tool)")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_two_gpu_ddp_with_the_triton_backend_matches_one_gpu(tmp_path, checkpointing):
     """The fused backend's depth gradients (summed in its kernel) survive DDP's bucketed all-reduce."""

@@ -147,3 +147,52 @@ def test_z_loss_is_added_to_the_training_loss_only():
     assert none is None and torch.allclose(ce, ce_z)
     logits = plain.model(batch[:, :-1]).float().flatten(0, 1)
     assert torch.allclose(z, torch.logsumexp(logits, -1).square().mean())
+
+
+class _Recorder:
+    """Stands in for a layer's backend: records what the layer passes and returns the real output."""
+
+    def __init__(self, backend, calls: list) -> None:
+        self.backend, self.calls = backend, calls
+        self.reads_depth, self.takes_depth_grad_into = backend.reads_depth, False
+
+    def check_device(self, device_type: str) -> None:
+        pass
+
+    def __call__(self, q, k, v, depth_k=None, depth_v=None, *, num_depth=0, scale=None, q_depth=None, **_):
+        out = self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, q_depth=q_depth)
+        self.calls.append(dict(q=q, k=k, v=v, depth_k=depth_k, depth_v=depth_v, num_depth=num_depth, q_depth=q_depth, o=out))
+        return out
+
+
+@pytest.mark.parametrize("scope", ["head", "full"])
+def test_reader_keys_are_raw_and_normed_by_the_reading_layer(scope):
+    """depth_keys='reader': a slot holds the writer's pre-norm, pre-RoPE key (stored at unit RMS), and
+    the reading layer applies its own key norm, gain included, and no rotation. The model carries the
+    reader's gain on the depth query (q_depth); the output must equal attention over explicitly
+    normed slots."""
+    from moda_kernels.moda_attn import moda_attn_reference
+
+    model = build(0, n_layers=3, depth_keys="reader", qk_norm_scope=scope, ffn_kv=True)
+    with torch.no_grad():  # gains away from 1, so a missing or misplaced gain shows
+        for layer in model.layers:
+            layer.attn.sublayer.k_norm.weight.uniform_(0.5, 1.5)
+    calls, raw_keys = [], []
+    for layer in model.layers:
+        attn = layer.attn.sublayer
+        attn.backend = _Recorder(attn.backend, calls)
+        attn.qkv_proj.register_forward_hook(lambda m, i, out, a=attn: raw_keys.append(out.split(a.qkv_split, -1)[1]))
+    model(torch.randint(0, VOCAB, (2, 9)))
+    B, T = 2, 9
+    for layer_idx in (1, 2):
+        call, attn = calls[layer_idx], model.layers[layer_idx].attn.sublayer
+        assert call["num_depth"] == 2 * layer_idx and call["q_depth"] is not None
+        # the attention slot of layer 0: its raw key at unit RMS, not rotated
+        raw = raw_keys[0].view(B, T, 2, 8)
+        flat = raw.flatten(-2) if scope == "full" else raw
+        unit = (flat / flat.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).view_as(raw)
+        assert torch.allclose(call["depth_k"][:, :, 0], unit, atol=1e-5)
+        gain = attn.k_norm.weight.view(-1, 8) if scope == "full" else attn.k_norm.weight
+        normed = call["depth_k"][:, :, : call["num_depth"]] * gain  # [B, T, S, Hk, d] * [Hk or 1, d]
+        expected = moda_attn_reference(call["q"], call["k"], call["v"], normed, call["depth_v"][:, :, : call["num_depth"]])
+        assert torch.allclose(call["o"], expected, atol=1e-5)

@@ -265,15 +265,18 @@ def test_triton_backend_is_counted_by_a_flop_counter_created_first():
     import subprocess
     import sys
 
+    on_gpu = torch.cuda.is_available()  # there the real kernels run; elsewhere Triton's interpreter
     code = (
-        "import os; os.environ['TRITON_INTERPRET'] = '1'\n"
-        "import torch\n"
+        ("" if on_gpu else "import os; os.environ['TRITON_INTERPRET'] = '1'\n")
+        + "import torch\n"
         "from torch.utils.flop_counter import FlopCounterMode\n"
         "from moda_lightning.attention import moda_triton\n"
-        "moda_triton.torch.cuda.is_available = lambda: True  # let the backend build on CPU\n"
-        "from moda_lightning.attention import build_backend\n"
+        + ("" if on_gpu else "moda_triton.torch.cuda.is_available = lambda: True  # let the backend build on CPU\n")
+        + "from moda_lightning.attention import build_backend\n"
         "backend = build_backend('moda_triton')\n"
-        "q = torch.randn(1, 16, 4, 32); k = torch.randn(1, 16, 2, 32); dk = torch.randn(1, 16, 3, 2, 32)\n"
+        f"dev = {'cuda' if on_gpu else 'cpu'!r}; dt = {'torch.bfloat16' if on_gpu else 'torch.float32'}\n"
+        "q = torch.randn(1, 16, 4, 32, device=dev, dtype=dt); k = torch.randn(1, 16, 2, 32, device=dev, dtype=dt)\n"
+        "dk = torch.randn(1, 16, 3, 2, 32, device=dev, dtype=dt)\n"
         "with FlopCounterMode(display=False) as counter:\n"
         "    backend(q, k, k, dk, dk, num_depth=3)\n"
         "print(sorted(str(op) for op in counter.get_flop_counts().get('Global', {})))\n"

@@ -63,7 +63,8 @@ def execute(spec: StudySpec, runs: list[Run], progress_every_s: float = 60.0, ma
     free = _slots(spec)
     running: dict[str, tuple[Run, subprocess.Popen, str | None, float]] = {}
     failed: list[str] = []
-    done_count, total, started = len(runs) - len(todo), len(runs), time.time()
+    done_count, started = sum(run_state(r) == "done" for r in runs), time.time()
+    total = done_count + len(todo)  # what this call will have finished
     last_progress = time.time()
     queue = list(todo)
     while queue or running:

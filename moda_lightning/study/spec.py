@@ -194,8 +194,10 @@ def plan_runs(spec: StudySpec, out_dir: Path) -> list[Run]:
         world = (devices if isinstance(devices, int) else 1) * int(trainer.get("num_nodes") or 1)
         per_step = int(data["batch_size"]) * int(data["seq_len"]) * int(trainer.get("accumulate_grad_batches") or 1) * world
         tokens_per_step[arm.name] = per_step
-        eval_steps = max(1, round(spec.eval_every_tokens / per_step))
-        max_steps = eval_steps * math.ceil(spec.tokens / (per_step * eval_steps))
+        # n evaluations evenly spaced, the last at the end; the budget is rounded up by less than n steps
+        n_evals = max(1, round(spec.tokens / spec.eval_every_tokens))
+        eval_steps = max(1, math.ceil(math.ceil(spec.tokens / per_step) / n_evals))
+        max_steps = eval_steps * n_evals
         for seed in spec.seeds:
             run_dir = out_dir / arm.name / f"seed{seed}"
             args = [
