@@ -108,6 +108,7 @@ class MoDALightningModule(L.LightningModule):
                 "vocab_size is not set: run through `moda fit`, which links it from the data module's tokenizer, "
                 "or pass vocab_size=len(tokenizer) when building the module yourself."
             )
+        check_training_args(lr, min_lr_ratio, warmup_steps, weight_decay, betas, z_loss)
         # Every init argument that is a MoDAConfig field goes to the config (None: its default).
         self.config = MoDAConfig.from_mapping(self.hparams)
         self.model = MoDATransformer(self.config)
@@ -201,6 +202,28 @@ class MoDALightningModule(L.LightningModule):
                 "(--data.tokenizer=<run folder>/tokenizer.json, or the same corpus and --data.tokenizer_vocab_size)."
             )
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+
+
+def check_training_args(
+    lr: float, min_lr_ratio: float, warmup_steps: int | float, weight_decay: float, betas: tuple[float, float], z_loss: float
+) -> None:
+    """Refuse optimiser settings that would train on silently (a flat loss at lr=0, a schedule bent
+    by a negative warmup); every problem in one error."""
+    problems = []
+    if not lr > 0:
+        problems.append(f"lr={lr}: the peak learning rate must be > 0 (e.g. --model.lr=3e-4)")
+    if not 0 <= min_lr_ratio <= 1:
+        problems.append(f"min_lr_ratio={min_lr_ratio}: the cosine floor is a fraction of lr in [0, 1]")
+    if warmup_steps < 0:
+        problems.append(f"warmup_steps={warmup_steps}: give a step count >= 0 or a fraction in [0, 1)")
+    if weight_decay < 0:
+        problems.append(f"weight_decay={weight_decay}: must be >= 0")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        problems.append(f"betas={tuple(betas)}: AdamW needs two values in [0, 1), e.g. [0.9, 0.95]")
+    if z_loss < 0:
+        problems.append(f"z_loss={z_loss}: the weight of the z-loss must be >= 0 (0 turns it off)")
+    if problems:
+        raise ValueError("invalid training arguments: " + "; ".join(problems) + ".")
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

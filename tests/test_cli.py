@@ -69,8 +69,11 @@ def test_console_script_trains_then_resumes(tmp_path):
         (["--model.attention=sdpa", "--model.ffn_kv=true"], ValueError, r"'sdpa' reads no depth stream"),
         (["--data.seq_len=64", "--model.max_seq_len=32"], ValueError, r"--data.seq_len=64 is longer than the model's max_seq_len=32"),
         (["--data.files=/nonexistent/*.txt"], ValueError, r"/nonexistent/\*\.txt"),
+        (["--model.lr=0"], ValueError, r"lr=0\.0: the peak learning rate must be > 0"),
+        (["--model.warmup_steps=-5"], ValueError, r"warmup_steps=-5: give a step count >= 0"),
     ],
-    ids=["triton-on-cpu", "unknown-backend", "unknown-norm", "heads", "depth-with-sdpa", "seq-too-long", "no-files"],
+    ids=["triton-on-cpu", "unknown-backend", "unknown-norm", "heads", "depth-with-sdpa", "seq-too-long", "no-files",
+         "zero-lr", "negative-warmup"],
 )
 def test_bad_config_fails_before_training(tmp_path, monkeypatch, args, error, match):
     monkeypatch.chdir(tmp_path)

@@ -196,3 +196,13 @@ def test_reader_keys_are_raw_and_normed_by_the_reading_layer(scope):
         normed = call["depth_k"][:, :, : call["num_depth"]] * gain  # [B, T, S, Hk, d] * [Hk or 1, d]
         expected = moda_attn_reference(call["q"], call["k"], call["v"], normed, call["depth_v"][:, :, : call["num_depth"]])
         assert torch.allclose(call["o"], expected, atol=1e-5)
+
+
+def test_bad_training_arguments_are_refused_together():
+    """lr=0 used to train with a flat loss, and a negative warmup bent the schedule silently."""
+    kwargs = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=16)
+    with pytest.raises(ValueError) as err:
+        MoDALightningModule(**kwargs, lr=0.0, warmup_steps=-5, min_lr_ratio=1.5, z_loss=-1.0)
+    text = str(err.value)
+    for problem in ("lr=0.0: the peak learning rate must be > 0", "warmup_steps=-5", "min_lr_ratio=1.5", "z_loss=-1.0"):
+        assert problem in text
