@@ -192,32 +192,39 @@ def test_eager_path_equals_the_registered_op():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("q_depth", [False, True], ids=["q", "q_depth"])
 @pytest.mark.parametrize("lazy", [False, True], ids=["tensors", "function"])
 @pytest.mark.parametrize("seq", ["fused", "triton_split"])
 @pytest.mark.parametrize("route", ["eager", "registered op"])
-def test_depth_gradients_are_added_into_depth_grad_into(seq, route, lazy):
-    """The backward adds d(depth_k), d(depth_v) of the first num_depth slots into the given tensors."""
+def test_depth_gradients_are_added_into_depth_grad_into(seq, route, lazy, q_depth):
+    """The backward adds d(depth_k), d(depth_v) of the first num_depth slots into the given tensors;
+    with ``q_depth`` (slots read by a separate depth query) that query gets its own gradient."""
     from moda_kernels.moda_attn import function
 
-    inputs, do = _inputs(2, 7, 4, 2, 16, 3, torch.float32, seed=5)
-    expected = outputs_and_grads(moda_attn_reference, inputs, do, num_depth=2)
+    make, op = (_q_depth_inputs, with_q_depth(moda_attn_reference)) if q_depth else (_inputs, moda_attn_reference)
+    inputs, do = make(2, 7, 4, 2, 16, 3, torch.float32, seed=5)
+    expected = outputs_and_grads(op, inputs, do, num_depth=2)
     g = torch.Generator().manual_seed(9)
     into = (torch.randn(inputs[3].shape, generator=g), torch.randn(inputs[4].shape, generator=g))
     start = [t.clone() for t in into]
     xs = [x.detach().clone().requires_grad_() for x in inputs]
+    extra = {"q_depth": xs[5]} if q_depth else {}
     original = function._through_custom_op
     function._through_custom_op = (lambda: True) if route == "registered op" else original
     function.set_seq_backend(seq)
     try:
-        o = function.moda_attn(*xs, num_depth=2, depth_grad_into=(lambda: into) if lazy else into)
+        o = function.moda_attn(*xs[:5], num_depth=2, depth_grad_into=(lambda: into) if lazy else into, **extra)
         o.backward(do)
     finally:
         function._through_custom_op = original
         function.set_seq_backend("auto")
     assert xs[3].grad is None and xs[4].grad is None  # added into `into`, not returned
-    for name, got, ref in zip(["dq", "dk", "dv"], [x.grad for x in xs[:3]], expected[3:6]):
+    names, grads, refs = ["dq", "dk", "dv"], [x.grad for x in xs[:3]], list(expected[3:6])
+    if q_depth:
+        names, grads, refs = [*names, "dq_depth"], [*grads, xs[5].grad], [*refs, expected[8]]
+    for name, got, ref in zip(names, grads, refs):
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
-    for name, total, first, ref in zip(["d_depth_k", "d_depth_v"], into, start, expected[6:]):
+    for name, total, first, ref in zip(["d_depth_k", "d_depth_v"], into, start, expected[6:8]):
         torch.testing.assert_close(total - first, ref, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -307,33 +314,6 @@ def test_fused_request_with_q_depth_runs_the_split_path():
     fused = _run_q_depth(inputs, do, seq="fused", route="eager", num_depth=2)
     for name, a, b in zip(NAMES_Q_DEPTH, fused, split):
         assert torch.equal(a, b), name
-
-
-@pytest.mark.parametrize("seq", ["fused", "triton_split"])
-@pytest.mark.parametrize("route", ["eager", "registered op"])
-def test_q_depth_with_depth_grad_into(seq, route):
-    """``depth_grad_into`` gets the depth gradients of slots read with ``q_depth``; ``q_depth`` its own gradient."""
-    from moda_kernels.moda_attn import function
-
-    inputs, do = _q_depth_inputs(2, 7, 4, 2, 16, 3, torch.float32, seed=5)
-    expected = outputs_and_grads(with_q_depth(moda_attn_reference), inputs, do, num_depth=2)
-    g = torch.Generator().manual_seed(9)
-    into = (torch.randn(inputs[3].shape, generator=g), torch.randn(inputs[4].shape, generator=g))
-    start = [t.clone() for t in into]
-    xs = [x.detach().clone().requires_grad_() for x in inputs]
-    original = function._through_custom_op
-    function._through_custom_op = (lambda: True) if route == "registered op" else original
-    function.set_seq_backend(seq)
-    try:
-        function.moda_attn(*xs[:5], num_depth=2, q_depth=xs[5], depth_grad_into=into).backward(do)
-    finally:
-        function._through_custom_op = original
-        function.set_seq_backend("auto")
-    assert xs[3].grad is None and xs[4].grad is None  # added into `into`, not returned
-    for name, x, ref in zip(["dq", "dk", "dv", "dq_depth"], [*xs[:3], xs[5]], [*expected[3:6], expected[8]]):
-        torch.testing.assert_close(x.grad, ref, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
-    for name, total, first, ref in zip(["d_depth_k", "d_depth_v"], into, start, expected[6:8]):
-        torch.testing.assert_close(total - first, ref, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_depth_grad_into_must_match_the_depth_stream():
