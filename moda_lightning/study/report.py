@@ -115,7 +115,7 @@ def markdown(spec: StudySpec, results: list[RunResult], missing: list[str]) -> s
         "",
         "Final validation loss (nats/token, mean over the fixed validation windows) and perplexity, mean and "
         "sample sd over seeds; tokens/s is the median training throughput of each run, averaged over seeds "
-        f"(runs shared a GPU {spec.runs_per_gpu} at a time, so read it as a ratio between arms).",
+        f"(up to {spec.runs_per_gpu} runs shared a GPU, so read it as a ratio between arms).",
         "",
         "| arm | seeds | val loss | sd | val ppl | tokens/s | params | train FLOPs/token |",
         "|---|---|---|---|---|---|---|---|",

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from moda_lightning.study.archive import archive_run
 from moda_lightning.study.report import write_report
 from moda_lightning.study.results import RESULT_FILE, RunResult, latest_step, summarize
 from moda_lightning.cli import resolved_fit_config
@@ -141,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands; start nothing")
     parser.add_argument("--report-only", action="store_true", help="write the report from the finished runs; start nothing")
     parser.add_argument("--max-runs", type=int, help="start at most this many of the unfinished runs (e.g. what fits a time slot)")
+    parser.add_argument(
+        "--archive",
+        metavar="DIR",
+        help="afterwards, copy the finished runs' small record (no checkpoints, last figure of each kind) and the "
+        "report to DIR; `--out DIR` continues the study from there on any machine",
+    )
     args, extra = parser.parse_known_args(argv)
     bad = [a for a in extra if not a.startswith("--") or a.startswith("--config")]
     if bad:
@@ -162,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     if results:
         md, png = write_report(spec, results, missing, out_dir)
         _log(f"wrote {md} and {png}")
+    if args.archive and results:
+        archive_dir = Path(args.archive)
+        for run in runs:
+            if run_state(run) == "done":
+                archive_run(run.dir, archive_dir / run.dir.relative_to(out_dir))
+        md, png = write_report(spec, results, missing, archive_dir)
+        _log(f"archived {len(results)} finished run(s) and the report to {archive_dir}")
     if failed:
         _log(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and run the same command again")
         return 1

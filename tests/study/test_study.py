@@ -78,11 +78,19 @@ def test_study_runs_reports_and_skips_finished_runs(tmp_path):
     assert f"[{lo:+.4f}, {hi:+.4f}]" in pair
     assert list((out / "report").glob("events.out.tfevents.*")), "the report is logged to TensorBoard too"
 
-    # A second call starts nothing: every run is finished.
+    # A second call starts nothing: every run is finished. Its archive holds no checkpoint, and a
+    # study pointed at the archive finds every run done and writes the same table.
     events_before = sorted(p.name for p in out.glob("*/seed*/events.out.tfevents.*"))
-    second = moda_study(tmp_path)
+    second = moda_study(tmp_path, "--archive", "archive")
     assert second.returncode == 0 and "starting" not in second.stdout and "resuming" not in second.stdout
     assert sorted(p.name for p in out.glob("*/seed*/events.out.tfevents.*")) == events_before
+    archive = tmp_path / "archive"
+    assert list(out.glob("*/seed*/checkpoints/*.ckpt")) and not list(archive.rglob("*.ckpt"))
+    assert all(val_losses(archive / arm / f"seed{s}")[-1] == finals[arm, s] for arm, s in finals)
+    from_archive = moda_study(tmp_path, "--out", "archive", "--report-only")
+    assert from_archive.returncode == 0, from_archive.stderr[-2000:]
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert [line for line in (archive / "study.md").read_text().splitlines() if line.startswith("| ")] == table
 
     # A run without its result resumes from its last checkpoint; the dry run says so and starts nothing.
     (out / "moda" / "seed1" / "result.json").unlink()
@@ -91,6 +99,36 @@ def test_study_runs_reports_and_skips_finished_runs(tmp_path):
     assert re.search(r"moda/seed1\s+resume", dry.stdout) and "--ckpt_path=" in dry.stdout
     assert re.search(r"base/seed0\s+done", dry.stdout)
     assert not (out / "moda" / "seed1" / "result.json").exists()
+
+
+def test_archived_events_keep_every_scalar_and_the_last_figure(tmp_path):
+    import numpy as np
+    from torch.utils.tensorboard import SummaryWriter
+
+    from moda_lightning.study.archive import compact_events
+
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for step in (10, 20, 30):
+        writer.add_scalar("val/loss", 3.0 / step, step)
+        writer.add_image("depth/mass", np.full((3, 8, 8), step / 30.0), step)
+        writer.add_histogram("depth/hist", np.arange(step, dtype=np.float32), step)
+        writer.add_text("notes", f"step {step}", step)
+    writer.close()
+    (source,) = (tmp_path / "run").glob("events.out.tfevents.*")
+    compact_events(source, tmp_path / "small" / source.name)
+
+    def load(folder):
+        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+        acc.Reload()
+        return acc
+
+    full, small = load(tmp_path / "run"), load(tmp_path / "small")
+    assert [(e.step, e.value) for e in small.Scalars("val/loss")] == [(e.step, e.value) for e in full.Scalars("val/loss")]
+    assert [e.step for e in small.Images("depth/mass")] == [30]
+    assert small.Images("depth/mass")[0].encoded_image_string == full.Images("depth/mass")[-1].encoded_image_string
+    assert [e.step for e in small.Histograms("depth/hist")] == [30]
+    assert len(small.Tensors("notes/text_summary")) == 3
+    assert (tmp_path / "small" / source.name).stat().st_size < source.stat().st_size
 
 
 def test_dry_run_lists_every_run_with_equal_budgets(tmp_path):
