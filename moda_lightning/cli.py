@@ -7,25 +7,82 @@ can subclass :class:`MoDACLI` to add their own arguments.
 
 from __future__ import annotations
 
+import difflib
+import logging
+import math
 import os
+import re
+import shutil
+import signal
 import sys
+import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from moda_lightning.callbacks.save_on_interrupt import SaveOnInterrupt
+from moda_lightning.checkpoint import check_checkpoint_file, check_resume, explicit_flags_from_argv
 from moda_lightning.data import TextDataModule
 from moda_lightning.lightning_module import MoDALightningModule
 
 
 _DEFAULT_RUN_NAME = "moda"
 
+_RUN_VERSION_ENV = "MODA_RUN_VERSION"
+"""Hands the run folder reserved by rank 0 to the processes Lightning launches for the other ranks."""
+
+_reserved_run_dirs: list[Path] = []
+"""Run folders this process created; removed again if the run fails before it trained."""
+
+_interrupt_handlers: list[SaveOnInterrupt] = []
+"""The fit's SaveOnInterrupt, which knows the exit status of a run stopped by a signal."""
+
+
+def _is_rank_zero_process() -> bool:
+    """Whether this process is global rank 0 (or not distributed), from the launchers' variables."""
+    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+class _OneLineErrorParser(LightningArgumentParser):
+    """A command-line mistake is one ``moda: error:`` line (with the closest valid flags for an
+    unknown one), not the whole usage text above the message."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        unknown = re.findall(r"(--[\w.\-]+)", text) if text.startswith("unrecognized arguments") else []
+        options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        hints = []
+        for flag in unknown:
+            close = difflib.get_close_matches(flag, options, n=3, cutoff=0.75)
+            if close:
+                hints.append(f"{flag}: did you mean {' or '.join(close)}?")
+        parts = [text, *hints] if hints else [text]
+        prog = self.prog.replace("cli.py", "moda").replace(" [options]", "")
+        print(f"moda: error: {'; '.join(parts)} (`{prog} --help` lists every option)", file=sys.stderr)
+        sys.exit(2)
+
 
 class MoDACLI(LightningCLI):
     """LightningCLI with the vocabulary linked from the tokenizer, checkpoints, LR logging and
     bf16 on GPUs / fp32 on CPUs unless ``--trainer.precision`` says otherwise."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("args")
+        self.command_line = ["moda", *(sys.argv[1:] if given is None else [str(a) for a in given])]
+        self.started = time.monotonic()
+        super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("prog", "moda")
+        self.parser_class = _OneLineErrorParser
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The model's vocabulary follows the tokenizer; it is never written twice.
@@ -47,12 +104,26 @@ class MoDACLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads the checkpoint's hyperparameters right after this, with a bare
+        # torch.load: a file that is not a checkpoint must be refused here, in one line.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            try:
+                check_checkpoint_file(ckpt_path, require_training_state=subcommand == "fit")
+            except ValueError as err:
+                raise SetupError(err) from err
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.precision is None:
             on_gpu = torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
             config.trainer.precision = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
         self._name_run(config)
+        if self.subcommand == "fit":
+            self._reserve_run_folder(config)
 
     @staticmethod
     def _name_run(config) -> None:
@@ -68,6 +139,46 @@ class MoDACLI(LightningCLI):
         stem = Path(str(config_files[0])).stem if config_files else _DEFAULT_RUN_NAME
         init_args.name = f"{stem}/{config.model.attention}-{config.model.norm}"
 
+    @staticmethod
+    def _reserve_run_folder(config) -> None:
+        """Create the next ``version_N`` folder now and pin the logger to it.
+
+        TensorBoardLogger picks its version by listing the folder when it first writes, so two runs
+        started together in one folder would both take ``version_0``; ``mkdir`` is atomic, so here
+        each run owns the folder it created.
+        """
+        logger = config.trainer.logger
+        init_args = getattr(logger, "init_args", None)
+        if not str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger") or init_args is None:
+            return
+        if init_args.get("version") is not None:
+            return
+        if not _is_rank_zero_process():
+            inherited = os.environ.get(_RUN_VERSION_ENV)
+            init_args.version = int(inherited) if inherited is not None else None
+            return
+        root = Path(init_args.get("save_dir") or ".") / (init_args.get("name") or "")
+        taken = [int(d.name[8:]) for d in root.glob("version_*") if d.name[8:].isdigit()]
+        version = max(taken, default=-1) + 1
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            while True:
+                try:
+                    (root / f"version_{version}").mkdir()
+                    break
+                except FileExistsError:
+                    version += 1
+        except OSError as err:
+            raise SetupError(
+                OSError(
+                    f"cannot create the run folder in {root} ({err.strerror}); write runs elsewhere with "
+                    "--trainer.logger.init_args.save_dir=DIR"
+                )
+            ) from err
+        _reserved_run_dirs.append(root / f"version_{version}")
+        init_args.version = version
+        os.environ[_RUN_VERSION_ENV] = str(version)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -77,10 +188,50 @@ class MoDACLI(LightningCLI):
     def before_fit(self) -> None:
         try:
             self._check_before_fit()
-        except (ValueError, RuntimeError) as err:
+        except (ValueError, RuntimeError, OSError) as err:
             raise SetupError(err) from err
+        interrupt = next((c for c in self.trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
+        if interrupt is None:
+            interrupt = SaveOnInterrupt(self.command_line)
+            self.trainer.callbacks.append(interrupt)
+        _interrupt_handlers.append(interrupt)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A problem found inside fit before the first step (data setup, a checkpoint that does not
+        # load, memory) is still a setup problem: one line, and no run folder left behind.
+        try:
+            super()._run_subcommand(subcommand)
+        except (ValueError, TypeError, RuntimeError, OSError) as err:
+            if self.trainer.global_step == 0:
+                raise SetupError(err) from err
+            raise
+
+    def after_fit(self) -> None:
+        """Say where the run is and how it ended: folder, checkpoints, final validation, tokens, time."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
+        tokens = getattr(self.model, "tokens_seen", 0)
+        lines = [f"moda: trained {trainer.global_step} steps, {tokens:,} tokens, in {minutes}m{seconds:02d}s"]
+        lines.append(f"  run folder        {trainer.log_dir}")
+        val = trainer.callback_metrics.get("val/loss")
+        if val is not None:
+            lines.append(f"  final validation  loss {float(val):.4f}, perplexity {math.exp(float(val)):.2f}")
+        ckpt = trainer.checkpoint_callback
+        if isinstance(ckpt, ModelCheckpoint):
+            if ckpt.best_model_path:
+                score = f" ({ckpt.monitor} {float(ckpt.best_model_score):.4f})" if ckpt.best_model_score is not None else ""
+                lines.append(f"  best checkpoint   {ckpt.best_model_path}{score}")
+            if ckpt.last_model_path:
+                lines.append(f"  last checkpoint   {ckpt.last_model_path}")
+        print("\n".join(lines), flush=True)
 
     def _check_before_fit(self) -> None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path:
+            # Checksum, finite weights, flags the checkpoint would override, tokenizer: before any step.
+            check_resume(ckpt_path, self.model, self.datamodule, explicit_flags_from_argv(self.command_line))
         seq_len, max_len = self.datamodule.seq_len, self.model.config.max_seq_len
         if seq_len > max_len:
             raise ValueError(
@@ -99,6 +250,22 @@ class SetupError(Exception):
         self.cause = cause
 
 
+class _DropAdvertisements(logging.Filter):
+    """Lightning's logger-product tip is printed on every run and asks nothing of the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def _quiet_unactionable_messages() -> None:
+    """Silence what a user cannot act on; every other warning stays (Python shows each once)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdvertisements) for f in logger.filters):
+        logger.addFilter(_DropAdvertisements())
+    # Lightning's own code calls a torch API that torch has deprecated; nothing to do on our side.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``moda`` console script; ``args`` replaces ``sys.argv[1:]`` when given.
 
@@ -109,6 +276,7 @@ def main(args: list[str] | None = None) -> None:
     ``moda study ...`` runs a study file (see :mod:`moda_lightning.study`) instead.
     """
     argv = sys.argv[1:] if args is None else args
+    _quiet_unactionable_messages()
     if argv[:1] == ["study"]:
         _study(argv[1:], raise_errors=args is not None)
         return
@@ -124,10 +292,25 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except SetupError as err:
+        _discard_untrained_run_dirs()
         if args is not None or os.environ.get("MODA_DEBUG"):
             raise err.cause from None
         print(f"moda: error: {err}\n(set MODA_DEBUG=1 to see the traceback)", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:
+        # Lightning's stop is a SystemExit with status 0: a scheduler would read success.
+        statuses = [h.exit_status for h in _interrupt_handlers if h.exit_status is not None]
+        sys.exit(statuses[0] if statuses else 128 + signal.SIGTERM)
+    finally:
+        _reserved_run_dirs.clear()
+        _interrupt_handlers.clear()
+
+
+def _discard_untrained_run_dirs() -> None:
+    """Remove the run folders this process created, unless one holds a checkpoint."""
+    for run_dir in _reserved_run_dirs:
+        if run_dir.is_dir() and not any(run_dir.rglob("*.ckpt")):
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def resolved_fit_config(args: list[str]) -> dict[str, Any]:

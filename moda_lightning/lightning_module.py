@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
+from moda_lightning.checkpoint import add_checksum
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDATransformer
 
@@ -192,6 +193,10 @@ class MoDALightningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        # Lightning calls this hook last, so the checksum covers the tensors as they are written;
+        # only the rank that writes the file pays for it. `moda fit --ckpt_path` verifies it.
+        if self._trainer is None or self._trainer.is_global_zero:
+            add_checksum(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved_vocab = checkpoint.get("hyper_parameters", {}).get("vocab_size")

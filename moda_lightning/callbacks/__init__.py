@@ -1,6 +1,8 @@
-"""Lightning callbacks that show what MoDA does: depth-attention statistics and its FLOPs overhead."""
+"""Lightning callbacks: what MoDA does (depth-attention statistics, its FLOPs overhead) and stopping
+on a signal with a resumable checkpoint."""
 
 from moda_lightning.callbacks.depth_stats import DepthAttentionStats
 from moda_lightning.callbacks.flops_overhead import FlopsOverhead
+from moda_lightning.callbacks.save_on_interrupt import SaveOnInterrupt
 
-__all__ = ["DepthAttentionStats", "FlopsOverhead"]
+__all__ = ["DepthAttentionStats", "FlopsOverhead", "SaveOnInterrupt"]

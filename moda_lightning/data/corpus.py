@@ -132,9 +132,9 @@ def package_sources(name: str) -> list[Path]:
 
 
 def _read_text(path: Path, lenient: bool = False) -> str:
-    if lenient:  # an installed package's source: the user cannot fix it, so a stray byte becomes U+FFFD
-        return path.read_bytes().decode("utf-8", errors="replace")
     try:
+        if lenient:  # an installed package's source: the user cannot fix it, so a stray byte becomes U+FFFD
+            return path.read_bytes().decode("utf-8", errors="replace")
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(
@@ -195,12 +195,13 @@ class Corpus:
     def is_builtin(self) -> bool:
         return self.paths is None
 
-    def describe(self) -> str:
-        """A short human-readable name for messages: the built-in corpus or the file list."""
+    def describe(self, max_files: int = 3) -> str:
+        """A short human-readable name for messages: the built-in corpus or the file list (its first
+        `max_files` files and how many more)."""
         if self.paths is None:
             return f"the built-in corpus ({BUILTIN_CORPUS})"
-        shown = ", ".join(str(p) for p in self.paths[:3])
-        more = f" and {len(self.paths) - 3} more" if len(self.paths) > 3 else ""
+        shown = ", ".join(str(p) for p in self.paths[:max_files])
+        more = f" and {len(self.paths) - max_files} more" if len(self.paths) > max_files else ""
         return f"{len(self.paths)} file(s): {shown}{more}"
 
     def documents(self) -> Iterator[str]:
@@ -244,7 +245,7 @@ class Corpus:
     def empty_error(self) -> ValueError:
         """The error to raise when reading the corpus gave no text at all."""
         return ValueError(
-            f"data: the corpus is empty: {self.describe()} gave no text after reading "
+            f"data: the corpus is empty: {self.describe(max_files=10)} gave no text after reading "
             "(empty files, or .jsonl lines whose "
             f"{self.text_field!r} field is empty); pass files that contain text in --data.files."
         )

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from moda_lightning.data import token_cache as tc
 from moda_lightning.data import tokenizer as tk
 from moda_lightning.data.corpus import Corpus
+from moda_lightning.data.sampler import ResumableLoader, ResumableShuffle
 from moda_lightning.data.splits import count_windows, document_ends, held_out_split
 
 
@@ -191,18 +192,38 @@ class TextDataModule(L.LightningDataModule):
     # --- token cache and splits -----------------------------------------------------------------
 
     def _token_file(self) -> Path:
-        """The token file for this corpus and tokenizer, built (once, atomically) if missing."""
+        """The token file for this corpus and tokenizer, checked against its record once per process.
+
+        Built (atomically, with its record) if missing; rebuilt, with one info line saying why, if
+        the check finds it damaged or not matching (see `token_cache` for what is checked and when
+        every byte is). A rebuilt file is checked again, so a folder that cannot keep it fails here.
+
+        Raises:
+            ValueError: If the corpus gives no text.
+            OSError: If the cache folder cannot be written.
+            RuntimeError: If the file is still bad right after it was rebuilt.
+        """
         if self._cache_path is not None and self._cache_path.is_file():
             return self._cache_path
-        vocab_size = self.vocab_size
-        path = tc.token_cache_path(self.cache_dir, self.corpus.fingerprint(), self.tokenizer_fingerprint, vocab_size)
-        if path.is_file():
-            rank_zero_info(f"TextDataModule: using cached tokens {path}")
-        else:
+        key = tc.CacheKey(self.corpus.fingerprint(), self.tokenizer_fingerprint, self.vocab_size)
+        path = tc.token_cache_path(self.cache_dir, key.corpus_fingerprint, key.tokenizer_fingerprint, key.vocab_size)
+        if not path.is_file():
             rank_zero_info(f"TextDataModule: tokenizing {self.corpus.describe()} into {path}")
-            eot = tk.eot_id(self.tokenizer, source=str(self.tokenizer_path))
-            n_tokens = tc.build_token_cache(self.corpus, self.tokenizer, eot, vocab_size, path)
-            rank_zero_info(f"TextDataModule: wrote {n_tokens:,} tokens to {path}")
+        elif (problem := tc.cache_problem(path, key)) is None:
+            rank_zero_info(f"TextDataModule: using cached tokens {path}")
+            self._cache_path = path
+            return path
+        else:
+            rank_zero_info(f"TextDataModule: token cache {path} {problem}; rebuilding")
+        eot = tk.eot_id(self.tokenizer, source=str(self.tokenizer_path))
+        record = tc.build_token_cache(self.corpus, self.tokenizer, eot, path, key)
+        rank_zero_info(f"TextDataModule: wrote {record.n_tokens:,} tokens to {path}")
+        if (problem := tc.cache_problem(path, key)) is not None:
+            raise RuntimeError(
+                f"data: token cache {path} {problem} right after it was written, so its folder does not keep "
+                "what is written there (a full or failing disk, or another program changing it); move the "
+                "cache with --data.cache_dir=<another folder>"
+            )
         self._cache_path = path
         return path
 
@@ -214,15 +235,18 @@ class TextDataModule(L.LightningDataModule):
             train, val = held_out_split(n_tokens, ends, self.val_fraction, window, self.val_seed)
             if sum(count_windows(train, self.seq_len)) and sum(count_windows(val, self.seq_len)):
                 return train, val
+        # Two windows in half the stream leave room for the split to fall between documents.
+        fitting = n_tokens // 4 - 1
+        shorter = f"lower --data.seq_len (at most {fitting} here), " if fitting >= 1 else ""
         raise ValueError(
             f"data: the corpus is too small: {self.corpus.describe()} has {n_tokens:,} tokens, but one training "
             f"and one validation sequence of seq_len+1={window} tokens need {2 * window:,} or more, in spans "
-            f"long enough for a whole window (val_fraction={self.val_fraction}). Lower --data.seq_len (at most "
-            f"{max(n_tokens // 4 - 1, 0)} here) or raise --data.val_fraction, or add text."
+            f"long enough for a whole window (val_fraction={self.val_fraction}); {shorter}raise "
+            "--data.val_fraction, or pass more text in --data.files"
         )
 
     def prepare_data(self) -> None:
-        """Train or load the tokenizer and tokenize the corpus into the cache (once per node)."""
+        """Train or load the tokenizer; tokenize the corpus into the cache, or check the cached file (once per node)."""
         self._token_file()
 
     def setup(self, stage: str | None = None) -> None:
@@ -241,19 +265,34 @@ class TextDataModule(L.LightningDataModule):
         if self.num_workers > 0:
             # Workers only slice tensors; tokenizers would otherwise warn after each fork.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            # Seeded so runs repeat; each epoch draws a fresh order from it. Under DDP Lightning
-            # swaps in a DistributedSampler, which shuffles with its own seed.
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
-            # Equal batch shapes avoid recompiling a torch.compile'd model on a short last batch.
-            drop_last=train and len(dataset) >= self.batch_size,
+        common = dict(
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+        if not train:
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **common)
+        trainer = self.trainer
+        sampler = ResumableShuffle(
+            dataset,
+            seed=self.seed,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
+        loader = ResumableLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            # Equal batch shapes avoid recompiling a torch.compile'd model on a short last batch.
+            drop_last=len(sampler) >= self.batch_size,
+            # The loader draws its worker seed from this generator, not from the global one.
+            generator=torch.Generator().manual_seed(self.seed),
+            **common,
+        )
+        if trainer is not None:
+            # Batches of the current epoch that training has consumed: what a checkpoint must skip.
+            loader.batches_done = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return loader
 
     def train_dataloader(self) -> DataLoader[torch.Tensor]:
         """Shuffled training windows, [batch_size, seq_len + 1] int64."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moda_lightning.data.corpus import Corpus
+from moda_lightning.data.token_cache import require_writable_cache_dir
 
 EOT = "<|endoftext|>"
 """End-of-text special token, appended after every document when documents are packed."""
@@ -150,10 +151,13 @@ def get_or_train_tokenizer(
 
     Raises:
         ValueError: If the corpus gives no text.
+        OSError: If the tokenizer must be trained but `cache_dir` cannot be written (checked before
+            training, which takes minutes on a large corpus).
     """
     path = cached_tokenizer_path(cache_dir, corpus.fingerprint(), vocab_size)
     if path.is_file():
         return Tokenizer.from_file(str(path)), path, False
+    require_writable_cache_dir(cache_dir)
 
     n_docs = 0
 
@@ -171,7 +175,6 @@ def get_or_train_tokenizer(
     if n_docs == 0:
         raise corpus.empty_error()
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         tokenizer.save(str(tmp))

@@ -73,7 +73,7 @@ def test_corpus_too_small(tmp_path: Path) -> None:
     path = tmp_path / "tiny.txt"
     path.write_text("Just a few words of text here.")
     with pytest.raises(ValueError, match=r"too small: .* has \d+ tokens, but one training and one validation "
-                                         r"sequence of seq_len\+1=257 tokens.*Lower --data\.seq_len"):
+                                         r"sequence of seq_len\+1=257 tokens.*; lower --data\.seq_len \(at most 1 here\)"):
         _prepare(tmp_path, files=str(path), seq_len=256)
 
 

@@ -62,7 +62,9 @@ def test_tokenizer_trains_requested_vocab_and_round_trips() -> None:
 def test_second_datamodule_reuses_both_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = _ready(cache_dir=str(tmp_path), seq_len=32, batch_size=4)
     files = sorted(tmp_path.iterdir())
-    assert [f.name.split("-")[0] for f in files] == ["tokenizer", "tokens"]  # no temp files left over
+    # The tokenizer, the token file and its record; no temp files left over.
+    kinds = [f.name.split("-")[0] + "".join(f.suffixes[-2:]) for f in files]
+    assert kinds == ["tokenizer.json", "tokens.u16.bin", "tokens.u16.json"]
     stamps = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in files}
 
     def fail(*args: object, **kwargs: object) -> None:

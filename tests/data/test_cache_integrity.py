@@ -1,0 +1,379 @@
+"""The token cache's record: a damaged or mismatched cache is rebuilt with one line saying why, and
+what cannot be fixed by a rebuild (an unwritable folder, a corpus too small) fails before training.
+
+First through the real `moda fit` (one subprocess per case), then the record functions in process.
+All cases start from one cache of the built-in corpus with a 300-token vocabulary, built once.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from moda_lightning.data import TextDataModule
+from moda_lightning.data import token_cache as tc
+from moda_lightning.data import tokenizer as tk
+from tests.test_cli import TINY, moda_command
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def good_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding the tokenizer, the token file and its record, as `moda fit` builds them."""
+    cache = tmp_path_factory.mktemp("good") / "cache"
+    TextDataModule(cache_dir=str(cache), tokenizer_vocab_size=VOCAB, seq_len=32).prepare_data()
+    return cache
+
+
+def token_file(cache: Path) -> Path:
+    (path,) = cache.glob("tokens-*.u16.bin")
+    return path
+
+
+@pytest.fixture
+def cache(good_cache: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the good cache, for a test to damage."""
+    copy = tmp_path / "cache"
+    shutil.copytree(good_cache, copy)
+    return copy
+
+
+def _truncate_half(path: Path) -> None:
+    size = path.stat().st_size
+    os.truncate(path, size // 2 // 2 * 2)
+
+
+def _one_byte_short(path: Path) -> None:
+    os.truncate(path, path.stat().st_size - 1)
+
+
+def _all_ff(path: Path) -> None:
+    path.write_bytes(b"\xff" * path.stat().st_size)
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _delete_record(path: Path) -> None:
+    tc.record_path(path).unlink()
+
+
+def _wrong_corpus_fingerprint(path: Path) -> None:
+    record = json.loads(tc.record_path(path).read_text())
+    record["corpus_fingerprint"] = "0" * 64
+    tc.record_path(path).write_text(json.dumps(record))
+
+
+def _reason(damage: str, size: int) -> str:
+    """The exact phrase the rebuild line gives for each damage, for a good file of `size` bytes."""
+    half = size // 2 // 2 * 2
+    return {
+        "truncated": f"is {size - half:,} bytes shorter than its record says ({half:,} bytes, expected {size:,})",
+        "one-byte-short": f"is 1 byte shorter than its record says ({size - 1:,} bytes, expected {size:,})",
+        "all-0xff": f"holds token id 65,535, but the vocabulary has {VOCAB} ids (0 to {VOCAB - 1})",
+        "empty": f"is empty, but its record says {size // 2:,} tokens ({size:,} bytes)",
+        "record-deleted": "has no record {record} next to it (deleted, or written by a version that kept none)",
+        "wrong-fingerprint": "has a record made for another corpus (fingerprint 000000000000..., expected",
+    }[damage]
+
+
+DAMAGES: dict[str, Callable[[Path], None]] = {
+    "truncated": _truncate_half,
+    "one-byte-short": _one_byte_short,
+    "all-0xff": _all_ff,
+    "empty": _empty,
+    "record-deleted": _delete_record,
+    "wrong-fingerprint": _wrong_corpus_fingerprint,
+}
+
+
+def moda_fit(tmp_path: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [*moda_command(), "fit", *TINY, f"--data.cache_dir={cache}", *args]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+# --- through the CLI ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_cli_rebuilds_a_bad_cache_and_trains(damage: str, good_cache: Path, cache: Path, tmp_path: Path) -> None:
+    path = token_file(cache)
+    good_bytes, good_record = path.read_bytes(), tc.record_path(path).read_text()
+    DAMAGES[damage](path)
+
+    result = moda_fit(tmp_path, cache, "--trainer.max_steps=1", "--trainer.val_check_interval=1")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    reason = _reason(damage, len(good_bytes)).format(record=tc.record_path(path).name)
+    rebuild_lines = [line for line in result.stderr.splitlines() if "; rebuilding" in line]
+    assert len(rebuild_lines) == 1 and f"token cache {path} {reason}" in rebuild_lines[0], result.stderr[-3000:]
+    assert list(tmp_path.glob("runs/**/last.ckpt")), "training did not get to a checkpoint"
+    # The rebuilt cache is the fresh one: same bytes, same record, no temp files left.
+    assert path.read_bytes() == good_bytes
+    assert tc.record_path(path).read_text() == good_record
+    assert sorted(p.name for p in cache.iterdir()) == sorted(p.name for p in good_cache.iterdir())
+
+
+def test_cli_cache_folder_under_a_file_fails_in_one_line(tmp_path: Path) -> None:
+    """Works as root too: no permission bits are involved, the path cannot be a folder at all."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder's parent should be")
+    result = moda_fit(tmp_path, blocker / "sub", "--trainer.max_steps=1")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        f"moda: error: data: cannot write to the cache folder {blocker / 'sub'} (a part of that path is a file, "
+        "not a folder); make it writable or move the cache with --data.cache_dir=<a writable folder>"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; see the not-a-folder test")
+def test_cli_read_only_cache_folder_fails_in_one_line(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o555)
+    try:
+        result = moda_fit(tmp_path, cache, "--trainer.max_steps=1")
+    finally:
+        cache.chmod(0o755)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"moda: error: data: cannot write to the cache folder {cache} (Permission denied); " in result.stderr
+    assert "move the cache with --data.cache_dir=<a writable folder>" in result.stderr
+
+
+def test_cli_corpus_too_small_fails_in_one_line(tmp_path: Path) -> None:
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Just a few words of text here.")
+    result = moda_fit(tmp_path, tmp_path / "cache", f"--data.files={tiny}", "--trainer.max_steps=1")
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("moda: error:")]
+    assert line.startswith(f"moda: error: data: the corpus is too small: 1 file(s): {tiny} has ")
+    assert line.endswith(
+        "; lower --data.seq_len (at most 1 here), raise --data.val_fraction, or pass more text in --data.files"
+    )
+    assert "Traceback" not in result.stderr
+
+
+# --- the record, in process ---------------------------------------------------------------------
+
+
+def _key(cache: Path) -> tc.CacheKey:
+    dm = TextDataModule(cache_dir=str(cache), tokenizer_vocab_size=VOCAB)
+    return tc.CacheKey(dm.corpus.fingerprint(), dm.tokenizer_fingerprint, dm.vocab_size)
+
+
+def test_record_describes_the_token_file(good_cache: Path) -> None:
+    path = token_file(good_cache)
+    record = tc.read_record(path)
+    data = path.read_bytes()
+    tokens = tc.open_token_cache(path, VOCAB)
+    dm = TextDataModule(cache_dir=str(good_cache), tokenizer_vocab_size=VOCAB)
+    eot = dm.tokenizer.token_to_id("<|endoftext|>")
+    assert record == tc.TokenCacheRecord(
+        format=tc.RECORD_FORMAT,
+        dtype="uint16",
+        vocab_size=VOCAB,
+        n_tokens=len(data) // 2,
+        n_documents=int((tokens.to(torch.int32) == eot).sum()),
+        max_id=int(tokens.to(torch.int32).max()),
+        corpus_fingerprint=dm.corpus.fingerprint(),
+        tokenizer_fingerprint=dm.tokenizer_fingerprint,
+        sha256=hashlib.sha256(data).hexdigest(),
+        sample_sha256=record.sample_sha256,
+    )
+    assert record.n_documents == sum(1 for _ in dm.corpus.documents())
+    assert tc.cache_problem(path, _key(good_cache)) is None
+    assert tc.cache_problem(path, _key(good_cache), full=False) is None
+
+
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        ("grown", "is 2 bytes longer than its record says ({grown:,} bytes, expected {size:,})"),
+        ("one-valid-id-changed", "has bytes whose SHA-256 differs from the one its record holds"),
+        ("record-not-json", "has an unreadable record {record} (Expecting value: line 1 column 1 (char 0))"),
+        ("record-field-missing", "has an unreadable record {record} (missing field(s) sha256)"),
+        ("record-format", f"has a record of format 99, but this version reads format {tc.RECORD_FORMAT}"),
+        ("record-vocab", f"has a record for uint16 ids of a 512-token vocabulary, expected uint16 ids of {VOCAB}"),
+        ("record-tokenizer", "has a record made for another tokenizer (fingerprint ffffffffffff..., expected"),
+    ],
+)
+def test_each_problem_is_named(cache: Path, damage: str, reason: str) -> None:
+    path, record = token_file(cache), tc.record_path(token_file(cache))
+    size = path.stat().st_size
+    fields = json.loads(record.read_text())
+    if damage == "grown":
+        path.write_bytes(path.read_bytes() + b"\0\0")
+    elif damage == "one-valid-id-changed":
+        data = bytearray(path.read_bytes())
+        data[size // 4 * 2] ^= 1  # the low byte of a token: n <-> n ^ 1, still below 300
+        path.write_bytes(bytes(data))
+    elif damage == "record-not-json":
+        record.write_text("")
+    elif damage == "record-field-missing":
+        del fields["sha256"]
+        record.write_text(json.dumps(fields))
+    else:
+        field, value = {"record-format": ("format", 99), "record-vocab": ("vocab_size", 512),
+                        "record-tokenizer": ("tokenizer_fingerprint", "f" * 64)}[damage]
+        record.write_text(json.dumps({**fields, field: value}))
+    problem = tc.cache_problem(path, _key(cache))
+    assert problem is not None and problem.startswith(reason.format(size=size, grown=size + 2, record=record.name))
+
+
+def test_large_files_check_a_sample(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over the size limit only the sample is hashed: a file overwritten is caught, one id changed
+    between samples is not (unless asked to check every byte)."""
+    monkeypatch.setattr(tc, "SAMPLE_BLOCKS", 4)
+    monkeypatch.setattr(tc, "SAMPLE_BLOCK_BYTES", 64)
+    path, key = token_file(cache), _key(cache)
+    path.unlink()
+    tc.record_path(path).unlink()
+    dm = TextDataModule(cache_dir=str(cache), tokenizer_vocab_size=VOCAB)
+    tc.build_token_cache(dm.corpus, dm.tokenizer, dm.tokenizer.token_to_id("<|endoftext|>"), path, key)
+    size = path.stat().st_size
+    monkeypatch.setattr(tc, "FULL_CHECK_MAX_BYTES", size - 1)
+    assert tc._sample_offsets(size, 2)[-1] + 64 > size - 4 and tc._sample_offsets(size, 2)[0] == 0
+    assert tc.cache_problem(path, key) is None
+
+    data = bytearray(path.read_bytes())
+    between = tc._sample_offsets(size, 2)[1] // 2
+    assert not any(start <= between < start + 64 for start in tc._sample_offsets(size, 2))
+    data[between] ^= 1
+    path.write_bytes(bytes(data))
+    assert tc.cache_problem(path, key) is None
+    assert tc.cache_problem(path, key, full=True) == "has bytes whose SHA-256 differs from the one its record holds"
+
+    _all_ff(path)
+    assert tc.cache_problem(path, key) == _reason("all-0xff", size)
+    path.write_bytes(b"\0" * size)
+    assert tc.cache_problem(path, key) == "has 4 sampled blocks whose SHA-256 differs from the one its record holds"
+
+
+def test_full_check_streams_through_a_small_buffer(good_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tc, "_READ_BYTES", 1000)
+    path = token_file(good_cache)
+    ranges = tc._ranges(path.stat().st_size, 2, sampled=False)
+    assert max(length for _, length in ranges) == 1000 and sum(length for _, length in ranges) == path.stat().st_size
+    with open(path, "rb") as f:
+        assert tc._sha256(f, ranges) == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert tc._max_id(f, ranges, torch.uint16) == tc.read_record(path).max_id
+
+
+def test_record_is_published_before_the_token_file(
+    tmp_path: Path, good_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers on other ranks or nodes never find a token file whose record is not there yet."""
+    published: list[str] = []
+    real_replace = os.replace
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        assert Path(src).parent == Path(dst).parent, "temp files live next to their destination"
+        published.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(tc.os, "replace", replace)
+    dm = TextDataModule(cache_dir=str(good_cache), tokenizer_vocab_size=VOCAB)
+    path = tmp_path / token_file(good_cache).name
+    tc.build_token_cache(dm.corpus, dm.tokenizer, dm.tokenizer.token_to_id("<|endoftext|>"), path, _key(good_cache))
+    assert published == [tc.record_path(path).name, path.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(published)
+    assert path.read_bytes() == token_file(good_cache).read_bytes()
+
+
+def test_data_module_rebuilds_once_and_says_why(
+    cache: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = token_file(cache)
+    good = path.read_bytes()
+    _one_byte_short(path)
+    checks: list[Path] = []
+    real_check = tc.cache_problem
+    monkeypatch.setattr(tc, "cache_problem", lambda p, key, full=None: checks.append(p) or real_check(p, key, full))
+
+    dm = TextDataModule(cache_dir=str(cache), tokenizer_vocab_size=VOCAB, seq_len=32)
+    with caplog.at_level(logging.INFO):
+        dm.prepare_data()
+        dm.setup("fit")
+    rebuilds = [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()]
+    assert rebuilds == [
+        f"TextDataModule: token cache {path} is 1 byte shorter than its record says "
+        f"({len(good) - 1:,} bytes, expected {len(good):,}); rebuilding"
+    ]
+    assert path.read_bytes() == good
+    assert checks == [path, path], "checked before the rebuild and after it, not again in setup"
+
+    # A second process finds the rebuilt cache good and uses it as is.
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        TextDataModule(cache_dir=str(cache), tokenizer_vocab_size=VOCAB, seq_len=32).prepare_data()
+    assert [r.getMessage() for r in caplog.records][-1] == f"TextDataModule: using cached tokens {path}"
+
+
+def test_a_rebuild_that_does_not_stick_is_an_error(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = token_file(cache)
+    _empty(path)
+    real_build = tc.build_token_cache
+
+    def build_then_lose_a_byte(*args: object, **kwargs: object) -> tc.TokenCacheRecord:
+        record = real_build(*args, **kwargs)  # type: ignore[arg-type]
+        _one_byte_short(path)
+        return record
+
+    monkeypatch.setattr(tc, "build_token_cache", build_then_lose_a_byte)
+    with pytest.raises(RuntimeError, match=(
+        rf"^data: token cache {re.escape(str(path))} is 1 byte shorter than its record says .* right after it was written, so its "
+        r"folder does not keep what is written there .*; move the cache with --data\.cache_dir=<another folder>$"
+    )):
+        TextDataModule(cache_dir=str(cache), tokenizer_vocab_size=VOCAB).prepare_data()
+
+
+def test_unwritable_cache_folder_when_only_the_tokens_are_missing(good_cache: Path, tmp_path: Path) -> None:
+    """With a given tokenizer nothing is trained; building the token file meets the folder first."""
+    (tokenizer,) = good_cache.glob("tokenizer-*.json")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    dm = TextDataModule(cache_dir=str(blocker / "sub"), tokenizer=str(tokenizer))
+    with pytest.raises(OSError, match=rf"^data: cannot write to the cache folder {re.escape(str(blocker / 'sub'))} \(a part of that "
+                                      r"path is a file, not a folder\); .* --data\.cache_dir=<a writable folder>$"):
+        dm.prepare_data()
+    with pytest.raises(OSError, match=rf"cache folder {re.escape(str(blocker))} \(it is a file, not a folder\)"):
+        TextDataModule(cache_dir=str(blocker), tokenizer=str(tokenizer)).prepare_data()
+
+
+def test_empty_corpus_lists_the_files_it_read(tmp_path: Path) -> None:
+    names = [f"part{i}.txt" for i in range(5)]
+    for name in names:
+        (tmp_path / name).write_text("")
+    listed = re.escape(", ".join(str(tmp_path / name) for name in names))
+    dm = TextDataModule(files=str(tmp_path / "*.txt"), cache_dir=str(tmp_path / "cache"), tokenizer_vocab_size=VOCAB)
+    with pytest.raises(ValueError, match=rf"the corpus is empty: 5 file\(s\): {listed} gave no text"):
+        dm.prepare_data()
+
+
+def test_permission_denied_names_the_folder_and_the_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read-only folder case in process, where root cannot make one: the write probe is refused."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tc.tempfile, "NamedTemporaryFile", refuse)
+    monkeypatch.setattr(tk, "train_bpe_tokenizer", lambda *a, **k: pytest.fail("trained before the folder was probed"))
+    dm = TextDataModule(cache_dir=str(tmp_path / "cache"), tokenizer_vocab_size=VOCAB)
+    with pytest.raises(OSError, match=rf"^data: cannot write to the cache folder {re.escape(str(tmp_path / 'cache'))} "
+                                      r"\(Permission denied\); make it writable or move the cache with "
+                                      r"--data\.cache_dir=<a writable folder>$"):
+        _ = dm.vocab_size  # trains the tokenizer, whose file is the first thing the cache folder gets
