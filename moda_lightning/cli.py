@@ -115,6 +115,7 @@ class MoDACLI(LightningCLI):
                 check_checkpoint_file(ckpt_path, require_training_state=subcommand == "fit")
             except ValueError as err:
                 raise SetupError(err) from err
+            self._model_config_before_ckpt = dict(self.config[subcommand].get("model") or {})
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -196,6 +197,15 @@ class MoDACLI(LightningCLI):
             self.trainer.callbacks.append(interrupt)
         _interrupt_handlers.append(interrupt)
 
+    def _say_what_the_checkpoint_set(self) -> None:
+        """Name the model settings of the config files that the checkpoint's replaced (flags typed
+        on the command line that disagree are refused by ``check_resume`` instead)."""
+        before = getattr(self, "_model_config_before_ckpt", None) or {}
+        after = self.config[self.subcommand].get("model") or {}
+        replaced = [f"model.{k}={after[k]!r} (config: {before[k]!r})" for k in sorted(before) if k in after and before[k] != after[k]]
+        if replaced and self.trainer.is_global_zero:
+            print(f"moda: from the checkpoint, replacing the config files' values: {', '.join(replaced)}", file=sys.stderr)
+
     def _run_subcommand(self, subcommand: str) -> None:
         # A problem found inside fit before the first step (data setup, a checkpoint that does not
         # load, memory) is still a setup problem: one line, and no run folder left behind.
@@ -232,6 +242,7 @@ class MoDACLI(LightningCLI):
         if ckpt_path:
             # Checksum, finite weights, flags the checkpoint would override, tokenizer: before any step.
             check_resume(ckpt_path, self.model, self.datamodule, explicit_flags_from_argv(self.command_line))
+            self._say_what_the_checkpoint_set()
         seq_len, max_len = self.datamodule.seq_len, self.model.config.max_seq_len
         if seq_len > max_len:
             raise ValueError(

@@ -126,3 +126,16 @@ def test_abbreviated_options_are_refused(tmp_path, capsys):
         main(["fit", "--model.attn=true", "--print_config"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --model.attn=true" in capsys.readouterr().err
+
+
+def test_resuming_names_the_config_values_the_checkpoint_replaced(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    common = [*TINY, f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.val_check_interval=1"]
+    main(["fit", *common, "--trainer.max_steps=1"])
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    (tmp_path / "wider.yaml").write_text("model:\n  d_model: 48\n")
+    capsys.readouterr()
+    no_width_flag = [a for a in common if not a.startswith("--model.d_model")]
+    main(["fit", "--config", "wider.yaml", *no_width_flag, "--trainer.max_steps=2", f"--ckpt_path={last}"])
+    err = capsys.readouterr().err
+    assert "moda: from the checkpoint, replacing the config files' values: model.d_model=32 (config: 48)" in err
