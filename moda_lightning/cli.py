@@ -7,6 +7,7 @@ can subclass :class:`MoDACLI` to add their own arguments.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import math
@@ -126,6 +127,48 @@ class MoDACLI(LightningCLI):
         if self.subcommand == "fit":
             self._reserve_run_folder(config)
 
+    _BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+    def _keep_batch_counts_of_one(self) -> None:
+        """``--trainer.limit_val_batches=1`` means one batch, not all of them.
+
+        Trainer annotates these ``float | int`` (float first), so the parser turns a written ``1``
+        into ``1.0``, which Lightning reads as 100% of the batches: a user asking for one
+        validation batch would silently get every one. The written text decides: ``1`` on the
+        command line or in a config file's ``trainer:`` section is the count 1, set on the
+        trainer after it is built (the parser would turn it back into 1.0 before).
+        """
+        for key, value in self._written_trainer_values().items():
+            if value == "1" and getattr(self.trainer, key, None) == 1.0:
+                setattr(self.trainer, key, 1)
+
+    def _written_trainer_values(self) -> dict[str, str]:
+        """Trainer values as written, from config files (their ``trainer:`` section or the file it
+        names) and then the command line, later sources winning."""
+        import yaml
+
+        written: dict[str, str] = {}
+        config = self.config.get(self.subcommand, {}) if self.subcommand else self.config
+        files = [str(f) for f in (config.get("config") or [])]
+        for file in files:
+            try:
+                section = (yaml.safe_load(Path(file).read_text()) or {}).get("trainer")
+                if isinstance(section, str):  # `trainer: trainer/gpu.yaml`, relative to the file
+                    section = yaml.safe_load((Path(file).parent / section).read_text())
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue
+            if isinstance(section, dict):
+                written.update({k: str(v) for k, v in section.items() if k in self._BATCH_LIMITS})
+        words = self.command_line
+        for i, word in enumerate(words):
+            for key in self._BATCH_LIMITS:
+                flag = f"--trainer.{key}"
+                if word.startswith(flag + "="):
+                    written[key] = word[len(flag) + 1 :]
+                elif word == flag and i + 1 < len(words):
+                    written[key] = words[i + 1]
+        return written
+
     @staticmethod
     def _name_run(config) -> None:
         """Put a run under ``runs/<config name>/<attention>-<norm>/version_N`` unless the logger is named,
@@ -182,9 +225,11 @@ class MoDACLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         try:
-            super().instantiate_classes()
+            with _without_full_batch_notes(self._written_trainer_values()):
+                super().instantiate_classes()
         except (ValueError, TypeError, RuntimeError, OSError) as err:
             raise SetupError(err) from err
+        self._keep_batch_counts_of_one()
 
     def before_fit(self) -> None:
         try:
@@ -259,6 +304,30 @@ class SetupError(Exception):
     def __init__(self, cause: Exception) -> None:
         super().__init__(str(cause))
         self.cause = cause
+
+
+class _DropNotes(logging.Filter):
+    """Drops Lightning info lines that start with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def _without_full_batch_notes(written: dict[str, str]):
+    """Trainer announces ``limit_val_batches=1.0`` as "100% of the batches" while it is built; for
+    a written ``1`` that note is wrong (the count is restored right after), so it is not shown."""
+    notes = _DropNotes(tuple(f"`Trainer({key}=1.0)`" for key, value in written.items() if value == "1"))
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addFilter(notes)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notes)
 
 
 class _DropAdvertisements(logging.Filter):

@@ -139,3 +139,19 @@ def test_resuming_names_the_config_values_the_checkpoint_replaced(tmp_path, monk
     main(["fit", "--config", "wider.yaml", *no_width_flag, "--trainer.max_steps=2", f"--ckpt_path={last}"])
     err = capsys.readouterr().err
     assert "moda: from the checkpoint, replacing the config files' values: model.d_model=32 (config: 48)" in err
+
+
+def test_a_written_one_is_one_batch_not_all_of_them(tmp_path, monkeypatch):
+    """Trainer types these `float | int`, so the parser reads `1` as 1.0, which Lightning takes as 100%."""
+    from moda_lightning.cli import MoDACLI
+    from moda_lightning.data import TextDataModule
+    from moda_lightning.lightning_module import MoDALightningModule
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "one.yaml").write_text("trainer:\n  limit_train_batches: 1\n")
+    args = ["--config", "one.yaml", *TINY, "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1.0",
+            f"--data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    cli = MoDACLI(MoDALightningModule, TextDataModule, run=False, args=args)
+    assert cli.trainer.limit_train_batches == 1 and isinstance(cli.trainer.limit_train_batches, int)
+    assert cli.trainer.limit_val_batches == 1 and isinstance(cli.trainer.limit_val_batches, int)
+    assert cli.trainer.limit_test_batches == 1.0 and isinstance(cli.trainer.limit_test_batches, float)
