@@ -264,12 +264,13 @@ class MoDACLI(LightningCLI):
     def after_fit(self) -> None:
         """Say where the run is and how it ended: folder, checkpoints, final validation, tokens, time."""
         trainer = self.trainer
+        log_dir = trainer.log_dir  # a broadcast from rank zero: every rank must ask
         if not trainer.is_global_zero:
             return
         minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
         tokens = getattr(self.model, "tokens_seen", 0)
         lines = [f"moda: trained {trainer.global_step} steps, {tokens:,} tokens, in {minutes}m{seconds:02d}s"]
-        lines.append(f"  run folder        {trainer.log_dir}")
+        lines.append(f"  run folder        {log_dir}")
         val = trainer.callback_metrics.get("val/loss")
         if val is not None:
             lines.append(f"  final validation  loss {float(val):.4f}, perplexity {math.exp(float(val)):.2f}")
