@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from moda_lightning.cli import main
@@ -82,3 +83,27 @@ def test_an_unwritable_run_folder_is_one_line_naming_the_flag(tmp_path):
     line = next(line for line in result.stderr.splitlines() if line.startswith("moda: error: "))
     assert f"cannot create the run folder in {tmp_path / 'a_file' / 'runs'}" in line
     assert "--trainer.logger.init_args.save_dir=DIR" in line
+
+
+def test_the_run_folder_and_the_checkpoint_carry_the_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = [*TINY_FIT, "--trainer.val_check_interval=2"]
+    main(["fit", *common, f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.max_steps=2"])
+    run = tmp_path / "runs" / "moda" / "moda_torch-pre" / "version_0"
+    (cached,) = (tmp_path / "cache").glob("tokenizer-*.json")
+    assert (run / "tokenizer.json").read_text() == cached.read_text()
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    from tokenizers import Tokenizer
+
+    from moda_lightning.data import load_tokenizer, tokenizer_fingerprint
+
+    carried = Tokenizer.from_str(checkpoint["TextDataModule"]["tokenizer_json"])
+    assert tokenizer_fingerprint(carried) == tokenizer_fingerprint(load_tokenizer(cached))
+    # The run folder's copy is enough to resume: a fresh cache folder, no tokenizer training.
+    main([
+        "fit", *common, f"--data.cache_dir={tmp_path / 'fresh_cache'}", f"--data.tokenizer={run / 'tokenizer.json'}",
+        "--trainer.max_steps=4", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+    ])  # fmt: skip
+    assert not list((tmp_path / "fresh_cache").glob("tokenizer-*.json"))
+    resumed = torch.load(tmp_path / "runs" / "moda" / "moda_torch-pre" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 4

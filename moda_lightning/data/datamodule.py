@@ -258,6 +258,24 @@ class TextDataModule(L.LightningDataModule):
         train, val = self._split(tc.open_token_cache(path, vocab_size))
         self.train_dataset = PackedWindows(path, vocab_size, train, self.seq_len)
         self.val_dataset = PackedWindows(path, vocab_size, val, self.seq_len)
+        self._save_tokenizer_to_run_folder()
+
+    def _save_tokenizer_to_run_folder(self) -> None:
+        """Write ``tokenizer.json`` into the run folder: the run's token ids mean nothing without it,
+        and the cache it came from may be on another machine, or cleaned."""
+        trainer = self.trainer
+        if trainer is None or trainer.logger is None:
+            return
+        log_dir = trainer.log_dir  # a broadcast from rank zero under DDP: every rank asks
+        if log_dir is None or not trainer.is_global_zero:
+            return
+        target = Path(log_dir) / "tokenizer.json"
+        if target.is_file():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tokenizer.json.tmp-{os.getpid()}")
+        self.tokenizer.save(str(tmp))
+        os.replace(tmp, target)
 
     def _loader(self, dataset: PackedWindows | None, train: bool) -> DataLoader[torch.Tensor]:
         if dataset is None:
@@ -305,8 +323,10 @@ class TextDataModule(L.LightningDataModule):
     # --- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint records about the data: the tokenizer's identity and the seq_len."""
+        """What a checkpoint records about the data: the tokenizer itself and its identity, and the
+        seq_len. A checkpoint carries its tokenizer, so it can be used where the run folder is not."""
         return {
+            "tokenizer_json": self.tokenizer.to_str(),
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "vocab_size": self.vocab_size,
             "tokenizer_path": str(self.tokenizer_path),
