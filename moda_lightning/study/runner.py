@@ -53,10 +53,12 @@ def _log(message: str) -> None:
     print(f"[moda study {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def execute(spec: StudySpec, runs: list[Run], progress_every_s: float = 60.0, max_runs: int | None = None) -> list[str]:
-    """Run the unfinished runs (at most ``max_runs`` of them); return the names of runs that failed
-    (their fit.log says why)."""
-    todo = [r for r in runs if run_state(r) != "done"][:max_runs]
+def execute(
+    spec: StudySpec, runs: list[Run], progress_every_s: float = 60.0, max_runs: int | None = None, arms: list[str] | None = None
+) -> list[str]:
+    """Run the unfinished runs (at most ``max_runs`` of them, of ``arms`` only if given); return the
+    names of runs that failed (their fit.log says why)."""
+    todo = [r for r in runs if run_state(r) != "done" and (arms is None or r.arm in arms)][:max_runs]
     if not todo:
         return []
     # Tokenizer and token cache are built once here, not raced by parallel runs.
@@ -143,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="write the report from the finished runs; start nothing")
     parser.add_argument("--max-runs", type=int, help="start at most this many of the unfinished runs (e.g. what fits a time slot)")
     parser.add_argument(
+        "--arms",
+        help="start only runs of these arms, comma-separated (e.g. the paper's key pair first); the report covers "
+        "every finished run",
+    )
+    parser.add_argument(
         "--archive",
         metavar="DIR",
         help="afterwards, copy the finished runs' small record (no checkpoints, last figure of each kind) and the "
@@ -155,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_study(args.config)
     if extra:
         spec = StudySpec(**{**spec.__dict__, "args": (*spec.args, *extra)})
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    unknown = sorted(set(arms or ()) - {a.name for a in spec.arms})
+    if unknown:
+        parser.error(f"--arms names {unknown}, which {spec.path} does not define; its arms: {[a.name for a in spec.arms]}")
     out_dir = Path(args.out or Path("runs") / "studies" / spec.name)
     runs = plan_runs(spec, out_dir)
     if args.dry_run:
@@ -164,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             if state != "done":
                 print("    moda " + " ".join(fit_command(run)[3:]))
         return 0
-    failed = [] if args.report_only else execute(spec, runs, max_runs=args.max_runs)
+    failed = [] if args.report_only else execute(spec, runs, max_runs=args.max_runs, arms=arms)
     results, missing = collect(runs)
     if results:
         md, png = write_report(spec, results, missing, out_dir)

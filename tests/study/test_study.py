@@ -56,8 +56,13 @@ def val_losses(run_dir: Path) -> list[float]:
 @pytest.mark.slow
 def test_study_runs_reports_and_skips_finished_runs(tmp_path):
     write_study(tmp_path)
+    # `--arms` starts one arm's runs; the next call starts only what is still missing.
+    base_only = moda_study(tmp_path, "--arms", "base")
+    assert base_only.returncode == 0, base_only.stdout[-2000:] + base_only.stderr[-2000:]
+    assert "starting base/seed0" in base_only.stdout and "starting moda" not in base_only.stdout
     first = moda_study(tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "starting moda/seed1" in first.stdout and "starting base" not in first.stdout
     out = tmp_path / "runs" / "studies" / "tiny"
     md = (out / "study.md").read_text()
     png = (out / "study.png").read_bytes()
@@ -141,6 +146,12 @@ def test_dry_run_lists_every_run_with_equal_budgets(tmp_path):
     assert all("new" in r and "6 steps x 128 tokens" in r for r in rows)
     assert "--seed_everything=4" in dry.stdout and "--trainer.val_check_interval=2" in dry.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_unknown_arm_is_one_error_line(tmp_path):
+    write_study(tmp_path)
+    result = moda_study(tmp_path, "--arms", "base,bsae")
+    assert result.returncode == 2 and "--arms names ['bsae']" in result.stderr and "its arms: ['base', 'moda']" in result.stderr
 
 
 def test_bad_study_file_is_one_error_line(tmp_path):
