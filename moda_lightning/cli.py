@@ -129,7 +129,7 @@ class MoDACLI(LightningCLI):
 
     _BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
 
-    def _keep_batch_counts_of_one(self) -> None:
+    def _keep_batch_counts_of_one(self, written: dict[str, str]) -> None:
         """``--trainer.limit_val_batches=1`` means one batch, not all of them.
 
         Trainer annotates these ``float | int`` (float first), so the parser turns a written ``1``
@@ -138,7 +138,7 @@ class MoDACLI(LightningCLI):
         command line or in a config file's ``trainer:`` section is the count 1, set on the
         trainer after it is built (the parser would turn it back into 1.0 before).
         """
-        for key, value in self._written_trainer_values().items():
+        for key, value in written.items():
             if value == "1" and getattr(self.trainer, key, None) == 1.0:
                 setattr(self.trainer, key, 1)
 
@@ -225,11 +225,12 @@ class MoDACLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         try:
-            with _without_full_batch_notes(self._written_trainer_values()):
+            written = self._written_trainer_values()
+            with _without_full_batch_notes(written):
                 super().instantiate_classes()
         except (ValueError, TypeError, RuntimeError, OSError) as err:
             raise SetupError(err) from err
-        self._keep_batch_counts_of_one()
+        self._keep_batch_counts_of_one(written)
 
     def before_fit(self) -> None:
         try:

@@ -27,11 +27,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
-def _advance_one_epoch(generator: torch.Generator, n: int) -> None:
-    """Consume what one full epoch of the reference loader draws after the epoch's permutation."""
-    torch.randperm(n, generator=generator)
-
-
 def epoch_permutation(n: int, seed: int, epoch: int, memo: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """The order of ``n`` items in epoch ``epoch`` (from 0) of a run seeded with ``seed``.
 
@@ -47,8 +42,8 @@ def epoch_permutation(n: int, seed: int, epoch: int, memo: dict[int, torch.Tenso
             generator.set_state(memo[start])
     for _ in range(start, epoch):
         torch.empty((), dtype=torch.int64).random_(generator=generator)  # the loader's worker seed
-        torch.randperm(n, generator=generator)
-        _advance_one_epoch(generator, n)
+        torch.randperm(n, generator=generator)  # the epoch's order
+        torch.randperm(n, generator=generator)  # RandomSampler's empty trailing pass
     if memo is not None:
         memo[epoch] = generator.get_state()
     torch.empty((), dtype=torch.int64).random_(generator=generator)
