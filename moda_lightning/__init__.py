@@ -10,6 +10,7 @@ from typing import Any
 
 from moda_lightning.attention import AttentionBackend, build_backend, register_backend, registered_backends
 from moda_lightning.config import MoDAConfig
+from moda_lightning.depth_slots import DepthSlots
 from moda_lightning.depth_stream import DepthStream
 from moda_lightning.model import MoDAAttention, MoDABlock, MoDATransformer, RotaryEmbedding
 from moda_lightning.norms import NormPlacement, register_norm, registered_norms
@@ -23,6 +24,7 @@ _LAZY = {
 
 __all__ = [
     "AttentionBackend",
+    "DepthSlots",
     "DepthStream",
     "MoDAAttention",
     "MoDABlock",

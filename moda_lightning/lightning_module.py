@@ -120,11 +120,12 @@ class MoDALightningModule(L.LightningModule):
         # Compile the network, not the LightningModule: a compiled training_step that calls
         # self.log breaks on recent torch.
         if self.hparams.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
-            if self.config.reads_depth:
+            if self.config.reads_depth and not self.model.backend.reads_slot_lists:
                 rank_zero_warn(
-                    f"compile=true with the depth stream ({self.config.attention!r}): the stream's writes and reads "
-                    "run eagerly, so each layer compiles into several graphs. On an H100 this measured slower than "
-                    "eager for moda_triton (0.71-0.86x, docs/scaling.md); compare a few hundred steps both ways."
+                    f"compile=true with the depth stream ({self.config.attention!r}): this backend reads the "
+                    "[B, T, S, Hk, d] buffer, whose writes and reads run eagerly, so each layer compiles into several "
+                    "graphs; a backend that sets reads_slot_lists=True compiles into one. Compare a few hundred "
+                    "steps both ways."
                 )
             self.model = torch.compile(self.model)
 

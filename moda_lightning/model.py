@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moda_lightning.attention import AttentionBackend, build_backend
 from moda_lightning.config import MoDAConfig
+from moda_lightning.depth_slots import DepthSlots
 from moda_lightning.depth_stream import DepthStream, run_eagerly_under_compile
 from moda_lightning.init import draw_base_seed, init_parameters
 from moda_lightning.norms import QKNorm, RMSNorm, norm_class, unit_rms
@@ -153,7 +154,7 @@ class MoDAAttention(nn.Module):
         self.depth_kv_proj = DepthKVProjection(config) if wants_proj else None
         self.reader_keys = config.depth_keys == "reader"
 
-    def forward(self, h: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | None) -> Tensor:
+    def forward(self, h: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | DepthSlots | None) -> Tensor:
         B, T, _ = h.shape
         q, k_raw, v = self.qkv_proj(h).split(self.qkv_split, dim=-1)
         q = norm_then_rope(q.view(B, T, self.n_heads, self.head_dim), self.q_norm, rope)
@@ -191,7 +192,7 @@ class SwiGLU(nn.Module):
         self.depth_kv_proj = DepthKVProjection(config) if has_depth_proj and config.ffn_kv else None
         self.writes_depth = writes_depth
 
-    def forward(self, h: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | None) -> Tensor:
+    def forward(self, h: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | DepthSlots | None) -> Tensor:
         if depth is not None and self.depth_kv_proj is not None and self.writes_depth:
             depth.append(*self.depth_kv_proj(h, rope))
         gate, up = self.w_gate_up(h).chunk(2, dim=-1)
@@ -213,7 +214,7 @@ class MoDABlock(nn.Module):
         self.attn = placement(config.d_model, MoDAAttention(config, backend, writes_depth, has_proj), config.norm_eps)
         self.ffn = placement(config.d_model, SwiGLU(config, writes_depth, has_proj), config.norm_eps)
 
-    def forward(self, x: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | None) -> Tensor:
+    def forward(self, x: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | DepthSlots | None) -> Tensor:
         x = self.attn(x, rope=rope, depth=depth)
         return self.ffn(x, rope=rope, depth=depth)
 
@@ -238,14 +239,14 @@ class MoDATransformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.reset_parameters()
+        if config.reads_depth and not backend.reads_slot_lists:
+            run_eagerly_under_compile()
         if config.last_layer_depth_proj:
             # No layer reads the last layer's slots: its projections would never get a gradient,
             # which DDP reports as an error. Frozen, they still count as parameters.
             for sublayer in (self.layers[-1].attn.sublayer, self.layers[-1].ffn.sublayer):
                 if sublayer.depth_kv_proj is not None:
                     sublayer.depth_kv_proj.requires_grad_(False)
-        if config.reads_depth:
-            run_eagerly_under_compile()
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights, each from a generator seeded by its name (paired
@@ -269,7 +270,7 @@ class MoDATransformer(nn.Module):
             )
         self.backend.check_device(idx.device.type)
         n_slots = (self.config.n_layers - 1) * self.config.slots_per_layer
-        depth = DepthStream(n_slots) if self.config.reads_depth else None
+        depth = self._new_depth_stream(n_slots) if self.config.reads_depth else None
         x = self.embed(idx)
         for layer, block in enumerate(self.layers):
             if self.config.activation_checkpointing and torch.is_grad_enabled():
@@ -279,7 +280,16 @@ class MoDATransformer(nn.Module):
                 x = block(x, rope=self.rope, depth=depth)
         return self.lm_head(self.final_norm(x))
 
-    def _replayable_block(self, block: MoDABlock, x: Tensor, depth: DepthStream | None, first_slot: int) -> Tensor:
+    def _new_depth_stream(self, n_slots: int) -> DepthStream | DepthSlots:
+        """The list of slots (``moda_lightning/depth_slots.py``), which ``torch.compile`` traces as one
+        graph, for backends that read it; the buffer stream for the others, and for the fused kernel
+        in eager mode, whose backward adds every read's slot gradients into the buffer."""
+        fused_eager = self.backend.takes_depth_grad_into and not torch.compiler.is_compiling()
+        if self.backend.reads_slot_lists and not fused_eager:
+            return DepthSlots(n_slots)
+        return DepthStream(n_slots)
+
+    def _replayable_block(self, block: MoDABlock, x: Tensor, depth: DepthStream | DepthSlots | None, first_slot: int) -> Tensor:
         # The recomputation in backward replays the block's depth writes: it rewinds the
         # stream to the block's first slot and writes the same values again.
         if depth is not None:

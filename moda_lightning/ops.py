@@ -64,7 +64,9 @@ def moda_attention(
     Args:
         q: queries ``[B, T, Hq, d]``.
         k, v: sequence keys and values ``[B, T, Hk, d]``.
-        depth_k, depth_v: the depth stream ``[B, T, S, Hk, d]`` (any strides), or ``None``.
+        depth_k, depth_v: the depth stream ``[B, T, S, Hk, d]`` (any strides), or lists of ``S``
+            slots ``[B, T, Hk, d]`` read whole (the functional form ``torch.compile`` traces; the
+            fused kernel takes contiguous slots), or ``None``.
         num_depth: how many of the ``S`` slots are read (default: all of them).
         causal: mask sequence keys after the query's token.
         scale: logit scale, default ``d ** -0.5``.
@@ -101,6 +103,11 @@ def moda_attention(
     if backend == "moda_triton":  # validates its inputs itself: once per call is enough on a hot path
         return op(q, k, v, depth_k, depth_v, **kwargs, depth_grad_into=depth_grad_into, q_depth=q_depth)
     kwargs["num_depth"] = check_moda_inputs(q, k, v, depth_k, depth_v, num_depth, q_depth)
+    if depth_grad_into is not None and isinstance(depth_k, (list, tuple)):
+        raise ValueError(
+            "moda_attention: depth_grad_into adds into a [B, T, S, Hk, d] buffer; slots passed as lists get "
+            "their gradients through autograd: drop depth_grad_into or pass the stream as one tensor."
+        )
     if depth_grad_into is not None and depth_k is not None and depth_v is not None:
         depth_k, depth_v = add_grad_into(depth_k, depth_v, depth_grad_into)
     return op(q, k, v, depth_k, depth_v, **kwargs, q_depth=q_depth)

@@ -1,11 +1,78 @@
-"""`--model.compile=true`: the compiled network gives the eager network's outputs and gradients."""
+"""`--model.compile=true`: the whole network is one graph, and it gives the eager network's outputs
+and gradients with memory linear in depth."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from moda_lightning.attention import register_backend
+from moda_lightning.attention.moda_torch import MoDATorchBackend
+from moda_lightning.config import MoDAConfig
 from moda_lightning.lightning_module import MoDALightningModule
+from moda_lightning.model import MoDATransformer
+
+VOCAB = 40
+
+
+def tiny_model(n_layers: int, **options) -> MoDATransformer:
+    torch.manual_seed(0)
+    shape = dict(d_model=32, n_heads=4, n_kv_heads=2) | options
+    return MoDATransformer(MoDAConfig(vocab_size=VOCAB, n_layers=n_layers, max_seq_len=32, attention="moda_torch", **shape))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(norm="post", depth_keys="reader"), dict(attn_kv_proj=True, depth_keys="writer", qk_norm_scope="full"),
+     dict(ffn_kv=False, norm="olmo2")],
+    ids=str,
+)
+def test_the_depth_stream_compiles_into_one_graph(options):
+    """The slot-list stream is plain tensors passed from writer to readers: nothing for dynamo to break on."""
+    explained = torch._dynamo.explain(tiny_model(3, **options))(torch.randint(0, VOCAB, (2, 9)))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), [str(r.reason) for r in explained.break_reasons]
+
+
+def compiled_saved_bytes(model: MoDATransformer, idx: torch.Tensor) -> int:
+    """Bytes of the tensors the compiled forward graph hands to backward (AOT autograd's saved
+    activations, read from the partitioned forward graph's outputs), each storage counted once:
+    a saved view (a slot seen per head, say) costs nothing beyond its base."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def base_of(node):
+        while node.op == "call_function" and getattr(node.target, "is_view", False):
+            node = node.args[0]
+        return node
+
+    seen = {}
+
+    def forward_compiler(graph_module, _inputs):
+        output = next(node for node in graph_module.graph.nodes if node.op == "output")
+        bases = {base_of(arg) for arg in output.args[0] if isinstance(arg, torch.fx.Node)}
+        values = [base.meta.get("val") for base in bases]
+        seen["bytes"] = sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+        return make_boxed_func(graph_module.forward)
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(idx)
+    return seen["bytes"]
+
+
+def test_compiled_network_saves_memory_linear_in_depth(monkeypatch):
+    """At 2, 4 and 8 layers the compiled network's saved activations grow linearly in depth up to
+    the reference op's [B, Hq, T, S] softmax (see tests/test_depth_stream.py): their quadratic
+    term is a small fraction of what an eager stream that stacks the earlier slots per layer saves."""
+    from tests.test_depth_stream import StackedDepthStream, quadratic_coefficient, saved_bytes, use_stream
+
+    idx = torch.randint(0, VOCAB, (2, 32))
+    shape = dict(d_model=64, n_heads=2, n_kv_heads=2)
+    compiled = {n: compiled_saved_bytes(tiny_model(n, **shape), idx) for n in (2, 4, 8)}
+    use_stream(monkeypatch, StackedDepthStream)
+    naive = {n: saved_bytes(tiny_model(n, **shape), idx) for n in (2, 4, 8)}
+    assert quadratic_coefficient(naive) > 0
+    assert quadratic_coefficient(compiled) < 0.1 * quadratic_coefficient(naive), f"compiled {compiled}, naive {naive}"
 
 
 @pytest.mark.slow
@@ -29,8 +96,15 @@ def test_compiled_network_matches_eager():
         torch.testing.assert_close(p.grad, expected_grads[name], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("attention,warns", [("moda_torch", True), ("sdpa", False)])
-def test_compiling_a_depth_reading_model_warns_that_the_stream_splits_the_graph(attention, warns, recwarn):
+@register_backend("_toy_buffer_reader")
+class BufferReader(MoDATorchBackend):
+    """A plugin backend that reads the [B, T, S, Hk, d] buffer, as backends written before the slot list do."""
+
+    reads_slot_lists = False
+
+
+@pytest.mark.parametrize("attention,warns", [("_toy_buffer_reader", True), ("moda_torch", False), ("sdpa", False)])
+def test_compiling_warns_only_where_the_depth_stream_splits_the_graph(attention, warns, recwarn):
     module = MoDALightningModule(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
                                  attention=attention, compile=True)
     module.configure_model()  # wraps the network with torch.compile; nothing is compiled until it runs

@@ -1,4 +1,5 @@
-"""The depth stream's buffer: same gradients as a naive stack of slots, memory linear in depth."""
+"""Both forms of the depth stream (the buffer and the list of slots): same gradients as a naive
+stack of slots, memory linear in depth."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from moda_lightning.config import MoDAConfig
+from moda_lightning.depth_slots import DepthSlots
 from moda_lightning.depth_stream import DepthStream
 from moda_lightning.model import MoDATransformer
 
@@ -32,6 +34,14 @@ class StackedDepthStream:
         return torch.stack(self.keys, 2), torch.stack(self.values, 2), len(self.keys)
 
 
+def use_stream(monkeypatch, stream_class) -> None:
+    """Make every model build ``stream_class`` as its depth stream, whatever its backend would pick."""
+    monkeypatch.setattr(MoDATransformer, "_new_depth_stream", lambda self, n_slots: stream_class(n_slots))
+
+
+STREAMS = pytest.mark.parametrize("stream", [DepthStream, DepthSlots], ids=["buffer", "slots"])
+
+
 def tiny_model(n_layers: int = 3, **overrides) -> MoDATransformer:
     torch.manual_seed(0)
     shape = dict(d_model=32, n_heads=4, n_kv_heads=2) | overrides
@@ -46,12 +56,14 @@ def loss_and_grads(model: MoDATransformer, idx: torch.Tensor) -> tuple[torch.Ten
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+@STREAMS
 @pytest.mark.parametrize("options", [dict(), dict(ffn_kv=False), dict(attn_kv_proj=True), dict(norm="post")], ids=str)
-def test_buffer_gives_the_gradients_of_a_naive_stack(monkeypatch, options):
+def test_stream_gives_the_gradients_of_a_naive_stack(monkeypatch, stream, options):
     model = tiny_model(n_layers=4, **options)
     idx = torch.randint(0, VOCAB, (2, 13))
+    use_stream(monkeypatch, stream)
     loss, grads = loss_and_grads(model, idx)
-    monkeypatch.setattr("moda_lightning.model.DepthStream", StackedDepthStream)
+    use_stream(monkeypatch, StackedDepthStream)
     expected_loss, expected = loss_and_grads(model, idx)
     torch.testing.assert_close(loss, expected_loss)
     for name in grads:
@@ -62,10 +74,14 @@ class GradIntoBackend:
     """The reference backend, handed the stream's gradient buffer as the Triton backend is."""
 
     takes_depth_grad_into = True
+    reads_slot_lists = True
 
     def __init__(self, backend) -> None:
         self.backend = backend
         self.calls_with_buffer = 0
+
+    def check_device(self, device_type: str) -> None:
+        self.backend.check_device(device_type)
 
     def __call__(self, q, k, v, depth_k=None, depth_v=None, *, num_depth=0, scale=None, depth_grad_into=None):
         from moda_lightning.ops import moda_attention
@@ -80,7 +96,7 @@ def test_an_op_adding_into_the_gradient_buffer_gives_the_same_gradients(checkpoi
     model = tiny_model(n_layers=4, activation_checkpointing=checkpointing)
     idx = torch.randint(0, VOCAB, (2, 13))
     expected_loss, expected = loss_and_grads(model, idx)
-    backend = GradIntoBackend(model.backend)
+    backend = model.backend = GradIntoBackend(model.backend)  # the model picks the buffer stream for it
     for block in model.layers:
         block.attn.sublayer.backend = backend
     loss, grads = loss_and_grads(model, idx)
@@ -110,8 +126,9 @@ def quadratic_coefficient(sizes: dict[int, int]) -> float:
     return ((b3 - b2) / (l3 - l2) - (b2 - b1) / (l2 - l1)) / (l3 - l1)
 
 
+@STREAMS
 @pytest.mark.parametrize("depth_keys", ["writer", "reader"])
-def test_saved_memory_keeps_no_copies_of_earlier_slots(monkeypatch, depth_keys):
+def test_saved_memory_keeps_no_copies_of_earlier_slots(monkeypatch, stream, depth_keys):
     """Bytes saved for backward at 4, 8 and 16 layers. A stream that copies earlier slots for every
     layer grows as L^2 through those copies; the buffer must not. What stays quadratic is the
     reference op's softmax over [sequence | depth], which keeps [B, Hq, T, S] probabilities per
@@ -119,8 +136,9 @@ def test_saved_memory_keeps_no_copies_of_earlier_slots(monkeypatch, depth_keys):
     fraction of the naive stream's. Head dim 32 with G=1 makes that fraction about 5%."""
     idx = torch.randint(0, VOCAB, (2, 32))
     shape = dict(d_model=64, n_heads=2, n_kv_heads=2, depth_keys=depth_keys)  # reader: its own key norm per read
+    use_stream(monkeypatch, stream)
     buffered = {n: saved_bytes(tiny_model(n_layers=n, **shape), idx) for n in (4, 8, 16)}
-    monkeypatch.setattr("moda_lightning.model.DepthStream", StackedDepthStream)
+    use_stream(monkeypatch, StackedDepthStream)
     naive = {n: saved_bytes(tiny_model(n_layers=n, **shape), idx) for n in (4, 8, 16)}
     assert quadratic_coefficient(naive) > 0
     assert quadratic_coefficient(buffered) < 0.1 * quadratic_coefficient(naive), f"buffered {buffered}, naive {naive}"
@@ -137,9 +155,11 @@ def test_stream_reads_views_of_one_buffer():
     torch.testing.assert_close(depth_v[:, :, 1], k + 3)
 
 
+@STREAMS
 @pytest.mark.parametrize("attention", ["moda_torch", "sdpa"])
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(attention):
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch, stream, attention):
     """Checkpointed layers replay their depth writes in backward; results must not change."""
+    use_stream(monkeypatch, stream)
     idx = torch.randint(0, VOCAB, (2, 13))
     loss, grads = loss_and_grads(tiny_model(n_layers=4, attention=attention), idx)
     model = tiny_model(n_layers=4, attention=attention, activation_checkpointing=True)
@@ -147,6 +167,26 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(attention):
     torch.testing.assert_close(loss_ckpt, loss)
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_slot_list_reads_the_slots_themselves():
+    stream = DepthSlots(max_slots=3)
+    k = torch.randn(2, 5, 2, 4)
+    stream.append(k, k + 1)
+    stream.append(k.transpose(0, 1).contiguous().transpose(0, 1), k + 3)  # strided: made contiguous
+    keys, values, n = stream.read()
+    assert n == 2 and [t.shape for t in keys] == [k.shape, k.shape]
+    assert keys[0] is stream.keys[0] and keys[1].is_contiguous()
+    torch.testing.assert_close(values[1], k + 3)
+    stream.seek(1)
+    assert len(stream) == 1 and stream.read()[2] == 1
+
+
+def test_fused_backend_gets_the_buffer_eagerly_and_the_slot_list_under_compile():
+    model = tiny_model(n_layers=2)
+    assert isinstance(model._new_depth_stream(2), DepthSlots)  # moda_torch: the slot list
+    model.backend = GradIntoBackend(model.backend)  # stands for the fused kernel
+    assert isinstance(model._new_depth_stream(2), DepthStream)
 
 
 def test_activation_checkpointing_saves_memory():
@@ -170,7 +210,7 @@ def test_buffers_are_freed_after_backward_without_the_cycle_collector(monkeypatc
             super().__init__(max_slots)
             buffers.append(weakref.ref(self.slots))
 
-    monkeypatch.setattr("moda_lightning.model.DepthStream", WatchedStream)
+    use_stream(monkeypatch, WatchedStream)
     model = tiny_model(n_layers=4)
     gc.disable()
     try:

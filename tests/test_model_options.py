@@ -161,6 +161,8 @@ class _Recorder:
 
     def __call__(self, q, k, v, depth_k=None, depth_v=None, *, num_depth=0, scale=None, q_depth=None, **_):
         out = self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, q_depth=q_depth)
+        if isinstance(depth_k, list):  # the slot-list stream: seen here as the [B, T, S, Hk, d] stack
+            depth_k, depth_v = torch.stack(depth_k, 2), torch.stack(depth_v, 2)
         self.calls.append(dict(q=q, k=k, v=v, depth_k=depth_k, depth_v=depth_v, num_depth=num_depth, q_depth=q_depth, o=out))
         return out
 

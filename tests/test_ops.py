@@ -283,3 +283,45 @@ def test_triton_backend_is_counted_by_a_flop_counter_created_first():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "moda.attn_fwd" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("S,with_q_depth", [(1, False), (5, True)])
+def test_slot_lists_are_the_stacked_stream(S, with_q_depth):
+    """Depth slots passed as lists of [B, T, Hk, d] give the stacked tensor's output, lse and gradients."""
+    torch.manual_seed(0)
+    B, T, Hq, Hk, d = 2, 7, 6, 2, 8
+    q = torch.randn(B, T, Hq, d, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, T, Hk, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    keys = [torch.randn(B, T, Hk, d, dtype=torch.float64, requires_grad=True) for _ in range(S)]
+    values = [torch.randn(B, T, Hk, d, dtype=torch.float64, requires_grad=True) for _ in range(S)]
+    q_depth = torch.randn_like(q, requires_grad=True) if with_q_depth else None
+    leaves = [q, k, v, *keys, *values] + ([q_depth] if with_q_depth else [])
+    listed = moda_attention(q, k, v, keys, values, q_depth=q_depth, return_lse=True)
+    stacked = moda_attention(q, k, v, torch.stack(keys, 2), torch.stack(values, 2), q_depth=q_depth, return_lse=True)
+    for got, want in zip(listed, stacked):
+        torch.testing.assert_close(got, want)
+    do = torch.randn_like(listed[0])
+    for got, want in zip(torch.autograd.grad(listed[0], leaves, do), torch.autograd.grad(stacked[0], leaves, do)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "depth,kwargs,match",
+    [
+        ("uneven", {}, "same number of slots"),
+        ("bad_slot", {}, r"depth_v\[1\] must be"),
+        ("mixed", {}, "both be"),
+        ("ok", {"num_depth": 1}, "read whole"),
+        ("ok", {"depth_grad_into": (torch.zeros(1), torch.zeros(1))}, "through autograd"),
+    ],
+)
+def test_bad_slot_lists_say_what_was_wrong(depth, kwargs, match):
+    q, k = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)
+    depth_k, depth_v = {
+        "uneven": ([k, k], [k]),
+        "bad_slot": ([k, k], [k, q]),
+        "mixed": ([k], torch.stack([k], 2)),
+        "ok": ([k, k], [k, k]),
+    }[depth]
+    with pytest.raises(ValueError, match=match):
+        moda_attention(q, k, k, depth_k, depth_v, **kwargs)

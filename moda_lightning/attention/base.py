@@ -23,6 +23,12 @@ class AttentionBackend(ABC):
     reads_depth: bool = True
     """Whether the backend attends to the depth stream (False: plain causal attention)."""
 
+    reads_slot_lists: bool = False
+    """Whether ``__call__`` also accepts ``depth_k, depth_v`` as lists of ``num_depth`` slots
+    ``[B, T, Hk, d]`` (``moda_attention`` does). The model then keeps its depth stream as such a
+    list (``moda_lightning/depth_slots.py``), which ``torch.compile`` traces as one graph; other
+    backends get the ``[B, T, S, Hk, d]`` buffer, whose writes and reads run eagerly under compile."""
+
     takes_depth_grad_into: bool = False
     """Whether ``__call__`` accepts ``depth_grad_into=(keys, values)``: tensors into which the
     backward adds the depth gradients (see ``moda_attention``). The depth stream then passes

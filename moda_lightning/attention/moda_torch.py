@@ -13,6 +13,8 @@ from moda_lightning.ops import moda_attention
 class MoDATorchBackend(AttentionBackend):
     """MoDA through ``moda_attention(..., backend="moda_torch")``: dense, any device and dtype."""
 
+    reads_slot_lists = True
+
     def __call__(
         self,
         q: Tensor,

@@ -19,6 +19,7 @@ _CPU_HINT = "Use --model.attention=moda_torch (the portable MoDA backend) or sdp
 class MoDATritonBackend(AttentionBackend):
     """MoDA through ``moda_attention(..., backend="moda_triton")``: the fused Triton kernel."""
 
+    reads_slot_lists = True
     takes_depth_grad_into = True  # the backward kernel adds slot gradients into the stream's buffer
 
     def check_available(self) -> None:

@@ -28,7 +28,8 @@ def check_moda_inputs(
     Args:
         q: queries ``[B, T, Hq, d]``.
         k, v: sequence keys and values ``[B, T, Hk, d]`` with ``Hq % Hk == 0``.
-        depth_k, depth_v: depth stream ``[B, T, S, Hk, d]`` or both ``None``.
+        depth_k, depth_v: depth stream ``[B, T, S, Hk, d]``, or lists of ``S`` slots ``[B, T, Hk, d]``
+            (read whole), or both ``None``.
         num_depth: how many of the ``S`` slots to read (default: all of them).
         q_depth: the query of the depth logits, ``None`` or shaped like ``q`` (same device, dtype).
 
@@ -71,6 +72,8 @@ def check_moda_inputs(
             )
         return 0
     assert depth_v is not None
+    if isinstance(depth_k, (list, tuple)) or isinstance(depth_v, (list, tuple)):
+        return _check_slot_lists(depth_k, depth_v, num_depth, q, B, T, Hk, d)
     expected = f"[B={B}, T={T}, S, Hk={Hk}, d={d}]"
     for name, t in (("depth_k", depth_k), ("depth_v", depth_v)):
         if t.dim() != 5 or t.shape[0] != B or t.shape[1] != T or t.shape[3] != Hk or t.shape[4] != d:
@@ -88,3 +91,33 @@ def check_moda_inputs(
             f"(shape {_shape(depth_k)}); pass 0 <= num_depth <= S."
         )
     return num_depth
+
+
+def _check_slot_lists(depth_k, depth_v, num_depth: int | None, q: Tensor, B: int, T: int, Hk: int, d: int) -> int:
+    """The depth stream given as one tensor per slot: ``depth_k[s], depth_v[s]`` are ``[B, T, Hk, d]``."""
+    if not isinstance(depth_k, (list, tuple)) or not isinstance(depth_v, (list, tuple)):
+        raise ValueError(
+            "moda_attention: depth_k and depth_v must both be [B, T, S, Hk, d] tensors or both be lists of "
+            f"[B, T, Hk, d] slots; got {type(depth_k).__name__} and {type(depth_v).__name__}."
+        )
+    if len(depth_k) != len(depth_v):
+        raise ValueError(
+            f"moda_attention: depth_k and depth_v must hold the same number of slots; got {len(depth_k)} and {len(depth_v)}."
+        )
+    expected = f"[B={B}, T={T}, Hk={Hk}, d={d}]"
+    for name, slots in (("depth_k", depth_k), ("depth_v", depth_v)):
+        for s, t in enumerate(slots):
+            if not isinstance(t, Tensor) or t.dim() != 4 or list(t.shape) != [B, T, Hk, d]:
+                got = _shape(t) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"moda_attention: {name}[{s}] must be {expected} (one depth slot); got {got}.")
+            if t.device != q.device or t.dtype != depth_k[0].dtype:
+                raise ValueError(
+                    f"moda_attention: every depth slot must be on {q.device} with one dtype; {name}[{s}] is "
+                    f"{t.dtype} on {t.device}, depth_k[0] is {depth_k[0].dtype}."
+                )
+    if num_depth is not None and num_depth != len(depth_k):
+        raise ValueError(
+            f"moda_attention: num_depth={num_depth} but {len(depth_k)} depth slots were passed as a list; "
+            "a list is read whole: pass num_depth=None or the list's length."
+        )
+    return len(depth_k)

@@ -43,7 +43,9 @@ def moda_attn_reference(
         q: ``[B, T, Hq, d]``.
         k, v: ``[B, T, Hk, d]``.
         depth_k, depth_v: ``[B, T, S, Hk, d]`` or ``None``; only the first ``num_depth``
-            slots are read.
+            slots are read. Or lists of ``S`` slots ``[B, T, Hk, d]``, read whole: the form of a
+            functional depth stream, computed slot by slot so that backward keeps references to
+            the slots rather than a stacked copy.
         num_depth: number of depth slots to read (default: all ``S``; ``0`` with no stream).
         causal: sequence keys ``j <= t`` only.
         scale: logit scale, default ``d ** -0.5``.
@@ -59,10 +61,11 @@ def moda_attn_reference(
     Hk = k.shape[2]
     G = Hq // Hk
     scale = d**-0.5 if scale is None else scale
+    slot_lists = isinstance(depth_k, (list, tuple))
     if depth_k is None or depth_v is None:
         num_depth = 0
-    elif num_depth is None:
-        num_depth = depth_k.shape[2]
+    elif num_depth is None or slot_lists:
+        num_depth = len(depth_k) if slot_lists else depth_k.shape[2]
     softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
 
     # Group the query heads by the KV head they read: [B, Hk, G, T, d]; no K/V copies.
@@ -75,14 +78,20 @@ def moda_attn_reference(
         future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
         logits_seq = logits_seq.masked_fill(future, float("-inf"))
 
+    def per_head(slot: Tensor) -> Tensor:  # [B, T, Hk, d] -> [B, Hk, 1, T, d], a view
+        return slot.permute(0, 2, 1, 3).unsqueeze(2)
+
     if num_depth > 0:
-        dk = depth_k[:, :, :num_depth].permute(0, 3, 1, 2, 4).unsqueeze(2)  # [B, Hk, 1, T, S, d]
-        dv = depth_v[:, :, :num_depth].permute(0, 3, 1, 2, 4).unsqueeze(2)
         qd_g = q_g if q_depth is None else q_depth.reshape(B, T, Hk, G, d).permute(0, 2, 3, 1, 4)
         # Each token attends only to its own depth slots. Multiply-and-sum rather than a
         # broadcast matmul: matmul would save a G-fold copy of the slots for backward, and the
         # model's depth stream relies on reads being views, not copies.
-        logits_depth = (qd_g.unsqueeze(-2) * dk).sum(-1)  # [B, Hk, G, T, S]
+        if slot_lists:  # one logit per slot, stacked: only the [.., T, S] logits are new memory
+            logits_depth = torch.stack([(qd_g * per_head(slot)).sum(-1) for slot in depth_k], dim=-1)
+        else:
+            dk = depth_k[:, :, :num_depth].permute(0, 3, 1, 2, 4).unsqueeze(2)  # [B, Hk, 1, T, S, d]
+            dv = depth_v[:, :, :num_depth].permute(0, 3, 1, 2, 4).unsqueeze(2)
+            logits_depth = (qd_g.unsqueeze(-2) * dk).sum(-1)  # [B, Hk, G, T, S]
         logits_depth = logits_depth.to(softmax_dtype) * scale
     else:
         logits_depth = logits_seq.new_empty(B, Hk, G, T, 0)
@@ -94,7 +103,10 @@ def moda_attn_reference(
     p_seq, p_depth = probs[..., :T], probs[..., T:]
 
     o = torch.matmul(p_seq, v_h)  # [B, Hk, G, T, d]
-    if num_depth > 0:
+    if num_depth > 0 and slot_lists:
+        for s, slot in enumerate(depth_v):
+            o = o + p_depth[..., s, None] * per_head(slot)
+    elif num_depth > 0:
         o = o + (p_depth.unsqueeze(-1) * dv).sum(-2)
     o = o.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, d)
     if not return_lse:
