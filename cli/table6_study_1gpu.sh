@@ -6,8 +6,9 @@
 # depth-key reading. The corpus is the Python sources of installed packages (torch, transformers,
 # sympy); pass --data.files=... for your own.
 #
-# Time: 6 runs share the GPU at a time; 18 runs of 100M tokens each. docs/quality.md gives the
-# measured time per round of 6 on an H200. Finished runs are skipped and interrupted ones resume,
+# Time: up to 3 runs share the GPU at a time (runs_per_gpu in the study file); 18 runs of 100M tokens
+# each, about 8 GPU-minutes per baseline run and 11 per MoDA run on an H200 (docs/quality.md).
+# Finished runs are skipped and interrupted ones resume,
 # so the same command continues the study; the report is runs/studies/table6_24l/study.md.
 #
 #   bash cli/table6_study_1gpu.sh                      # run what is missing, write study.md / study.png
