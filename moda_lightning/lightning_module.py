@@ -8,7 +8,7 @@ decay to a fraction of the peak (the paper's recipe).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -66,6 +66,10 @@ class MoDALightningModule(L.LightningModule):
         weight_decay: AdamW weight decay on matrices (not on norms or embeddings).
         betas: AdamW betas.
         compile: compile the network (not this module) with ``torch.compile``.
+        compile_mode: ``torch.compile``'s mode: 'default'; 'reduce-overhead' replays the compiled
+            forward and backward as CUDA graphs, so the GPU no longer waits for Python to issue each
+            kernel (the host gap of a launch-bound step); 'max-autotune' also tunes matmuls;
+            'max-autotune-no-cudagraphs' tunes without graphs.
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class MoDALightningModule(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         compile: bool = False,
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -127,7 +132,19 @@ class MoDALightningModule(L.LightningModule):
                     "graphs; a backend that sets reads_slot_lists=True compiles into one. Compare a few hundred "
                     "steps both ways."
                 )
-            self.model = torch.compile(self.model)
+            mode = self.hparams.get("compile_mode", "default")
+            self.model = torch.compile(self.model, mode=None if mode == "default" else mode)
+
+    def _replays_cuda_graphs(self) -> bool:
+        return bool(self.hparams.compile) and self.hparams.get("compile_mode") in ("reduce-overhead", "max-autotune")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._replays_cuda_graphs():
+            # A new iteration: the previous replay's outputs (its logits) may be overwritten now.
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.on_train_batch_start(batch, batch_idx)
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits ``[B, T, vocab]`` for token ids ``[B, T]``."""

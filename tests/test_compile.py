@@ -110,3 +110,30 @@ def test_compiling_warns_only_where_the_depth_stream_splits_the_graph(attention,
     module.configure_model()  # wraps the network with torch.compile; nothing is compiled until it runs
     messages = [str(w.message) for w in recwarn if "depth stream" in str(w.message)]
     assert bool(messages) == warns, messages
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    seen = {}
+
+    def recording_compile(model, mode=None):
+        seen["mode"] = mode
+        return model
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    module = MoDALightningModule(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                                 compile=True, compile_mode="reduce-overhead")
+    module.configure_model()
+    assert seen["mode"] == "reduce-overhead" and module._replays_cuda_graphs()
+    assert not MoDALightningModule(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                                   compile_mode="reduce-overhead")._replays_cuda_graphs()  # compile=false: no graphs
+
+
+def test_an_unknown_compile_mode_is_one_line(tmp_path):
+    import subprocess
+
+    from tests.test_cli import moda_command
+
+    result = subprocess.run([*moda_command(), "fit", "--model.compile_mode=fast"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "compile_mode" in lines[0] and "reduce-overhead" in lines[0], result.stderr
