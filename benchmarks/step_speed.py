@@ -1,0 +1,160 @@
+"""MoDA's training step against the baseline's, both sides with the same options, on one GPU.
+
+    PYTHONPATH=kernels:. python benchmarks/step_speed.py                 # every number of docs/scaling.md's step table
+    PYTHONPATH=kernels:. python benchmarks/step_speed.py --quick         # the Table 6 shape only
+    PYTHONPATH=kernels:. python benchmarks/step_speed.py --fit-steps 300 # also `moda fit` table6_24l end to end
+
+Options compared: ``eager``; ``compiled`` (``torch.compile`` of the whole network);
+``graphed`` (``torch.compile(mode="reduce-overhead")``: the compiled forward and backward
+replayed as CUDA graphs, so no host gap). A step is forward, backward and a fused AdamW step in
+bf16 autocast on random tokens (``benchmarks/_step.py``); its time is the median over the timed
+steps (CUDA events), its memory the peak allocated. Before timing, each option's first-step loss
+is checked against eager's on the same weights and tokens, so a fast wrong graph cannot pass.
+
+``--fit-steps N`` trains ``configs/table6_24l.yaml`` (MoDA) and its baseline overlay with the
+shipped GPU config for N steps each on the built-in corpus and reports the median tokens/s that
+``moda fit`` logged (``train/device/items_per_sec``), each with ``--model.compile`` off and on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks._step import median_step_ms, training_step
+from moda_lightning.config import MoDAConfig
+from moda_lightning.model import MoDATransformer
+
+MODES = {"eager": None, "compiled": "default", "graphed": "reduce-overhead"}
+SHAPES = {
+    # name: (config fields, micro-batches); 700M is Table 3 row 4 (row 1 with attention="sdpa")
+    "700M": (dict(vocab_size=32768, d_model=1024, n_layers=36, n_heads=16, n_kv_heads=8, max_seq_len=4096), (2, 4)),
+    "table6_24l": (
+        dict(vocab_size=50303, d_model=384, n_layers=24, n_heads=6, n_kv_heads=2, ffn_hidden=1536, linear_bias=True,
+             tie_embeddings=True, depth_keys="reader", last_layer_depth_proj=True, max_seq_len=2048),
+        (16,),
+    ),
+}  # fmt: skip
+
+
+def first_loss(network, tokens: torch.Tensor) -> float:
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = network(tokens[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).item()
+
+
+def measure(fields: dict, attention: str, mode: str, batch: int, steps: int) -> tuple[float, float, float] | str:
+    """(median step ms, peak GiB, |loss - eager loss|) of one option, or 'OOM'."""
+    torch.cuda.empty_cache()
+    model = network = step = None
+    try:
+        torch.manual_seed(0)
+        model = MoDATransformer(MoDAConfig(attention=attention, **fields)).cuda()
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        tokens = torch.randint(0, fields["vocab_size"], (batch, fields["max_seq_len"] + 1), device="cuda", generator=generator)
+        eager_loss = first_loss(model, tokens)
+        network = model if MODES[mode] is None else torch.compile(model, mode=MODES[mode])
+        if mode == "graphed":
+            torch.compiler.cudagraph_mark_step_begin()
+        loss_error = abs(first_loss(network, tokens) - eager_loss)
+        plain_step = training_step(network, model, tokens)
+
+        def step() -> None:
+            if mode == "graphed":
+                torch.compiler.cudagraph_mark_step_begin()
+            plain_step()
+
+        for _ in range(3):  # compilation, autotuning, graph recording, the allocator
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return median_step_ms(step, steps), torch.cuda.max_memory_allocated() / 2**30, loss_error
+    except torch.OutOfMemoryError:
+        return "OOM"
+    finally:
+        del model, network, step
+        gc.collect()
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+
+
+def step_table(shapes: list[str], modes: list[str], steps: int) -> None:
+    print("\n| shape | micro-batch | option | baseline ms | MoDA ms | ratio | baseline GiB | MoDA GiB | memory ratio | loss check |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape in shapes:
+        fields, batches = SHAPES[shape]
+        for batch in batches:
+            best = {}
+            for mode in modes:
+                base = measure(fields, "sdpa", mode, batch, steps)
+                moda = measure(fields, "moda_triton", mode, batch, steps)
+                if isinstance(base, str) or isinstance(moda, str):
+                    print(f"| {shape} | {batch} | {mode} | {base if isinstance(base, str) else f'{base[0]:.1f}'} | "
+                          f"{moda if isinstance(moda, str) else f'{moda[0]:.1f}'} | | | | | |")  # fmt: skip
+                    continue
+                worst_error = max(base[2], moda[2])
+                check = "ok" if worst_error < 2e-2 else f"FAILED ({worst_error:.3g})"
+                print(f"| {shape} | {batch} | {mode} | {base[0]:.1f} | {moda[0]:.1f} | {moda[0] / base[0]:.3f} | "
+                      f"{base[1]:.2f} | {moda[1]:.2f} | {moda[1] / base[1]:.3f} | {check} |")  # fmt: skip
+                for arm, result in (("sdpa", base), ("moda", moda)):
+                    if arm not in best or result[0] < best[arm][1][0]:
+                        best[arm] = (mode, result)
+            if len(best) == 2:
+                (base_mode, base), (moda_mode, moda) = best["sdpa"], best["moda"]
+                print(f"| {shape} | {batch} | best each ({base_mode} / {moda_mode}) | {base[0]:.1f} | {moda[0]:.1f} | "
+                      f"{moda[0] / base[0]:.3f} | {base[1]:.2f} | {moda[1]:.2f} | {moda[1] / base[1]:.3f} | |")  # fmt: skip
+
+
+def fit_tokens_per_sec(overlays: list[str], compile: bool, steps: int, workdir: Path) -> float:
+    """Median tokens/s that ``moda fit`` logged training table6_24l (plus ``overlays``) for ``steps`` steps."""
+    from moda_lightning.study.results import read_scalars
+
+    name = "_".join(Path(o).stem for o in overlays) or "moda"
+    save_dir = workdir / f"{name}_{'compiled' if compile else 'eager'}"
+    configs = [arg for config in ["configs/table6_24l.yaml", *overlays] for arg in ("--config", config)]
+    command = [
+        sys.executable, "-m", "moda_lightning.cli", "fit", *configs, f"--model.compile={str(compile).lower()}",
+        f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+        "--trainer.logger.class_path=lightning.pytorch.loggers.TensorBoardLogger",
+        f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.logger.init_args.name=",
+        "--trainer.logger.init_args.version=run", "--trainer.enable_checkpointing=false",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    rates = sorted(value for _, value in read_scalars(save_dir / "run").get("train/device/items_per_sec", []))
+    if not rates:
+        raise RuntimeError(f"moda fit logged no train/device/items_per_sec in {save_dir}")
+    return rates[len(rates) // 2]
+
+
+def fit_table(steps: int) -> None:
+    print(f"\n`moda fit` table6_24l, {steps} steps, shipped GPU config (bf16-mixed, clipping 1.0), built-in corpus")
+    print("| option | baseline tokens/s | MoDA tokens/s | MoDA / baseline |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as workdir:
+        for compile in (False, True):
+            base = fit_tokens_per_sec(["configs/variants/baseline.yaml"], compile, steps, Path(workdir))
+            moda = fit_tokens_per_sec([], compile, steps, Path(workdir))
+            print(f"| {'compiled' if compile else 'eager'} | {base:,.0f} | {moda:,.0f} | {moda / base:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the Table 6 shape only")
+    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per option")
+    parser.add_argument("--fit-steps", type=int, default=0, help="also time `moda fit` end to end for this many steps")
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    step_table(["table6_24l"] if args.quick else list(SHAPES), args.modes, args.steps)
+    if args.fit_steps:
+        fit_table(args.fit_steps)
+
+
+if __name__ == "__main__":
+    main()
