@@ -355,12 +355,14 @@ def main(args: list[str] | None = None) -> None:
     a backend this machine cannot run) prints one ``moda: error:`` line and exits with status 2;
     ``MODA_DEBUG=1`` shows the traceback. Called with ``args``, the original exception is raised.
 
-    ``moda study ...`` runs a study file (see :mod:`moda_lightning.study`) instead.
+    ``moda study ...`` runs a study file (see :mod:`moda_lightning.study`) instead, and
+    ``moda eval ...`` scores text files with a checkpoint (:mod:`moda_lightning.evaluate`), and
+    ``moda generate ...`` continues prompts with one (:mod:`moda_lightning.generation.command`).
     """
     argv = sys.argv[1:] if args is None else args
     _quiet_unactionable_messages()
-    if argv[:1] == ["study"]:
-        _study(argv[1:], raise_errors=args is not None)
+    if argv[:1] in (["study"], ["eval"], ["generate"]):
+        _tool(argv[0], argv[1:], raise_errors=args is not None)
         return
     try:
         MoDACLI(
@@ -421,11 +423,14 @@ def resolved_fit_config(args: list[str]) -> dict[str, Any]:
     return yaml.safe_load(printed.getvalue())
 
 
-def _study(argv: list[str], raise_errors: bool) -> None:
-    from moda_lightning.study import main as study_main
+def _tool(name: str, argv: list[str], raise_errors: bool) -> None:
+    """``moda study``, ``moda eval`` or ``moda generate``: a command of its own module, its ValueErrors one line."""
+    import importlib
 
+    modules = {"study": "moda_lightning.study", "eval": "moda_lightning.evaluate", "generate": "moda_lightning.generation.command"}
+    tool_main = importlib.import_module(modules[name]).main
     try:
-        code = study_main(argv)
+        code = tool_main(argv)
     except ValueError as err:
         if raise_errors or os.environ.get("MODA_DEBUG"):
             raise

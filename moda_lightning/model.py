@@ -21,6 +21,7 @@ from moda_lightning.attention import AttentionBackend, build_backend
 from moda_lightning.config import MoDAConfig
 from moda_lightning.depth_slots import DepthSlots
 from moda_lightning.depth_stream import DepthStream, run_eagerly_under_compile
+from moda_lightning.generation.kv_cache import KVCache, LayerCache
 from moda_lightning.init import draw_base_seed, init_parameters
 from moda_lightning.norms import QKNorm, RMSNorm, norm_class, unit_rms
 
@@ -53,11 +54,17 @@ class RotaryEmbedding(nn.Module):
             self._tables_in[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
         return self._tables_in[dtype]
 
-    def forward(self, x: Tensor) -> Tensor:
-        T = x.shape[1]
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """``x [B, T, H, d]`` rotated at positions ``0..T-1``, or at ``positions [B, T]`` (decoding
+        after a cache, or left-padded prompts whose rows start at different offsets)."""
         cos, sin = self.tables(x.dtype)
+        if positions is None:
+            T = x.shape[1]
+            cos, sin = cos[:T, None, :], sin[:T, None, :]
+        else:
+            cos, sin = cos[positions][:, :, None, :], sin[positions][:, :, None, :]
         x1, x2 = x.chunk(2, dim=-1)
-        return x * cos[:T, None, :] + torch.cat([x2, x1], dim=-1) * sin[:T, None, :]
+        return x * cos + torch.cat([x2, x1], dim=-1) * sin
 
 
 @cache
@@ -65,16 +72,17 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def norm_then_rope(x: Tensor, norm: nn.Module, rope: RotaryEmbedding) -> Tensor:
+def norm_then_rope(x: Tensor, norm: nn.Module, rope: RotaryEmbedding, positions: Tensor | None = None) -> Tensor:
     """``rope(norm(x))`` for per-head queries and keys ``[B, T, H, d]``.
 
     On CUDA with an RMSNorm this is one fused Triton kernel each way (``moda_kernels.norm_rope``)
     instead of about seven elementwise ones: the same math, rounded once. Elsewhere, under
     ``torch.compile`` (which fuses the plain ops itself) and for sharded parameter types, it is
-    the two modules.
+    the two modules; also at explicit ``positions`` (decoding), which the kernel does not take.
     """
     fused = (
-        isinstance(norm, RMSNorm)
+        positions is None
+        and isinstance(norm, RMSNorm)
         and not getattr(norm, "spans_heads", False)  # the kernel normalises one head at a time
         and x.is_cuda
         and type(norm.weight) is nn.Parameter  # not a DTensor shard: the kernel reads plain memory
@@ -87,7 +95,7 @@ def norm_then_rope(x: Tensor, norm: nn.Module, rope: RotaryEmbedding) -> Tensor:
 
         cos, sin = rope.tables(torch.float32)  # the buffers themselves, unless the model was cast
         return norm_rope(x, norm.weight, cos, sin, norm.eps)
-    return rope(norm(x))
+    return rope(norm(x), positions)
 
 
 def qk_norm(config: MoDAConfig, n_heads: int) -> nn.Module:
@@ -120,12 +128,12 @@ class DepthKVProjection(nn.Module):
         self.kv_proj = nn.Linear(config.d_model, 2 * config.n_kv_heads * config.head_dim, bias=config.linear_bias)
         self.k_norm = qk_norm(config, config.n_kv_heads) if config.depth_keys == "writer" else None
 
-    def forward(self, h: Tensor, rope: RotaryEmbedding) -> tuple[Tensor, Tensor]:
+    def forward(self, h: Tensor, rope: RotaryEmbedding, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         B, T, _ = h.shape
         k, v = self.kv_proj(h).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(dim=2)
         if self.k_norm is None:
             return reader_slot_key(k, self.config), v
-        return norm_then_rope(k, self.k_norm, rope), v
+        return norm_then_rope(k, self.k_norm, rope, positions), v
 
 
 class MoDAAttention(nn.Module):
@@ -154,13 +162,23 @@ class MoDAAttention(nn.Module):
         self.depth_kv_proj = DepthKVProjection(config) if wants_proj else None
         self.reader_keys = config.depth_keys == "reader"
 
-    def forward(self, h: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | DepthSlots | None) -> Tensor:
+    def forward(
+        self,
+        h: Tensor,
+        *,
+        rope: RotaryEmbedding,
+        depth: DepthStream | DepthSlots | None,
+        positions: Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
         B, T, _ = h.shape
         q, k_raw, v = self.qkv_proj(h).split(self.qkv_split, dim=-1)
-        q = norm_then_rope(q.view(B, T, self.n_heads, self.head_dim), self.q_norm, rope)
+        q = norm_then_rope(q.view(B, T, self.n_heads, self.head_dim), self.q_norm, rope, positions)
         k_raw = k_raw.view(B, T, self.n_kv_heads, self.head_dim)
-        k = norm_then_rope(k_raw, self.k_norm, rope)
+        k = norm_then_rope(k_raw, self.k_norm, rope, positions)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        # Decoding: the sequence keys are every cached position plus these; depth stays per token.
+        seq_k, seq_v, key_mask = cache.extend(k, v) if cache is not None else (k, v, None)
 
         # Read the slots of the layers above before writing this layer's own.
         depth_k, depth_v, num_depth = depth.read() if depth is not None else (None, None, 0)
@@ -171,11 +189,13 @@ class MoDAAttention(nn.Module):
         if num_depth and getattr(self.backend, "takes_depth_grad_into", False) and not torch.compiler.is_compiling():
             # the backward kernel adds this read's slot gradients straight into the stream's buffer
             extra["depth_grad_into"] = depth.grad_buffers(num_depth)
-        o = self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth, **extra)
+        if key_mask is not None:
+            extra["key_mask"] = key_mask
+        o = self.backend(q, seq_k, seq_v, depth_k, depth_v, num_depth=num_depth, **extra)
 
         if depth is not None and self.writes_depth:
             if self.depth_kv_proj is not None:
-                depth.append(*self.depth_kv_proj(h, rope))
+                depth.append(*self.depth_kv_proj(h, rope, positions))
             else:
                 depth.append(reader_slot_key(k_raw, self.config) if self.reader_keys else k, v)
         return self.o_proj(o.reshape(B, T, self.n_heads * self.head_dim))
@@ -192,9 +212,11 @@ class SwiGLU(nn.Module):
         self.depth_kv_proj = DepthKVProjection(config) if has_depth_proj and config.ffn_kv else None
         self.writes_depth = writes_depth
 
-    def forward(self, h: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | DepthSlots | None) -> Tensor:
+    def forward(
+        self, h: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | DepthSlots | None, positions: Tensor | None = None
+    ) -> Tensor:
         if depth is not None and self.depth_kv_proj is not None and self.writes_depth:
-            depth.append(*self.depth_kv_proj(h, rope))
+            depth.append(*self.depth_kv_proj(h, rope, positions))
         gate, up = self.w_gate_up(h).chunk(2, dim=-1)
         return self.w_down(F.silu(gate) * up)
 
@@ -214,9 +236,20 @@ class MoDABlock(nn.Module):
         self.attn = placement(config.d_model, MoDAAttention(config, backend, writes_depth, has_proj), config.norm_eps)
         self.ffn = placement(config.d_model, SwiGLU(config, writes_depth, has_proj), config.norm_eps)
 
-    def forward(self, x: Tensor, *, rope: RotaryEmbedding, depth: DepthStream | DepthSlots | None) -> Tensor:
-        x = self.attn(x, rope=rope, depth=depth)
-        return self.ffn(x, rope=rope, depth=depth)
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        rope: RotaryEmbedding,
+        depth: DepthStream | DepthSlots | None,
+        positions: Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        if cache is None:  # training: the plain call, as activation checkpointing replays it
+            x = self.attn(x, rope=rope, depth=depth)
+            return self.ffn(x, rope=rope, depth=depth)
+        x = self.attn(x, rope=rope, depth=depth, positions=positions, cache=cache)
+        return self.ffn(x, rope=rope, depth=depth, positions=positions)
 
 
 class MoDATransformer(nn.Module):
@@ -261,8 +294,16 @@ class MoDATransformer(nn.Module):
 
         init_parameters(self, self.init_seed, std_of, truncated=not gpt2)
 
-    def forward(self, idx: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, *, cache: KVCache | None = None, token_mask: Tensor | None = None) -> Tensor:
+        """Logits ``[B, T, vocab]`` for token ids ``[B, T]``.
+
+        With ``cache`` (decoding, :mod:`moda_lightning.generation`), ``idx`` continues the cached
+        tokens: its keys and values are appended to the cache and attend to every cached position;
+        ``token_mask [B, T]`` marks padding (False) that no later token may attend.
+        """
         B, T = idx.shape
+        if cache is not None:
+            return self._forward_cached(idx, cache, token_mask)
         if T > self.config.max_seq_len:
             raise ValueError(
                 f"sequence of {T} tokens is longer than the model's max_seq_len={self.config.max_seq_len}; "
@@ -279,6 +320,27 @@ class MoDATransformer(nn.Module):
             else:
                 x = block(x, rope=self.rope, depth=depth)
         return self.lm_head(self.final_norm(x))
+
+    def _forward_cached(self, idx: Tensor, cache: KVCache, token_mask: Tensor | None) -> Tensor:
+        self.backend.check_device(idx.device.type)
+        positions = cache.begin(idx.shape[1], token_mask)
+        n_slots = (self.config.n_layers - 1) * self.config.slots_per_layer
+        # A token's depth slots are its own: each call starts a fresh stream for its new tokens.
+        depth = self._new_depth_stream(n_slots) if self.config.reads_depth else None
+        x = self.embed(idx)
+        for layer, block in enumerate(self.layers):
+            x = block(x, rope=self.rope, depth=depth, positions=positions, cache=cache.layer(layer))
+        cache.commit(idx.shape[1])
+        return self.lm_head(self.final_norm(x))
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[list[int]]:
+        """Continue each prompt (token ids; lengths may differ) by up to ``max_new_tokens`` tokens
+        with a KV cache; ``sampling`` is :func:`moda_lightning.generation.generate`'s options
+        (temperature, top_k, top_p, eos_id, generator)."""
+        from moda_lightning.generation import generate
+
+        return generate(self, prompts, max_new_tokens, **sampling)
 
     def _new_depth_stream(self, n_slots: int) -> DepthStream | DepthSlots:
         """The list of slots (``moda_lightning/depth_slots.py``), which ``torch.compile`` traces as one

@@ -218,7 +218,7 @@ def test_depth_mass_from_lse():
     "kwargs,match",
     [
         (dict(q=(2, 5, 3, 8), k=(2, 5, 2, 8)), "multiple of the 2 key/value heads"),
-        (dict(q=(2, 5, 4, 8), k=(2, 6, 2, 8)), "k/v must be"),
+        (dict(q=(2, 5, 4, 8), k=(3, 5, 2, 8)), "k/v must be"),
         (dict(depth=(2, 5, 3, 2, 4)), "depth_k must be"),
         (dict(num_depth=4), "num_depth=4 but the depth stream holds S=3"),
     ],
@@ -325,3 +325,53 @@ def test_bad_slot_lists_say_what_was_wrong(depth, kwargs, match):
     }[depth]
     with pytest.raises(ValueError, match=match):
         moda_attention(q, k, k, depth_k, depth_v, **kwargs)
+
+
+@pytest.mark.parametrize("Tq", [1, 3, 11])
+@pytest.mark.parametrize("slot_lists", [False, True])
+def test_fewer_queries_than_keys_are_the_last_rows_of_the_full_call(Tq, slot_lists):
+    """Decoding: q holds the last Tq positions, k/v all Tk, depth the Tq query tokens' own slots."""
+    torch.manual_seed(0)
+    B, Tk, Hq, Hk, d, S = 2, 11, 6, 2, 8, 3
+    q = torch.randn(B, Tk, Hq, d, dtype=torch.float64)
+    k, v = torch.randn(B, Tk, Hk, d, dtype=torch.float64), torch.randn(B, Tk, Hk, d, dtype=torch.float64)
+    depth_k, depth_v = torch.randn(B, Tk, S, Hk, d, dtype=torch.float64), torch.randn(B, Tk, S, Hk, d, dtype=torch.float64)
+    full = moda_attention(q, k, v, depth_k, depth_v, return_lse=True)
+    dk, dv = depth_k[:, -Tq:], depth_v[:, -Tq:]
+    if slot_lists:
+        dk, dv = list(dk.unbind(2)), list(dv.unbind(2))
+    last = moda_attention(q[:, -Tq:], k, v, dk, dv, return_lse=True)
+    for got, want in zip(last, full):
+        torch.testing.assert_close(got, want[:, -Tq:])
+
+
+def test_a_key_mask_hides_left_padding():
+    """A row left-padded by 3 tokens and masked gives, at its real tokens, the unpadded row's output."""
+    torch.manual_seed(0)
+    B, T, Hq, Hk, d, S, pad = 2, 9, 4, 2, 8, 2, 3
+    q = torch.randn(B, T, Hq, d, dtype=torch.float64)
+    k, v = torch.randn(B, T, Hk, d, dtype=torch.float64), torch.randn(B, T, Hk, d, dtype=torch.float64)
+    depth_k, depth_v = torch.randn(B, T, S, Hk, d, dtype=torch.float64), torch.randn(B, T, S, Hk, d, dtype=torch.float64)
+    key_mask = torch.ones(B, T, dtype=torch.bool)
+    key_mask[0, :pad] = False
+    masked = moda_attention(q, k, v, depth_k, depth_v, key_mask=key_mask)
+    alone = moda_attention(q[:1, pad:], k[:1, pad:], v[:1, pad:], depth_k[:1, pad:], depth_v[:1, pad:])
+    torch.testing.assert_close(masked[:1, pad:], alone)
+    torch.testing.assert_close(masked[1:], moda_attention(q, k, v, depth_k, depth_v)[1:])
+    assert torch.isfinite(masked).all()  # padded queries see their own key: no empty softmax row
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(q_len=5, k_len=3), "q has 5 positions but k/v only 3"),
+        (dict(key_mask=torch.ones(2, 4)), "key_mask must be a bool"),
+        (dict(backend="moda_triton", key_mask=torch.ones(2, 5, dtype=torch.bool)), "moda_torch. only"),
+    ],
+    ids=["more-queries", "mask-dtype", "mask-on-triton"],
+)
+def test_bad_decode_inputs_say_what_was_wrong(kwargs, match):
+    q_len, k_len = kwargs.pop("q_len", 5), kwargs.pop("k_len", 5)
+    q, k = torch.randn(2, q_len, 4, 8), torch.randn(2, k_len, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        moda_attention(q, k, k, **kwargs)

@@ -29,6 +29,11 @@ class AttentionBackend(ABC):
     list (``moda_lightning/depth_slots.py``), which ``torch.compile`` traces as one graph; other
     backends get the ``[B, T, S, Hk, d]`` buffer, whose writes and reads run eagerly under compile."""
 
+    decodes: bool = False
+    """Whether ``__call__`` takes ``k, v [B, Tk, Hk, d]`` with ``Tk >= T`` (the queries are the last
+    ``T`` positions: decoding with a KV cache) and ``key_mask [B, Tk]`` (False: padding no query may
+    attend), as ``moda_attention`` does. ``MoDATransformer.generate`` needs it."""
+
     takes_depth_grad_into: bool = False
     """Whether ``__call__`` accepts ``depth_grad_into=(keys, values)``: tensors into which the
     backward adds the depth gradients (see ``moda_attention``). The depth stream then passes

@@ -14,6 +14,7 @@ class MoDATorchBackend(AttentionBackend):
     """MoDA through ``moda_attention(..., backend="moda_torch")``: dense, any device and dtype."""
 
     reads_slot_lists = True
+    decodes = True
 
     def __call__(
         self,
@@ -26,7 +27,9 @@ class MoDATorchBackend(AttentionBackend):
         num_depth: int = 0,
         scale: float | None = None,
         q_depth: Tensor | None = None,
+        key_mask: Tensor | None = None,
     ) -> Tensor:
         return moda_attention(
-            q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, backend="moda_torch", q_depth=q_depth
-        )
+            q, k, v, depth_k, depth_v,
+            num_depth=num_depth, scale=scale, backend="moda_torch", q_depth=q_depth, key_mask=key_mask,
+        )  # fmt: skip

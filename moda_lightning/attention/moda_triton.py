@@ -20,6 +20,7 @@ class MoDATritonBackend(AttentionBackend):
     """MoDA through ``moda_attention(..., backend="moda_triton")``: the fused Triton kernel."""
 
     reads_slot_lists = True
+    decodes = True  # decode steps and padded prompts run the reference op (below)
     takes_depth_grad_into = True  # the backward kernel adds slot gradients into the stream's buffer
 
     def check_available(self) -> None:
@@ -50,7 +51,15 @@ class MoDATritonBackend(AttentionBackend):
         scale: float | None = None,
         depth_grad_into: GradInto | None = None,
         q_depth: Tensor | None = None,
+        key_mask: Tensor | None = None,
     ) -> Tensor:
+        if key_mask is not None or k.shape[1] != q.shape[1]:
+            # The fused kernel takes one query per key position and no mask; decoding (fewer queries
+            # than keys) and padded prompts run the reference op, the same math, without a kernel.
+            return moda_attention(
+                q, k, v, depth_k, depth_v,
+                num_depth=num_depth, scale=scale, backend="moda_torch", q_depth=q_depth, key_mask=key_mask,
+            )  # fmt: skip
         return moda_attention(
             q, k, v, depth_k, depth_v,
             num_depth=num_depth, scale=scale, backend="moda_triton", depth_grad_into=depth_grad_into, q_depth=q_depth,

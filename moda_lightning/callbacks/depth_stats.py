@@ -128,7 +128,9 @@ class _ProbeBackend:
     def __call__(
         self, q, k, v, depth_k=None, depth_v=None, *, num_depth: int = 0, scale: float | None = None, q_depth=None
     ) -> Tensor:
-        self.records.append(attention_row_stats(q, k, depth_k, num_depth=num_depth, scale=scale, q_depth=q_depth))
+        # the slot-list stream, stacked once for the statistics (a probe under no_grad: nothing is saved)
+        stacked_k = torch.stack(depth_k, 2) if isinstance(depth_k, (list, tuple)) else depth_k
+        self.records.append(attention_row_stats(q, k, stacked_k, num_depth=num_depth, scale=scale, q_depth=q_depth))
         # q_depth only where the model gave one: a backend that reads no depth need not take it
         extra = {} if q_depth is None else {"q_depth": q_depth}
         return self.backend(q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, **extra)

@@ -7,6 +7,7 @@ their inputs.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -22,6 +23,9 @@ def check_moda_inputs(
     depth_v: Tensor | None,
     num_depth: int | None,
     q_depth: Tensor | None = None,
+    *,
+    queries_may_be_fewer: bool = False,
+    key_mask: Tensor | None = None,
 ) -> int:
     """Validate the shapes of one MoDA attention call and return the number of depth slots read.
 
@@ -32,6 +36,9 @@ def check_moda_inputs(
             (read whole), or both ``None``.
         num_depth: how many of the ``S`` slots to read (default: all of them).
         q_depth: the query of the depth logits, ``None`` or shaped like ``q`` (same device, dtype).
+        queries_may_be_fewer: accept ``k, v [B, Tk, Hk, d]`` with ``Tk >= T`` (decoding: the queries
+            are the last ``T`` positions); otherwise ``Tk`` must equal ``T``.
+        key_mask: ``None`` or a bool ``[B, Tk]`` of the keys that may be attended (padding is False).
 
     Returns:
         The number of depth slots the call reads (``0`` when there is no depth stream).
@@ -47,11 +54,22 @@ def check_moda_inputs(
     B, T, Hq, d = q.shape
     if k.shape != v.shape:
         raise ValueError(f"moda_attention: k and v must have the same shape; got k {_shape(k)}, v {_shape(v)}.")
-    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != d:
+    if queries_may_be_fewer and k.dim() == 4 and k.shape[0] == B and k.shape[3] == d and k.shape[1] < T:
+        raise ValueError(
+            f"moda_attention: q has {T} positions but k/v only {k.shape[1]}; the queries are the last T of the "
+            f"keys' positions, so k/v need at least T={T}. Got q {_shape(q)}, k {_shape(k)}."
+        )
+    if k.shape[0] != B or (k.shape[1] != T and not queries_may_be_fewer) or k.shape[3] != d:
         raise ValueError(
             f"moda_attention: k/v must be [B={B}, T={T}, Hk, d={d}] to match q {_shape(q)}; got {_shape(k)}."
+            + ("" if queries_may_be_fewer else " (Fewer queries than keys, for decoding, run on the moda_torch backend.)")
         )
     Hk = k.shape[2]
+    if key_mask is not None and (key_mask.dtype != torch.bool or list(key_mask.shape) != [B, k.shape[1]]):
+        raise ValueError(
+            f"moda_attention: key_mask must be a bool [B={B}, Tk={k.shape[1]}] tensor (True = may be attended); "
+            f"got {key_mask.dtype} {_shape(key_mask)}."
+        )
     if Hq % Hk != 0:
         raise ValueError(
             f"moda_attention: the {Hq} query heads must be a multiple of the {Hk} key/value heads "

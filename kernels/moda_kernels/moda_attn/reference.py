@@ -22,6 +22,7 @@ def moda_attn_reference(
     scale: float | None = None,
     return_lse: bool = False,
     q_depth: Tensor | None = None,
+    key_mask: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Attention over ``[sequence | depth]`` keys under one softmax.
 
@@ -29,6 +30,7 @@ def moda_attn_reference(
     ``q_depth = q`` unless given::
 
         s_j = scale * q[t, h] . k[j, g]                  for j <= t (all j if not causal)
+                                                         and key_mask[j] (or j = t)
         r_s = scale * q_depth[t, h] . depth_k[t, s, g]   for s < num_depth
         o[t, h] = sum_j softmax(s, r)_j v[j, g] + sum_s softmax(s, r)_s depth_v[t, s, g]
 
@@ -39,9 +41,13 @@ def moda_attn_reference(
     inputs), like a low-precision attention kernel, so the reference run in bf16 measures
     how much error bf16 alone costs.
 
+    Decoding: ``k, v`` may hold ``Tk >= T`` positions; the queries are then the last ``T`` of them
+    (query ``t`` sits at key position ``Tk - T + t``) and the depth slots are those of the ``T``
+    query tokens, which is all a decode step needs: a token's slots are its own.
+
     Args:
         q: ``[B, T, Hq, d]``.
-        k, v: ``[B, T, Hk, d]``.
+        k, v: ``[B, Tk, Hk, d]``, ``Tk >= T`` (``Tk = T`` in training).
         depth_k, depth_v: ``[B, T, S, Hk, d]`` or ``None``; only the first ``num_depth``
             slots are read. Or lists of ``S`` slots ``[B, T, Hk, d]``, read whole: the form of a
             functional depth stream, computed slot by slot so that backward keeps references to
@@ -52,13 +58,15 @@ def moda_attn_reference(
         return_lse: also return the row log-sum-exp and the depth part's log-sum-exp.
         q_depth: ``[B, T, Hq, d]``, the query of the depth logits only (default: ``q``); it
             gets the depth part's share of the query gradient, ``q`` the sequence part's.
+        key_mask: bool ``[B, Tk]``, False for keys no query may attend (left padding of a batch
+            of prompts); a query always sees its own position, so no row is left empty.
 
     Returns:
         ``o [B, T, Hq, d]`` in ``q.dtype``; with ``return_lse`` also ``lse, lse_depth
         [B, T, Hq]`` (natural log, float32 or float64; ``lse_depth = -inf`` without depth).
     """
     B, T, Hq, d = q.shape
-    Hk = k.shape[2]
+    Tk, Hk = k.shape[1], k.shape[2]
     G = Hq // Hk
     scale = d**-0.5 if scale is None else scale
     slot_lists = isinstance(depth_k, (list, tuple))
@@ -73,10 +81,15 @@ def moda_attn_reference(
     k_h = k.permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hk, 1, T, d]
     v_h = v.permute(0, 2, 1, 3).unsqueeze(2)
 
-    logits_seq = torch.matmul(q_g, k_h.transpose(-1, -2)).to(softmax_dtype) * scale  # [B, Hk, G, T, T]
-    if causal:
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    logits_seq = torch.matmul(q_g, k_h.transpose(-1, -2)).to(softmax_dtype) * scale  # [B, Hk, G, T, Tk]
+    if causal:  # query t sits at key position Tk - T + t
+        future = torch.ones(T, Tk, dtype=torch.bool, device=q.device).triu(Tk - T + 1)
         logits_seq = logits_seq.masked_fill(future, float("-inf"))
+    if key_mask is not None:
+        positions = torch.arange(Tk, device=q.device)
+        own = positions[None, :] == positions[Tk - T :, None]  # [T, Tk]: each query's own key
+        hidden = ~key_mask[:, None, None, None, :] & ~own  # [B, 1, 1, T, Tk]
+        logits_seq = logits_seq.masked_fill(hidden, float("-inf"))
 
     def per_head(slot: Tensor) -> Tensor:  # [B, T, Hk, d] -> [B, Hk, 1, T, d], a view
         return slot.permute(0, 2, 1, 3).unsqueeze(2)
@@ -100,7 +113,7 @@ def moda_attn_reference(
     logits = torch.cat([logits_seq, logits_depth], dim=-1)
     lse = torch.logsumexp(logits, dim=-1)  # [B, Hk, G, T]
     probs = torch.exp(logits - lse.unsqueeze(-1)).to(q.dtype)
-    p_seq, p_depth = probs[..., :T], probs[..., T:]
+    p_seq, p_depth = probs[..., :Tk], probs[..., Tk:]
 
     o = torch.matmul(p_seq, v_h)  # [B, Hk, G, T, d]
     if num_depth > 0 and slot_lists:
