@@ -1,0 +1,89 @@
+"""Decode throughput with the KV cache: MoDA against the baseline at the Table 6 and 700M shapes, one GPU.
+
+    PYTHONPATH=kernels:. python benchmarks/decode_speed.py               # the table in docs/generation.md
+    PYTHONPATH=kernels:. python benchmarks/decode_speed.py --batch 1 8   # other batch sizes
+
+Each row: a batch of random prompts of ``--prompt`` tokens, then ``--new`` greedy tokens per row
+with ``MoDATransformer.generate`` (bf16 autocast, random weights: speed does not depend on them).
+Reported: the prompt pass (prefill) time, and new tokens per second of the decode steps. Before
+timing, each backend's cached greedy continuation is checked against recomputing the full
+sequence for a few tokens, so a fast wrong cache cannot pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from moda_lightning.config import MoDAConfig
+from moda_lightning.generation import KVCache
+from moda_lightning.model import MoDATransformer
+
+SHAPES = {
+    "table6_24l": dict(vocab_size=50303, d_model=384, n_layers=24, n_heads=6, n_kv_heads=2, ffn_hidden=1536,
+                       linear_bias=True, tie_embeddings=True, depth_keys="reader", max_seq_len=2048),
+    "700M": dict(vocab_size=32768, d_model=1024, n_layers=36, n_heads=16, n_kv_heads=8, max_seq_len=4096),
+}  # fmt: skip
+
+
+@torch.inference_mode()
+def check_against_recompute(model: MoDATransformer, prompt: list[int], steps: int = 4) -> bool:
+    cached = model.generate([prompt], steps, temperature=0)[0]
+    sequence = list(prompt)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(steps):
+            sequence.append(int(model(torch.tensor([sequence], device="cuda"))[0, -1].argmax()))
+    return cached == sequence[len(prompt) :]
+
+
+@torch.inference_mode()
+def time_decode(model: MoDATransformer, batch: int, prompt_len: int, new: int) -> tuple[float, float]:
+    """(prefill ms, decode tokens/s over the batch)."""
+    cfg = model.config
+    idx = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for attempt in range(2):  # the first pass compiles and tunes kernels
+            cache = KVCache(cfg.n_layers, batch, prompt_len + new, cfg.n_kv_heads, cfg.head_dim, device="cuda",
+                            dtype=torch.bfloat16)  # fmt: skip
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            logits = model(idx, cache=cache)[:, -1]
+            torch.cuda.synchronize()
+            prefill = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(new - 1):
+                logits = model(logits.argmax(-1)[:, None], cache=cache)[:, -1]
+            torch.cuda.synchronize()
+            decode = time.perf_counter() - start
+    return prefill * 1e3, batch * (new - 1) / decode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--prompt", type=int, default=512, help="prompt tokens per row")
+    parser.add_argument("--new", type=int, default=128, help="new tokens per row")
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print("\n| shape | batch | backend | prefill ms | decode tokens/s | MoDA / baseline | cache check |")
+    print("|---|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        for batch in args.batch:
+            baseline = None
+            for attention in ("sdpa", "moda_triton"):
+                torch.manual_seed(0)
+                model = MoDATransformer(MoDAConfig(attention=attention, **SHAPES[shape])).cuda().eval()
+                ok = check_against_recompute(model, torch.randint(0, 100, (16,)).tolist())
+                prefill, rate = time_decode(model, batch, args.prompt, args.new)
+                ratio = "" if baseline is None else f"{rate / baseline:.3f}"
+                baseline = rate if attention == "sdpa" else baseline
+                print(f"| {shape} | {batch} | {attention} | {prefill:.1f} | {rate:,.0f} | {ratio} | {'ok' if ok else 'FAILED'} |")
+                del model
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
