@@ -41,17 +41,18 @@ def main(argv: list[str]) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the checkpoint is read
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens={args.max_new_tokens}: ask for at least one new token.")
-    trained = load_trained(args.ckpt_path, args.device)
-    for note in trained.notes:
+    model, checkpoint = load_trained(args.ckpt_path, args.device)
+    for note in checkpoint.notes:
         print(f"moda generate: {note}")
-    tokenizer = trained.tokenizer
+    tokenizer = checkpoint.tokenizer
     prompts = [tokenizer.encode(text).ids for text in args.prompt]
     for text, ids in zip(args.prompt, prompts):
         if not ids:
             raise ValueError(f"--prompt {text!r} has no tokens; give some text to continue.")
-    generator = torch.Generator(device=trained.device).manual_seed(args.seed)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     continuations = generate(
-        trained.model, prompts, args.max_new_tokens,
+        model, prompts, args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         eos_id=eot_id(tokenizer, source=f"the checkpoint's tokenizer ({args.ckpt_path})"), generator=generator,
     )  # fmt: skip
