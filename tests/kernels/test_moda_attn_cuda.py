@@ -3,7 +3,8 @@
 Run on a CUDA machine: ``pytest tests/kernels -m cuda``. Every case runs the three paths
 of the op (``fused``; ``triton_split`` or ``cudnn`` sequence part + Triton depth kernel) and checks the output, both
 log-sum-exps and all five gradients with the rule of ``_tolerance.py``; the ``q_depth`` cases add a separate
-query for the depth logits and its gradient.
+query for the depth logits and its gradient. The slot-list cases give the depth stream as lists of slots
+(``slot_table.py``) and add ``torch.compile(fullgraph=True)`` and CUDA-graph capture of that form.
 """
 
 from __future__ import annotations
@@ -278,3 +279,201 @@ def test_autocast_casts_mixed_inputs():
         o = moda_attn(q.float(), k, v, depth_k.float(), depth_v, num_depth=4)
     ref = moda_attn_reference(*[x.double() for x in (q, k, v, depth_k, depth_v)], num_depth=4)
     assert o.dtype == torch.bfloat16 and _rel_err(o, ref) < 2e-2
+
+
+# ----------------------------------------------------------------------------- the depth stream as lists of slots
+
+
+def _slot_list_inputs(B, T, Hq, Hk, d, S, dtype, *, seed=0, q_depth=False, unaligned=False):
+    """``[q, k, v, slots_k, slots_v]`` (plus ``q_depth``) and ``do``; the slots are separate allocations, as a
+    functional depth stream makes them. ``unaligned``: one key slot and one value slot sit at an odd element
+    offset of a larger buffer, so the kernels may not assume aligned slot offsets."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).to(dtype)
+
+    slots_k = [rand(B, T, Hk, d) for _ in range(S)]
+    slots_v = [rand(B, T, Hk, d) for _ in range(S)]
+    if unaligned:
+        n = B * T * Hk * d
+        for slots in (slots_k, slots_v):
+            slots[S // 2] = rand(n + 8)[3 : 3 + n].view(B, T, Hk, d)
+    inputs = [rand(B, T, Hq, d), rand(B, T, Hk, d), rand(B, T, Hk, d), slots_k, slots_v]
+    if q_depth:
+        inputs.append(rand(B, T, Hq, d))
+    return inputs, rand(B, T, Hq, d)
+
+
+def _list_outputs_and_grads(fn, inputs, do, **kw):
+    """``outputs_and_grads`` for the list form; the slot gradients stacked at dim 2, as the tensor form has them."""
+    q, k, v, slots_k, slots_v, *q_depth = inputs
+    S = len(slots_k)
+    # detach, not clone: the slots stay where they are in memory (an unaligned one stays unaligned)
+    xs = [x.detach().requires_grad_() for x in (q, k, v, *slots_k, *slots_v, *q_depth)]
+    qd = xs[3 + 2 * S] if q_depth else None
+    o, lse, lse_depth = fn(*xs[:3], xs[3 : 3 + S], xs[3 + S : 3 + 2 * S], return_lse=True, q_depth=qd, **kw)
+    grads = torch.autograd.grad(o, xs, do.to(o.dtype))
+    stacked = [torch.stack(grads[3 : 3 + S], 2), torch.stack(grads[3 + S : 3 + 2 * S], 2)]
+    return [o, lse, lse_depth, *grads[:3], *stacked, *grads[3 + 2 * S :]]
+
+
+def _stacked(inputs):
+    """The same inputs in the tensor form (what ``outputs_and_grads`` and the reference take)."""
+    q, k, v, slots_k, slots_v, *q_depth = inputs
+    return [q, k, v, torch.stack(slots_k, 2), torch.stack(slots_v, 2), *q_depth]
+
+
+SLOT_CASES = [
+    # B, T, Hq, Hk, d, S, causal
+    (2, 1, 8, 8, 64, 4, True),
+    (2, 300, 8, 2, 64, 1, True),
+    (1, 1000, 12, 4, 128, 33, True),  # G = 3, odd T, three table launches
+    (1, 257, 4, 4, 32, 5, False),
+]
+
+
+def _slot_case_id(c):
+    B, T, Hq, Hk, d, S, causal = c
+    return f"B{B}-T{T}-Hq{Hq}-Hk{Hk}-S{S}-D{d}" + ("" if causal else "-noncausal")
+
+
+@pytest.mark.parametrize("unaligned", [False, True], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", SLOT_CASES, ids=_slot_case_id)
+def test_slot_lists_match_tensor_form(case, path, unaligned):
+    """bf16, every path: the list form passes the float64 reference check, and with aligned slots gives the
+    tensor form's results bitwise (the same kernels, the slots addressed through the offset table).
+
+    Unaligned slots are read with narrower loads, whose register layout can change the order of the
+    fused kernel's in-register sums: there only the reference check applies.
+    """
+    from moda_kernels.moda_attn import moda_attn
+    from moda_kernels.moda_attn.slot_table import slot_list
+
+    B, T, Hq, Hk, d, S, causal = case
+    if T == 1 and path.startswith("cudnn"):
+        pytest.skip("cuDNN rejects s_q = s_kv = 1; 'auto' sends T = 1 to the Triton kernels")
+    inputs, do = _slot_list_inputs(B, T, Hq, Hk, d, S, torch.bfloat16, seed=T + S, unaligned=unaligned)
+    assert slot_list(inputs[3]).aligned == (not unaligned or S == 1)  # a single slot is at offset 0
+    _set_path(path)
+    try:
+        got = _list_outputs_and_grads(moda_attn, inputs, do, causal=causal)
+        expected = outputs_and_grads(moda_attn, _stacked(inputs), do, causal=causal)
+    finally:
+        _set_path("auto")
+    if not unaligned:
+        for name, a, b in zip(NAMES, got, expected):
+            assert torch.equal(a, b), f"{name}: list form differs from the tensor form"
+    check_against_reference(got, _stacked(inputs), do, floor=1e-3, causal=causal)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_slot_lists_with_q_depth(path):
+    from moda_kernels.moda_attn import moda_attn
+
+    inputs, do = _slot_list_inputs(1, 1000, 12, 4, 128, 9, torch.bfloat16, seed=5, q_depth=True)
+    _set_path(path)
+    try:
+        got = _list_outputs_and_grads(moda_attn, inputs, do)
+        expected = outputs_and_grads(with_q_depth(moda_attn), _stacked(inputs), do)
+    finally:
+        _set_path("auto")
+    for name, a, b in zip(NAMES_Q_DEPTH, got, expected):
+        assert torch.equal(a, b), f"{name}: list form differs from the tensor form"
+    check_against_reference(got, _stacked(inputs), do, floor=1e-3)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_slot_lists_with_depth_grad_into(path):
+    """Slot-major ``[B, T, S, Hk, d]`` buffers get exactly the slot gradients the list form would return."""
+    from moda_kernels.moda_attn import moda_attn
+
+    inputs, do = _slot_list_inputs(2, 300, 8, 2, 64, 12, torch.bfloat16, seed=4)
+    S = 12
+    _set_path(path)
+    try:
+        plain = _list_outputs_and_grads(moda_attn, inputs, do)
+        into = [torch.zeros(S, 2, 300, 2, 64, device="cuda", dtype=torch.bfloat16).permute(1, 2, 0, 3, 4) for _ in range(2)]
+        xs = [x.detach().clone().requires_grad_() for x in (*inputs[:3], *inputs[3], *inputs[4])]
+        moda_attn(*xs[:3], xs[3 : 3 + S], xs[3 + S :], depth_grad_into=tuple(into)).backward(do)
+    finally:
+        _set_path("auto")
+    assert all(x.grad is None for x in xs[3:])
+    for name, x, ref in zip(["dq", "dk", "dv"], xs[:3], plain[3:6]):
+        assert torch.equal(x.grad, ref), name
+    for total, ref in zip(into, plain[6:8]):
+        assert torch.equal(total, ref)
+
+
+@pytest.mark.parametrize("own_query", [False, True], ids=["q", "q_depth"])
+def test_slot_lists_torch_compile_fullgraph(own_query):
+    """A function that builds its slots and reads them as lists compiles with no graph break (inductor),
+    and its gradients match eager."""
+    from moda_kernels.moda_attn import moda_attn
+
+    inputs, do = _slot_list_inputs(1, 257, 8, 2, 64, 3, torch.bfloat16, seed=6, q_depth=True)
+    q, k, v, slots_k, slots_v, q_depth = inputs
+
+    def f(q, k, v, dk0, dk1, dk2, dv0, dv1, dv2, qd):
+        # slots computed in the graph, as a functional depth stream produces them
+        depth_k, depth_v = [dk0, dk1 * 0.5, dk2], [dv0, dv1, dv2 + 1]
+        return moda_attn(q, k, v, depth_k, depth_v, q_depth=qd if own_query else None) * 2
+
+    args = [x.detach().clone().requires_grad_() for x in (q, k, v, *slots_k, *slots_v, q_depth)]
+    explanation = torch._dynamo.explain(f)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    o = torch.compile(f, fullgraph=True)(*args)
+    o.backward(do)
+    ref_args = [x.detach().clone().requires_grad_() for x in args]
+    ref = f(*ref_args)
+    ref.backward(do)
+    torch.testing.assert_close(o, ref)
+    for i, (a, r) in enumerate(zip(args, ref_args)):
+        if r.grad is None:  # q_depth when unused
+            assert a.grad is None
+            continue
+        torch.testing.assert_close(a.grad, r.grad, msg=lambda m, i=i: f"input {i}: {m}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_slot_lists_under_cuda_graph_capture(path):
+    """Forward and backward of the list form captured in one CUDA graph, replayed on new values in the same
+    tensors, equal eager: the offset table is built on the device, from the captured slot addresses."""
+    from moda_kernels.moda_attn import moda_attn
+
+    S = 5
+    inputs, do = _slot_list_inputs(2, 300, 8, 2, 64, S, torch.bfloat16, seed=7, unaligned=True)
+    static = [x.detach().requires_grad_() for x in (*inputs[:3], *inputs[3], *inputs[4])]  # in place: unaligned stays
+    static_do = do.clone()
+
+    def step():
+        o = moda_attn(*static[:3], static[3 : 3 + S], static[3 + S :])
+        return [o, *torch.autograd.grad(o, static, static_do)]
+
+    _set_path(path)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up off the default stream: Triton compiles, cuDNN plans
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        fresh, fresh_do = _slot_list_inputs(2, 300, 8, 2, 64, S, torch.bfloat16, seed=8)
+        with torch.no_grad():
+            for x, new in zip(static, (*fresh[:3], *fresh[3], *fresh[4])):
+                x.copy_(new)
+            static_do.copy_(fresh_do)
+        graph.replay()
+        torch.cuda.synchronize()
+        xs = [x.detach().requires_grad_() for x in static]  # the same memory: the same kernel variants
+        o = moda_attn(*xs[:3], xs[3 : 3 + S], xs[3 + S :])
+        eager = [o, *torch.autograd.grad(o, xs, fresh_do)]
+    finally:
+        _set_path("auto")
+    for i, (a, b) in enumerate(zip(captured, eager)):
+        assert torch.equal(a, b), f"result {i}: graph replay differs from eager"

@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from moda_kernels.moda_attn.fwd import LOG2E, _next_pow2, depth_config, depth_grid
-from moda_kernels.moda_attn.tiles import depth_columns, load_rows, packed_rows
+from moda_kernels.moda_attn.fwd import LOG2E, Depth, _next_pow2, depth_config, depth_grid
+from moda_kernels.moda_attn.slot_table import depth_flags, depth_pointers
+from moda_kernels.moda_attn.tiles import depth_columns, load_rows, packed_rows, slot_offsets
 
 
 @triton.jit
@@ -73,7 +74,7 @@ def _seq_bwd_dq(
 
 @triton.jit
 def moda_bwd_dq_kernel(
-    Q, K, V, DK, DV, O, DO, LSE, DELTA, DQ, DDK, DDV,
+    Q, K, V, DK, DV, DK_SLOTS, DV_SLOTS, O, DO, LSE, DELTA, DQ, DDK, DDV,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -93,6 +94,8 @@ def moda_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_DEPTH: tl.constexpr,
+    SLOT_TABLE: tl.constexpr,  # depth read as one tensor per slot (DK, DV: slot 0; DK_SLOTS, DV_SLOTS: offsets)
+    SLOTS_ALIGNED: tl.constexpr,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
     b, hk, t0, offs_t, offs_h, mask_r = packed_rows(tl.program_id(0), tl.program_id(1), T, Hk, G, G_PAD, BLOCK_T)
@@ -143,9 +146,11 @@ def moda_bwd_dq_kernel(
         delta3 = tl.reshape(delta, (BLOCK_T, G_PAD))
         dq3 = tl.zeros([BLOCK_T, G_PAD, D], tl.float32)
         for s in range(0, num_depth):
+            at_k = slot_offsets(s, s < num_depth, stride_dks, DK_SLOTS, SLOT_TABLE, SLOTS_ALIGNED)
+            at_v = slot_offsets(s, s < num_depth, stride_dvs, DV_SLOTS, SLOT_TABLE, SLOTS_ALIGNED)
             # [BLOCK_T, D]: slot s of each token, shared by its G query rows
-            b_dk = tl.load(ptr_dk[:, None] + s * stride_dks + offs_d[None, :] * stride_dkd, mask=mask_t[:, None], other=0.0).to(tl.float32)
-            b_dv = tl.load(ptr_dv[:, None] + s * stride_dvs + offs_d[None, :] * stride_dvd, mask=mask_t[:, None], other=0.0).to(tl.float32)
+            b_dk = tl.load(ptr_dk[:, None] + at_k + offs_d[None, :] * stride_dkd, mask=mask_t[:, None], other=0.0).to(tl.float32)
+            b_dv = tl.load(ptr_dv[:, None] + at_v + offs_d[None, :] * stride_dvd, mask=mask_t[:, None], other=0.0).to(tl.float32)
             # [BLOCK_T, G_PAD]: recompute the probability of slot s from the row's log-sum-exp
             p = tl.exp2(tl.sum(b_q3 * b_dk[:, None, :], axis=2) * qk_scale - lse3)
             dp = tl.sum(b_do3 * b_dv[:, None, :], axis=2)
@@ -299,8 +304,8 @@ def moda_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    depth_k: torch.Tensor,
-    depth_v: torch.Tensor,
+    depth_k: Depth,
+    depth_v: Depth,
     o: torch.Tensor,
     lse: torch.Tensor,
     num_depth: int,
@@ -313,18 +318,23 @@ def moda_bwd(
     d_depth_v: torch.Tensor,
     configs: tuple[dict[str, int], dict[str, int]] | None = None,
 ) -> None:
-    """Launch the fused backward: ``dq, dk, dv`` and the first ``num_depth`` slots of the depth grads."""
+    """Launch the fused backward: ``dq, dk, dv`` and the first ``num_depth`` slots of the depth grads.
+
+    The depth grads ``d_depth_k, d_depth_v`` are ``[B,T,S,Hk,d]`` tensors of any strides in both forms of
+    the depth stream (slot-major memory for the list form).
+    """
     B, T, Hq, d = q.shape
     Hk = k.shape[2]
     G = Hq // Hk
     cfg_dq, cfg_kv = configs or bwd_configs(G, d, q.device.type == "cpu")
     delta = torch.empty_like(lse)
+    (dk_base, dk_slots), (dv_base, dv_slots) = depth_pointers(depth_k), depth_pointers(depth_v)
     moda_bwd_dq_kernel[(triton.cdiv(T, cfg_dq["BLOCK_T"]), B * Hk)](
-        q, k, v, depth_k, depth_v, o, do, lse, delta, dq, d_depth_k, d_depth_v,
+        q, k, v, dk_base, dv_base, dk_slots, dv_slots, o, do, lse, delta, dq, d_depth_k, d_depth_v,
         *q.stride(), *k.stride(), *v.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(), *do.stride(),
         *dq.stride(), *d_depth_k.stride(), *d_depth_v.stride(), *lse.stride(),
         T, Hk, num_depth, scale, scale * LOG2E,
-        G=G, D=d, CAUSAL=causal, HAS_DEPTH=num_depth > 0, **cfg_dq,
+        G=G, D=d, CAUSAL=causal, HAS_DEPTH=num_depth > 0, **depth_flags(depth_k, depth_v), **cfg_dq,
     )  # fmt: skip
     moda_bwd_dkdv_kernel[(triton.cdiv(T, cfg_kv["BLOCK_N"]), B * Hk)](
         q, k, v, do, lse, delta, dk, dv,
@@ -336,7 +346,7 @@ def moda_bwd(
 
 @triton.jit
 def moda_depth_bwd_kernel(
-    Q, DK, DV, O, DO, LSE, DQ, GK, GV,
+    Q, DK, DV, DK_SLOTS, DV_SLOTS, O, DO, LSE, DQ, GK, GV,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_dkb, stride_dkt, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvt, stride_dvs, stride_dvh, stride_dvd,
@@ -355,6 +365,8 @@ def moda_depth_bwd_kernel(
     ACCUM_DQ: tl.constexpr,  # add to the dq in DQ (False: overwrite, e.g. a separate buffer)
     ACCUM_DEPTH: tl.constexpr,  # add the depth gradients to GK, GV (False: overwrite)
     HK_FAST: tl.constexpr,  # grid axis 0 runs over (batch, KV head), axis 1 over token blocks
+    SLOT_TABLE: tl.constexpr,  # depth read as one tensor per slot (DK, DV: slot 0; DK_SLOTS, DV_SLOTS: offsets)
+    SLOTS_ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """Depth gradients and the depth part of dq (added to DQ), from the merged ``o`` and ``lse``.
 
@@ -389,9 +401,11 @@ def moda_depth_bwd_kernel(
     for s0 in range(0, num_depth, SC):
         slot = s0 + offs_cs
         mask_c = mask_ct & (slot < num_depth)
+        at_k = slot_offsets(slot, slot < num_depth, stride_dks, DK_SLOTS, SLOT_TABLE, SLOTS_ALIGNED)
+        at_v = slot_offsets(slot, slot < num_depth, stride_dvs, DV_SLOTS, SLOT_TABLE, SLOTS_ALIGNED)
         # [BLOCK_N, D]
-        b_dk = tl.load(ptr_dk[:, None] + slot[:, None] * stride_dks + offs_d[None, :] * stride_dkd, mask=mask_c[:, None], other=0.0)
-        b_dv = tl.load(ptr_dv[:, None] + slot[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, mask=mask_c[:, None], other=0.0)
+        b_dk = tl.load(ptr_dk[:, None] + at_k[:, None] + offs_d[None, :] * stride_dkd, mask=mask_c[:, None], other=0.0)
+        b_dv = tl.load(ptr_dv[:, None] + at_v[:, None] + offs_d[None, :] * stride_dvd, mask=mask_c[:, None], other=0.0)
         # [BLOCK_M, BLOCK_N]: probabilities of the depth keys, recomputed from the merged lse
         p = tl.exp2(tl.dot(b_q, tl.trans(b_dk)) * qk_scale - lse2[:, None])
         p = tl.where(same_token & (slot < num_depth)[None, :], p, 0.0)
@@ -419,8 +433,8 @@ def moda_depth_bwd_kernel(
 def moda_depth_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
-    depth_k: torch.Tensor,
-    depth_v: torch.Tensor,
+    depth_k: Depth,
+    depth_v: Depth,
     o: torch.Tensor,
     lse: torch.Tensor,
     num_depth: int,
@@ -441,10 +455,12 @@ def moda_depth_bwd(
     Hk = depth_k.shape[3]
     cfg = dict(config or depth_config(Hq // Hk, q.device.type == "cpu"))
     grid, hk_fast = depth_grid(cfg, T, B, Hk)
+    (dk_base, dk_slots), (dv_base, dv_slots) = depth_pointers(depth_k), depth_pointers(depth_v)
     moda_depth_bwd_kernel[grid](
-        q, depth_k, depth_v, o, do, lse, dq, d_depth_k, d_depth_v,
+        q, dk_base, dv_base, dk_slots, dv_slots, o, do, lse, dq, d_depth_k, d_depth_v,
         *q.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         *d_depth_k.stride(), *d_depth_v.stride(), *lse.stride(),
         T, Hk, num_depth, scale, scale * LOG2E,
-        G=Hq // Hk, D=d, ACCUM_DQ=accum_dq, ACCUM_DEPTH=accum_depth, HK_FAST=hk_fast, **cfg,
+        G=Hq // Hk, D=d, ACCUM_DQ=accum_dq, ACCUM_DEPTH=accum_depth, HK_FAST=hk_fast,
+        **depth_flags(depth_k, depth_v), **cfg,
     )  # fmt: skip

@@ -3,6 +3,8 @@
 Two custom ops, ``moda::attn_fwd`` and ``moda::attn_bwd``, each with a fake (meta) implementation
 so ``torch.compile`` traces through them without a graph break, and a FLOP formula so
 ``torch.utils.flop_counter.FlopCounterMode`` counts them. Autograd is registered on the forward op.
+``moda::attn_fwd_slots`` and ``moda::attn_bwd_slots`` are the same pair for a depth stream given as
+lists of slots (``Tensor[]``), read in place through a device-side offset table (``slot_table.py``).
 
 Where the sequence part runs (``MODA_ATTN_SEQ`` environment variable, or :func:`set_seq_backend`):
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -32,8 +35,9 @@ from torch.utils.flop_counter import register_flop_formula
 
 from moda_kernels.moda_attn.bwd import moda_bwd, moda_depth_bwd
 from moda_kernels.moda_attn.checks import check_moda_inputs
-from moda_kernels.moda_attn.fwd import moda_depth_fwd, moda_fwd, moda_merge
+from moda_kernels.moda_attn.fwd import Depth, moda_depth_fwd, moda_fwd, moda_merge
 from moda_kernels.moda_attn.grad_into import GradInto, add_grad_into, check_grad_into, resolve_grad_into
+from moda_kernels.moda_attn.slot_table import slot_list
 
 _SEQ_BACKENDS = ("auto", "cudnn", "triton_split", "fused")
 _RENAMED_SEQ_BACKENDS = {"triton": "fused"}
@@ -160,6 +164,14 @@ def _attn_fwd_impl(
 
     The sequence part reads ``q``; the depth kernels read ``q_depth`` (default ``q``).
     """
+    return _attn_fwd(q, k, v, depth_k, depth_v, num_depth, causal, scale, q_depth)
+
+
+def _attn_fwd(
+    q: Tensor, k: Tensor, v: Tensor, depth_k: Depth, depth_v: Depth, num_depth: int, causal: bool, scale: float,
+    q_depth: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """:func:`_attn_fwd_impl` for either form of the depth stream (every path reads both)."""
     B, T, Hq, d = q.shape
     qd = q if q_depth is None else q_depth
     lse_depth = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
@@ -200,9 +212,43 @@ moda_attn_fwd = torch.library.custom_op("moda::attn_fwd", _attn_fwd_impl, mutate
 
 @moda_attn_fwd.register_fake
 def _(q, k, v, depth_k, depth_v, num_depth, causal, scale, q_depth=None):
+    return _fake_fwd_outputs(q)
+
+
+def _fake_fwd_outputs(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     B, T, Hq, d = q.shape
     lse = q.new_empty(B, Hq, T, dtype=torch.float32)
     return q.new_empty(B, T, Hq, d), lse, torch.empty_like(lse)
+
+
+def _attn_fwd_slots_impl(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    depth_k: list[Tensor],
+    depth_v: list[Tensor],
+    causal: bool,
+    scale: float,
+    q_depth: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_attn_fwd_impl` with the depth stream as ``S >= 1`` slots ``[B,T,Hk,d]`` (one layout), all read.
+
+    The slots are read where they are, through a table of their offsets built on the device: no
+    stacked copy, so memory stays linear in depth.
+
+    ``q_depth`` has no default on purpose: the dispatcher drops arguments equal to their default,
+    and torch's autograd wrapper for ops with ``Tensor[]`` inputs then expects one gradient fewer
+    than the backward formula returns.
+    """
+    return _attn_fwd(q, k, v, slot_list(depth_k), slot_list(depth_v), len(depth_k), causal, scale, q_depth)
+
+
+moda_attn_fwd_slots = torch.library.custom_op("moda::attn_fwd_slots", _attn_fwd_slots_impl, mutates_args=())
+
+
+@moda_attn_fwd_slots.register_fake
+def _(q, k, v, depth_k, depth_v, causal, scale, q_depth):
+    return _fake_fwd_outputs(q)
 
 
 # ----------------------------------------------------------------------------- backward op
@@ -291,6 +337,56 @@ def _attn_bwd_into(
 moda_attn_bwd = torch.library.custom_op("moda::attn_bwd", _attn_bwd_impl, mutates_args=())
 
 
+def _attn_bwd_slots_impl(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    depth_k: list[Tensor],
+    depth_v: list[Tensor],
+    o: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    q_depth: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_attn_bwd_impl` for slot lists: the depth gradients come as two ``[S, B, T, Hk, d]`` tensors.
+
+    Slot-major, so that slot ``s``'s gradient is the dense block ``[s]``: autograd hands each slot
+    its view (``unbind``). A custom op may not return outputs that alias one another, hence one
+    tensor per stream here and the views outside the op.
+    """
+    S = len(depth_k)
+    grad_k = depth_k[0].new_empty((S, *depth_k[0].shape))  # every slot is read: no zero fill
+    grad_v = depth_v[0].new_empty((S, *depth_v[0].shape))
+    dq, dk, dv, dq_depth = _attn_bwd_into(
+        do, q, k, v, slot_list(depth_k), slot_list(depth_v), o, lse, S, causal, scale,
+        _slot_major(grad_k), _slot_major(grad_v), False, q_depth,
+    )  # fmt: skip
+    return dq, dk, dv, grad_k, grad_v, q.new_empty(0) if dq_depth is None else dq_depth
+
+
+def _slot_major(storage: Tensor) -> Tensor:
+    """``[S, B, T, Hk, d]`` memory seen as the ``[B, T, S, Hk, d]`` the kernels write."""
+    return storage.permute(1, 2, 0, 3, 4)
+
+
+moda_attn_bwd_slots = torch.library.custom_op("moda::attn_bwd_slots", _attn_bwd_slots_impl, mutates_args=())
+
+
+@moda_attn_bwd_slots.register_fake
+def _(do, q, k, v, depth_k, depth_v, o, lse, causal, scale, q_depth):
+    S = len(depth_k)
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        depth_k[0].new_empty((S, *depth_k[0].shape)),
+        depth_v[0].new_empty((S, *depth_v[0].shape)),
+        q.new_empty(0) if q_depth is None else torch.empty_like(q_depth),
+    )
+
+
 @moda_attn_bwd.register_fake
 def _(do, q, k, v, depth_k, depth_v, o, lse, num_depth, causal, scale, q_depth=None):
     return (
@@ -329,6 +425,38 @@ def _backward(ctx, do, _dlse, _dlse_depth):
 moda_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _setup_slots_context(ctx, inputs, output):
+    q, k, v, depth_k, depth_v, causal, scale, q_depth = inputs
+    o, lse, lse_depth = output
+    # the slots themselves, not a stacked copy: saving references costs no memory
+    ctx.save_for_backward(q, k, v, o, lse, q_depth, *depth_k, *depth_v)
+    ctx.num_slots, ctx.causal, ctx.scale = len(depth_k), causal, scale
+    ctx.mark_non_differentiable(lse, lse_depth)
+
+
+def _saved_slots(ctx) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, list[Tensor], list[Tensor]]:
+    q, k, v, o, lse, q_depth, *slots = ctx.saved_tensors
+    return q, k, v, o, lse, q_depth, slots[: ctx.num_slots], slots[ctx.num_slots :]
+
+
+def _slot_grads(ctx, do: Tensor | None, attn_bwd_slots) -> tuple:
+    """Gradients of the slots op's eight inputs; each slot gets its view of the slot-major gradient."""
+    q, k, v, o, lse, q_depth, depth_k, depth_v = _saved_slots(ctx)
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv, grad_k, grad_v, dq_depth = attn_bwd_slots(
+        do, q, k, v, depth_k, depth_v, o, lse, ctx.causal, ctx.scale, q_depth
+    )
+    return dq, dk, dv, list(grad_k.unbind(0)), list(grad_v.unbind(0)), None, None, None if q_depth is None else dq_depth
+
+
+def _backward_slots(ctx, do, _dlse, _dlse_depth):
+    return _slot_grads(ctx, do, moda_attn_bwd_slots)
+
+
+moda_attn_fwd_slots.register_autograd(_backward_slots, setup_context=_setup_slots_context)
+
+
 class _EagerAttn(torch.autograd.Function):
     """The op's forward and backward called directly, for plain eager calls.
 
@@ -360,6 +488,34 @@ class _EagerAttn(torch.autograd.Function):
         dq, dk, dv, dq_depth = _attn_bwd_into(do, q, k, v, depth_k, depth_v, o, lse, ctx.num_depth, ctx.causal,
                                               ctx.scale, into_k, into_v, True, q_depth)  # fmt: skip
         return dq, dk, dv, None, None, None, None, None, dq_depth, None
+
+
+class _EagerAttnSlots(torch.autograd.Function):
+    """:class:`_EagerAttn` for slot lists. The slots come last, flattened (keys, then values), so that
+    autograd sees each one as an input; ``num_slots`` splits them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_depth, causal, scale, grad_into, num_slots, *slots):
+        depth_k, depth_v = list(slots[:num_slots]), list(slots[num_slots:])
+        output = _attn_fwd_slots_impl(q, k, v, depth_k, depth_v, causal, scale, q_depth)
+        _setup_slots_context(ctx, (q, k, v, depth_k, depth_v, causal, scale, q_depth), output)
+        ctx.grad_into = grad_into
+        ctx.set_materialize_grads(False)
+        return output
+
+    @staticmethod
+    def backward(ctx, do, _dlse, _dlse_depth):
+        no_slot_grads = [None] * (2 * ctx.num_slots)
+        if ctx.grad_into is None:
+            dq, dk, dv, grads_k, grads_v, _, _, dq_depth = _slot_grads(ctx, do, _attn_bwd_slots_impl)
+            return dq, dk, dv, dq_depth, None, None, None, None, *grads_k, *grads_v
+        q, k, v, o, lse, q_depth, depth_k, depth_v = _saved_slots(ctx)
+        do = torch.zeros_like(o) if do is None else do
+        into_k, into_v = resolve_grad_into(ctx.grad_into, depth_k)
+        dq, dk, dv, dq_depth = _attn_bwd_into(do, q, k, v, slot_list(depth_k), slot_list(depth_v), o, lse,
+                                              ctx.num_slots, ctx.causal, ctx.scale, into_k, into_v, True,
+                                              q_depth)  # fmt: skip
+        return dq, dk, dv, dq_depth, None, None, None, None, *no_slot_grads
 
 
 def _through_custom_op() -> bool:
@@ -396,6 +552,18 @@ def _bwd_flop(do_shape, q_shape, *args, out_shape=None, **kwargs) -> int:
     return _attn_flops(q_shape, num_depth, causal) * 5 // 2
 
 
+# The slot lists arrive as lists of shapes; all of them are read.
+@register_flop_formula(torch.ops.moda.attn_fwd_slots)
+def _fwd_slots_flop(q_shape, k_shape, v_shape, dk_shapes, dv_shapes, causal, *args, out_shape=None, **kwargs) -> int:
+    return _attn_flops(q_shape, len(dk_shapes), causal)
+
+
+@register_flop_formula(torch.ops.moda.attn_bwd_slots)
+def _bwd_slots_flop(do_shape, q_shape, k_shape, v_shape, dk_shapes, dv_shapes, o_shape, lse_shape, causal, *args,
+                    out_shape=None, **kwargs) -> int:  # fmt: skip
+    return _attn_flops(q_shape, len(dk_shapes), causal) * 5 // 2
+
+
 # ----------------------------------------------------------------------------- public boundary
 
 
@@ -426,12 +594,23 @@ def _check_kernel_inputs(tensors: dict[str, Tensor]) -> None:
         raise ValueError(f"moda_attn: head dim d={d} is not supported by the Triton kernel; use 32, 64 or 128.")
 
 
+def _check_slot_layout(depth_k: list[Tensor], depth_v: list[Tensor]) -> None:
+    """The kernels read every slot with slot 0's strides: ask for contiguous slots (never copied here)."""
+    for name, slots in (("depth_k", depth_k), ("depth_v", depth_v)):
+        for s, t in enumerate(slots):
+            if not t.is_contiguous():
+                raise ValueError(
+                    f"moda_attn: depth slot {name}[{s}] must be contiguous (strides {tuple(t.stride())}); "
+                    "the slots are read in place, so pass contiguous slots (e.g. .contiguous() where they are made)."
+                )
+
+
 def moda_attn(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    depth_k: Tensor | None = None,
-    depth_v: Tensor | None = None,
+    depth_k: Tensor | Sequence[Tensor] | None = None,
+    depth_v: Tensor | Sequence[Tensor] | None = None,
     *,
     num_depth: int | None = None,
     causal: bool = True,
@@ -447,43 +626,62 @@ def moda_attn(
             Under CUDA autocast all inputs are cast to the autocast dtype, as SDPA does.
         k, v: ``[B, T, Hk, d]``, ``Hq % Hk == 0``.
         depth_k, depth_v: the depth stream ``[B, T, S, Hk, d]`` with any strides (read in place),
-            or ``None``.
-        num_depth: depth slots to read, ``0 <= num_depth <= S`` (default: all ``S``).
+            or lists of ``S`` contiguous slots ``[B, T, Hk, d]`` (read whole and in place, wherever
+            each slot lives; the form of a functional depth stream, which ``torch.compile`` can
+            trace), or ``None``.
+        num_depth: depth slots to read, ``0 <= num_depth <= S`` (default: all ``S``; a list is read
+            whole, so only ``None`` or its length).
         causal: sequence keys ``j <= t`` only.
         scale: logit scale, default ``d ** -0.5``.
         return_lse: also return ``lse`` and ``lse_depth`` ``[B, T, Hq]`` (fp32, natural log; not
             differentiable).
-        depth_grad_into: two tensors shaped like ``depth_k``, or a function returning them that
-            is called in backward; the backward adds the depth gradients into them instead of
-            returning them (see ``grad_into.py``).
+        depth_grad_into: two tensors shaped like ``depth_k`` (``[B, T, S, Hk, d]`` for lists too),
+            or a function returning them that is called in backward; the backward adds the depth
+            gradients into them instead of returning them (see ``grad_into.py``).
         q_depth: ``[B, T, Hq, d]`` like ``q``, the query of the depth logits only (default: ``q``);
             the sequence logits keep ``q``. With depth slots to read, a ``"fused"`` path request
             runs ``"triton_split"`` (the fused kernels take one query).
 
     Returns:
         ``o [B, T, Hq, d]``, or ``(o, lse, lse_depth)``; gradients flow to q, k, v, depth_k, depth_v
-        and q_depth (``q`` gets the sequence part of the query gradient, ``q_depth`` the depth part).
+        (each slot of a list, as views of one slot-major tensor) and q_depth (``q`` gets the sequence
+        part of the query gradient, ``q_depth`` the depth part).
     """
     num_depth = check_moda_inputs(q, k, v, depth_k, depth_v, num_depth, q_depth)
+    slot_lists = isinstance(depth_k, (list, tuple))
+    if slot_lists and num_depth == 0:  # empty lists: no depth stream
+        depth_k = depth_v = None
+        slot_lists = False
     if q.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         # like SDPA under autocast: run in the autocast dtype (a no-op for tensors already in it)
         dtype = torch.get_autocast_dtype("cuda")
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        if depth_k is not None and depth_v is not None:
+        if slot_lists:
+            depth_k, depth_v = [t.to(dtype) for t in depth_k], [t.to(dtype) for t in depth_v]
+        elif depth_k is not None and depth_v is not None:
             depth_k, depth_v = depth_k.to(dtype), depth_v.to(dtype)
         if q_depth is not None:
             q_depth = q_depth.to(dtype)
     tensors = {"q": q, "k": k, "v": v}
-    if depth_k is not None and depth_v is not None:
+    if slot_lists:  # check_moda_inputs gave every slot slot 0's dtype and q's device
+        tensors.update(depth_k=depth_k[0], depth_v=depth_v[0])
+    elif depth_k is not None and depth_v is not None:
         tensors.update(depth_k=depth_k, depth_v=depth_v)
     if q_depth is not None:
         tensors.update(q_depth=q_depth)
     _check_kernel_inputs(tensors)
     B, T, Hq, d = q.shape
+    scale = d**-0.5 if scale is None else float(scale)
+    if slot_lists:
+        depth_k, depth_v = list(depth_k), list(depth_v)
+        _check_slot_layout(depth_k, depth_v)
+        o, lse, lse_depth = _moda_attn_slots(q, k, v, depth_k, depth_v, causal, scale, q_depth, depth_grad_into)
+        if not return_lse:
+            return o
+        return o, lse.transpose(1, 2), lse_depth.transpose(1, 2)
     if depth_k is None or depth_v is None:
         depth_k = depth_v = q.new_empty(B, T, 0, k.shape[2], d)
         depth_grad_into = None
-    scale = d**-0.5 if scale is None else float(scale)
     if _through_custom_op():
         if depth_grad_into is not None:
             depth_k, depth_v = add_grad_into(depth_k, depth_v, depth_grad_into)
@@ -497,6 +695,20 @@ def moda_attn(
     if not return_lse:
         return o
     return o, lse.transpose(1, 2), lse_depth.transpose(1, 2)
+
+
+def _moda_attn_slots(
+    q: Tensor, k: Tensor, v: Tensor, depth_k: list[Tensor], depth_v: list[Tensor], causal: bool, scale: float,
+    q_depth: Tensor | None, depth_grad_into: GradInto | None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``moda_attn`` for checked, non-empty slot lists: ``o`` and ``lse, lse_depth [B, Hq, T]``."""
+    if _through_custom_op():
+        if depth_grad_into is not None:
+            depth_k, depth_v = add_grad_into(depth_k, depth_v, depth_grad_into)
+        return torch.ops.moda.attn_fwd_slots(q, k, v, depth_k, depth_v, causal, scale, q_depth)
+    if depth_grad_into is not None and not callable(depth_grad_into):
+        check_grad_into(depth_grad_into, depth_k)  # fail now, not in backward
+    return _EagerAttnSlots.apply(q, k, v, q_depth, causal, scale, depth_grad_into, len(depth_k), *depth_k, *depth_v)
 
 
 __all__ = ["moda_attn", "set_overlap", "set_seq_backend"]

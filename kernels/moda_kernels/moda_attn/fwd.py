@@ -25,7 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from moda_kernels.moda_attn.tiles import depth_columns, load_rows, packed_rows
+from moda_kernels.moda_attn.slot_table import SlotList, depth_flags, depth_pointers
+from moda_kernels.moda_attn.tiles import depth_columns, load_rows, packed_rows, slot_offsets
+
+Depth = torch.Tensor | SlotList  # the depth stream: one [B, T, S, Hk, d] tensor, or one tensor per slot
 
 LOG2E = 1.4426950408889634  # 1 / ln 2: logits are kept in base 2 (exp2 is one instruction)
 LN2 = 0.6931471805599453
@@ -44,19 +47,25 @@ def _depth_fwd(
     stride_dkd,
     stride_dvs,
     stride_dvd,
+    DK_SLOTS,  # slot offset tables of the list form (unused by the tensor form)
+    DV_SLOTS,
     qk_scale,
     BLOCK_T: tl.constexpr,
     G_PAD: tl.constexpr,
     D: tl.constexpr,
+    SLOT_TABLE: tl.constexpr,
+    SLOTS_ALIGNED: tl.constexpr,
 ):
     """Online softmax over a token's own depth slots; returns the base-2 state ``(m, l, acc)``."""
     m3 = tl.full([BLOCK_T, G_PAD], float("-inf"), tl.float32)
     l3 = tl.zeros([BLOCK_T, G_PAD], tl.float32)
     acc3 = tl.zeros([BLOCK_T, G_PAD, D], tl.float32)
     for s in range(0, num_depth):
+        at_k = slot_offsets(s, s < num_depth, stride_dks, DK_SLOTS, SLOT_TABLE, SLOTS_ALIGNED)
+        at_v = slot_offsets(s, s < num_depth, stride_dvs, DV_SLOTS, SLOT_TABLE, SLOTS_ALIGNED)
         # [BLOCK_T, D]: slot s of each token, loaded once for its G query rows
-        b_dk = tl.load(ptr_dk[:, None] + s * stride_dks + offs_d[None, :] * stride_dkd, mask=mask_t[:, None], other=0.0)
-        b_dv = tl.load(ptr_dv[:, None] + s * stride_dvs + offs_d[None, :] * stride_dvd, mask=mask_t[:, None], other=0.0)
+        b_dk = tl.load(ptr_dk[:, None] + at_k + offs_d[None, :] * stride_dkd, mask=mask_t[:, None], other=0.0)
+        b_dv = tl.load(ptr_dv[:, None] + at_v + offs_d[None, :] * stride_dvd, mask=mask_t[:, None], other=0.0)
         # [BLOCK_T, G_PAD]: one depth logit per query row
         x = tl.sum(b_q3 * b_dk.to(tl.float32)[:, None, :], axis=2) * qk_scale
         # online-softmax update with one new key per row
@@ -119,7 +128,7 @@ def _seq_fwd(
 
 @triton.jit
 def moda_fwd_kernel(
-    Q, K, V, DK, DV, O, LSE, LSE_D,
+    Q, K, V, DK, DV, DK_SLOTS, DV_SLOTS, O, LSE, LSE_D,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -135,6 +144,8 @@ def moda_fwd_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_DEPTH: tl.constexpr,
+    SLOT_TABLE: tl.constexpr,  # depth given as one tensor per slot: DK, DV are slot 0, DK_SLOTS, DV_SLOTS the offsets
+    SLOTS_ALIGNED: tl.constexpr,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
     b, hk, t0, offs_t, offs_h, mask_r = packed_rows(tl.program_id(0), tl.program_id(1), T, Hk, G, G_PAD, BLOCK_T)
@@ -151,7 +162,7 @@ def moda_fwd_kernel(
         b_q3 = tl.reshape(b_q.to(tl.float32), (BLOCK_T, G_PAD, D))
         m3, l3, acc3 = _depth_fwd(
             b_q3, ptr_dk, ptr_dv, offs_d, mask_t, num_depth, stride_dks, stride_dkd, stride_dvs, stride_dvd,
-            qk_scale, BLOCK_T, G_PAD, D,
+            DK_SLOTS, DV_SLOTS, qk_scale, BLOCK_T, G_PAD, D, SLOT_TABLE, SLOTS_ALIGNED,
         )  # fmt: skip
         m_i = tl.reshape(m3, (BLOCK_M,))
         l_i = tl.reshape(l3, (BLOCK_M,))
@@ -212,8 +223,8 @@ def moda_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    depth_k: torch.Tensor,
-    depth_v: torch.Tensor,
+    depth_k: Depth,
+    depth_v: Depth,
     num_depth: int,
     causal: bool,
     scale: float,
@@ -228,19 +239,20 @@ def moda_fwd(
     G = Hq // Hk
     cfg = dict(config or fwd_config(G, d, q.device.type == "cpu"))
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * Hk)
+    (dk, dk_slots), (dv, dv_slots) = depth_pointers(depth_k), depth_pointers(depth_v)
     moda_fwd_kernel[grid](
-        q, k, v, depth_k, depth_v, o, lse, lse_depth,
+        q, k, v, dk, dv, dk_slots, dv_slots, o, lse, lse_depth,
         *q.stride(), *k.stride(), *v.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(),
         *lse.stride(),
         T, Hk, num_depth, scale * LOG2E,
-        G=G, D=d, CAUSAL=causal, HAS_DEPTH=num_depth > 0,
+        G=G, D=d, CAUSAL=causal, HAS_DEPTH=num_depth > 0, **depth_flags(depth_k, depth_v),
         **cfg,
     )  # fmt: skip
 
 
 @triton.jit
 def moda_depth_fwd_kernel(
-    Q, DK, DV, O, LSE, LSE_D,
+    Q, DK, DV, DK_SLOTS, DV_SLOTS, O, LSE, LSE_D,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_dkb, stride_dkt, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvt, stride_dvs, stride_dvh, stride_dvd,
@@ -254,6 +266,8 @@ def moda_depth_fwd_kernel(
     SC: tl.constexpr,  # depth slots per token per step
     MERGE: tl.constexpr,  # True: merge into (O, LSE) in place; False: write the depth-only output to O (fp32)
     HK_FAST: tl.constexpr,  # grid axis 0 runs over (batch, KV head), axis 1 over token blocks
+    SLOT_TABLE: tl.constexpr,  # depth given as one tensor per slot: DK, DV are slot 0, DK_SLOTS, DV_SLOTS the offsets
+    SLOTS_ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """Depth part of MoDA merged into a sequence-only ``(o, lse)`` by log-sum-exp, in place.
 
@@ -283,10 +297,12 @@ def moda_depth_fwd_kernel(
     for s0 in range(0, num_depth, SC):
         slot = s0 + offs_cs
         mask_c = mask_ct & (slot < num_depth)
+        at_k = slot_offsets(slot, slot < num_depth, stride_dks, DK_SLOTS, SLOT_TABLE, SLOTS_ALIGNED)
+        at_v = slot_offsets(slot, slot < num_depth, stride_dvs, DV_SLOTS, SLOT_TABLE, SLOTS_ALIGNED)
         # [D, BLOCK_N]
-        b_dkT = tl.load(ptr_dk[None, :] + slot[None, :] * stride_dks + offs_d[:, None] * stride_dkd, mask=mask_c[None, :], other=0.0)
+        b_dkT = tl.load(ptr_dk[None, :] + at_k[None, :] + offs_d[:, None] * stride_dkd, mask=mask_c[None, :], other=0.0)
         # [BLOCK_N, D]
-        b_dv = tl.load(ptr_dv[:, None] + slot[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, mask=mask_c[:, None], other=0.0)
+        b_dv = tl.load(ptr_dv[:, None] + at_v[:, None] + offs_d[None, :] * stride_dvd, mask=mask_c[:, None], other=0.0)
         x = tl.dot(b_q, b_dkT) * qk_scale
         x = tl.where(same_token & (slot < num_depth)[None, :], x, float("-inf"))
         # online-softmax update (every row has at least one valid slot in each step)
@@ -368,8 +384,8 @@ def depth_grid(cfg: dict[str, int], T: int, B: int, Hk: int) -> tuple[tuple[int,
 
 def moda_depth_fwd(
     q: torch.Tensor,
-    depth_k: torch.Tensor,
-    depth_v: torch.Tensor,
+    depth_k: Depth,
+    depth_v: Depth,
     num_depth: int,
     scale: float,
     o: torch.Tensor,
@@ -386,9 +402,10 @@ def moda_depth_fwd(
     Hk = depth_k.shape[3]
     cfg = dict(config or depth_config(Hq // Hk, q.device.type == "cpu"))
     grid, hk_fast = depth_grid(cfg, T, B, Hk)
+    (dk, dk_slots), (dv, dv_slots) = depth_pointers(depth_k), depth_pointers(depth_v)
     moda_depth_fwd_kernel[grid](
-        q, depth_k, depth_v, o, lse, lse_depth,
+        q, dk, dv, dk_slots, dv_slots, o, lse, lse_depth,
         *q.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(), *lse.stride(),
         T, Hk, num_depth, scale * LOG2E,
-        G=Hq // Hk, D=d, MERGE=merge, HK_FAST=hk_fast, **cfg,
+        G=Hq // Hk, D=d, MERGE=merge, HK_FAST=hk_fast, **depth_flags(depth_k, depth_v), **cfg,
     )  # fmt: skip

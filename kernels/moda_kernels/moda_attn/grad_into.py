@@ -10,11 +10,15 @@ Paths without that fusion (the reference, the registered op under ``torch.compil
 ``depth_grad_into`` is the pair of tensors, or a function returning it that is called in
 backward: the buffer then need not exist during the forward pass, whose end (the logits) is
 where a training step's memory usually peaks.
+
+With the depth stream given as lists of ``S`` slots ``[B, T, Hk, d]``, the pair is still two
+``[B, T, S, Hk, d]`` tensors (slot ``s`` of the list adds into ``[:, :, s]``); slot-major memory
+(``[S, B, T, Hk, d]`` seen as ``[B, T, S, Hk, d]``) keeps each slot's part one dense block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Union
 
 import torch
@@ -23,20 +27,34 @@ from torch import Tensor
 GradInto = Union[tuple[Tensor, Tensor], Callable[[], tuple[Tensor, Tensor]]]
 
 
-def check_grad_into(grad_into: tuple[Tensor, Tensor], depth_k: Tensor) -> tuple[Tensor, Tensor]:
+DepthKeys = Union[Tensor, Sequence[Tensor]]  # the depth stream's keys: [B, T, S, Hk, d], or S slots [B, T, Hk, d]
+
+
+def _stream_shape(depth_k: DepthKeys) -> tuple[list[int], str]:
+    """The ``[B, T, S, Hk, d]`` shape of the keys' gradient, and how the keys were given (for messages)."""
+    if isinstance(depth_k, Tensor):
+        return list(depth_k.shape), f"depth_k ({list(depth_k.shape)}"
+    B, T, Hk, d = depth_k[0].shape
+    shape = [B, T, len(depth_k), Hk, d]
+    return shape, f"the {len(depth_k)} depth_k slots stacked at dim 2 ({shape}"
+
+
+def check_grad_into(grad_into: tuple[Tensor, Tensor], depth_k: DepthKeys) -> tuple[Tensor, Tensor]:
     """Return ``grad_into`` as a pair after checking that it can hold ``depth_k``'s gradient."""
     if len(grad_into) != 2:
         raise ValueError("moda_attention: depth_grad_into must be a pair (keys, values) of tensors.")
+    like = depth_k if isinstance(depth_k, Tensor) else depth_k[0]
+    shape, described = _stream_shape(depth_k)
     for name, t in zip(("keys", "values"), grad_into):
-        if t.shape != depth_k.shape or t.dtype != depth_k.dtype or t.device != depth_k.device:
+        if list(t.shape) != shape or t.dtype != like.dtype or t.device != like.device:
             raise ValueError(
-                f"moda_attention: depth_grad_into {name} must match depth_k ({list(depth_k.shape)}, "
-                f"{depth_k.dtype}, {depth_k.device}); got {list(t.shape)}, {t.dtype}, {t.device}."
+                f"moda_attention: depth_grad_into {name} must match {described}, "
+                f"{like.dtype}, {like.device}); got {list(t.shape)}, {t.dtype}, {t.device}."
             )
     return grad_into[0], grad_into[1]
 
 
-def resolve_grad_into(grad_into: GradInto, depth_k: Tensor) -> tuple[Tensor, Tensor]:
+def resolve_grad_into(grad_into: GradInto, depth_k: DepthKeys) -> tuple[Tensor, Tensor]:
     """The pair itself (calling ``grad_into`` if it is a function), checked against ``depth_k``."""
     return check_grad_into(grad_into() if callable(grad_into) else grad_into, depth_k)
 
@@ -61,10 +79,37 @@ class _AddGradInto(torch.autograd.Function):
         return None, None, None
 
 
-def add_grad_into(depth_k: Tensor, depth_v: Tensor, grad_into: GradInto) -> tuple[Tensor, Tensor]:
-    """``depth_k, depth_v`` unchanged, with their gradients routed into ``grad_into`` (added)."""
+class _AddGradIntoSlots(torch.autograd.Function):
+    """:class:`_AddGradInto` for a depth stream given as lists: slot ``s`` adds into ``[:, :, s]``."""
+
+    @staticmethod
+    def forward(ctx, grad_into: GradInto, num_slots: int, *slots: Tensor) -> tuple[Tensor, ...]:
+        ctx.grad_into, ctx.num_slots = grad_into, num_slots
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*slots[:num_slots])  # the keys, for the check: references, no memory
+        return tuple(t.view_as(t) for t in slots)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple:
+        into_k, into_v = resolve_grad_into(ctx.grad_into, list(ctx.saved_tensors))
+        S = ctx.num_slots
+        for into, slot_grads in ((into_k, grads[:S]), (into_v, grads[S:])):
+            for s, g in enumerate(slot_grads):
+                if g is not None:
+                    into[:, :, s].add_(g)
+        return None, None, *[None] * len(grads)
+
+
+def add_grad_into(
+    depth_k: Tensor | Sequence[Tensor], depth_v: Tensor | Sequence[Tensor], grad_into: GradInto
+) -> tuple[Tensor, Tensor] | tuple[list[Tensor], list[Tensor]]:
+    """``depth_k, depth_v`` unchanged (tensors or lists of slots), with their gradients routed into
+    ``grad_into`` (added)."""
     if not callable(grad_into):
         check_grad_into(grad_into, depth_k)
     if not torch.is_grad_enabled():
         return depth_k, depth_v
-    return _AddGradInto.apply(depth_k, depth_v, grad_into)
+    if isinstance(depth_k, Tensor):
+        return _AddGradInto.apply(depth_k, depth_v, grad_into)
+    views = _AddGradIntoSlots.apply(grad_into, len(depth_k), *depth_k, *depth_v)
+    return list(views[: len(depth_k)]), list(views[len(depth_k) :])
