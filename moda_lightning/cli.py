@@ -117,6 +117,12 @@ class MoDACLI(LightningCLI):
             except ValueError as err:
                 raise SetupError(err) from err
             self._model_config_before_ckpt = dict(self.config[subcommand].get("model") or {})
+        init_from = (self.config[subcommand].get("model") or {}).get("init_from") if subcommand else None
+        if init_from:  # before the data module tokenizes anything
+            try:
+                check_init_from(init_from, self.config[subcommand].model)
+            except ValueError as err:
+                raise SetupError(err) from err
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -357,11 +363,12 @@ def main(args: list[str] | None = None) -> None:
 
     ``moda study ...`` runs a study file (see :mod:`moda_lightning.study`) instead, and
     ``moda eval ...`` scores text files with a checkpoint (:mod:`moda_lightning.evaluate`), and
-    ``moda generate ...`` continues prompts with one (:mod:`moda_lightning.generation.command`).
+    ``moda generate ...`` continues prompts with one (:mod:`moda_lightning.generation.command`), and
+    ``moda export ...`` writes one as a Hugging Face folder (:mod:`moda_lightning.export.command`).
     """
     argv = sys.argv[1:] if args is None else args
     _quiet_unactionable_messages()
-    if argv[:1] in (["study"], ["eval"], ["generate"]):
+    if argv[:1] in (["study"], ["eval"], ["generate"], ["export"]):
         _tool(argv[0], argv[1:], raise_errors=args is not None)
         return
     try:
@@ -388,6 +395,18 @@ def main(args: list[str] | None = None) -> None:
     finally:
         _reserved_run_dirs.clear()
         _interrupt_handlers.clear()
+
+
+def check_init_from(folder: str, model_args: Any) -> None:
+    """``--model.init_from`` names a ``moda export`` folder of the architecture the model flags describe
+    (its vocabulary is compared when the model is built, once the tokenizer is known)."""
+    from moda_lightning.config import MoDAConfig
+    from moda_lightning.export.hf import read_exported_config
+    from moda_lightning.lightning_module import check_same_architecture
+
+    exported = read_exported_config(folder)
+    values = model_args.as_dict() if hasattr(model_args, "as_dict") else dict(model_args)
+    check_same_architecture(MoDAConfig.from_mapping(values, vocab_size=exported.vocab_size), exported, folder)
 
 
 def _discard_untrained_run_dirs() -> None:
@@ -424,10 +443,15 @@ def resolved_fit_config(args: list[str]) -> dict[str, Any]:
 
 
 def _tool(name: str, argv: list[str], raise_errors: bool) -> None:
-    """``moda study``, ``moda eval`` or ``moda generate``: a command of its own module, its ValueErrors one line."""
+    """``moda study``, ``eval``, ``generate`` or ``export``: a command of its own module, its ValueErrors one line."""
     import importlib
 
-    modules = {"study": "moda_lightning.study", "eval": "moda_lightning.evaluate", "generate": "moda_lightning.generation.command"}
+    modules = {
+        "study": "moda_lightning.study",
+        "eval": "moda_lightning.evaluate",
+        "generate": "moda_lightning.generation.command",
+        "export": "moda_lightning.export.command",
+    }
     tool_main = importlib.import_module(modules[name]).main
     try:
         code = tool_main(argv)

@@ -7,6 +7,7 @@ decay to a fraction of the peak (the paper's recipe).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Literal
 
@@ -21,6 +22,44 @@ from torchmetrics.aggregation import MeanMetric
 from moda_lightning.checkpoint import add_checksum
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDATransformer
+
+
+# Fields that do not change the weights: how attention is computed (for the same math), how the
+# network is initialised, recomputation, the longest sequence (rotary tables are not weights).
+_NOT_ARCHITECTURE = {"attention", "plugins", "init_std", "init_scheme", "max_seq_len"}
+_SAME_MATH = [{"moda_torch", "moda_triton"}]
+
+
+def check_same_architecture(config: MoDAConfig, exported: MoDAConfig, folder: str) -> None:
+    """Raise ValueError, listing the ``--model.*`` flags that would match, if the exported folder's
+    network is not the one ``config`` builds."""
+    differ = {
+        f.name: getattr(exported, f.name)
+        for f in dataclasses.fields(MoDAConfig)
+        if f.name not in _NOT_ARCHITECTURE and getattr(exported, f.name) != getattr(config, f.name)
+    }
+    backends = {exported.attention, config.attention}
+    if len(backends) > 1 and not any(backends <= same for same in _SAME_MATH):
+        differ["attention"] = exported.attention
+    if differ:
+        flags = " ".join(f"--model.{name}={str(value).lower() if isinstance(value, bool) else value}" for name, value in differ.items())
+        raise ValueError(
+            f"--model.init_from={folder} holds another architecture than this run's model; pass {flags} "
+            "(or leave out --model.init_from)."
+        )
+
+
+def exported_weights_for(config: MoDAConfig, folder: str) -> dict[str, Tensor]:
+    """The weights of an exported folder (``moda export``) for a network built from ``config``.
+
+    Raises:
+        ValueError: if the folder is not an export, or describes another architecture.
+    """
+    from moda_lightning.export.hf import load_exported
+
+    exported, state = load_exported(folder)
+    check_same_architecture(config, exported, folder)
+    return state
 
 
 class MoDALightningModule(L.LightningModule):
@@ -66,6 +105,9 @@ class MoDALightningModule(L.LightningModule):
         weight_decay: AdamW weight decay on matrices (not on norms or embeddings).
         betas: AdamW betas.
         compile: compile the network (not this module) with ``torch.compile``.
+        init_from: a folder written by ``moda export`` (a Hugging Face model folder) whose weights
+            this run starts from; the model flags must describe the same architecture (a mismatch
+            is refused, with the flags to pass). Optimizer state and step count start fresh.
         compile_mode: ``torch.compile``'s mode: 'default'; 'reduce-overhead' replays the compiled
             forward and backward as CUDA graphs, so the GPU no longer waits for Python to issue each
             kernel (the host gap of a launch-bound step); 'max-autotune' also tunes matmuls;
@@ -106,6 +148,7 @@ class MoDALightningModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         compile: bool = False,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -118,6 +161,8 @@ class MoDALightningModule(L.LightningModule):
         # Every init argument that is a MoDAConfig field goes to the config (None: its default).
         self.config = MoDAConfig.from_mapping(self.hparams)
         self.model = MoDATransformer(self.config)
+        if init_from:
+            self.model.load_state_dict(exported_weights_for(self.config, init_from))
         self.val_loss = MeanMetric()
         self.tokens_seen = 0
 
