@@ -32,7 +32,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from moda_lightning.data import tokenizer as tk
 from moda_lightning.data.corpus import Corpus
+from moda_lightning.data.token_cache import document_batches
 from moda_lightning.trained import build_model, check_weights, open_checkpoint, resolve_device
 
 _IGNORE = -100
@@ -54,8 +55,6 @@ _IGNORE = -100
 _SHOW_AFTER = {"delay": 2.0} if tuple(int(x) for x in tqdm_version.split(".")[:2]) >= (4, 60) else {}
 """Progress bars appear only once a step has run this long (tqdm >= 4.60): a short input prints none."""
 
-_ENCODE_BATCH_DOCS = 256
-_ENCODE_BATCH_CHARS = 8 << 20  # a batch of a few long files stays a few MB of text
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,7 @@ def tokenize(corpus: Corpus, tokenizer: Tokenizer) -> TokenStream:
     documents = n_bytes = 0
     progress = tqdm(desc="tokenizing", unit=" docs", mininterval=2.0, leave=False, file=sys.stderr, **_SHOW_AFTER)
     try:
-        for batch in _batches(corpus.documents()):
+        for batch in document_batches(corpus.documents()):
             for encoding in encode(batch, add_special_tokens=False):
                 ids.extend(encoding.ids)
                 ids.append(eot)
@@ -149,19 +148,6 @@ def tokenize(corpus: Corpus, tokenizer: Tokenizer) -> TokenStream:
     if documents == 0:
         raise ValueError(_in_eval_words(str(corpus.empty_error())))
     return TokenStream(torch.frombuffer(ids, dtype=torch.uint32 if big else torch.uint16), documents, n_bytes)
-
-
-def _batches(documents: Iterator[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    chars = 0
-    for doc in documents:
-        batch.append(doc)
-        chars += len(doc)
-        if len(batch) >= _ENCODE_BATCH_DOCS or chars >= _ENCODE_BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
 
 
 # --- scoring -------------------------------------------------------------------------------------

@@ -200,7 +200,9 @@ def require_writable_cache_dir(cache_dir: str | os.PathLike[str]) -> None:
         raise cache_write_error(cache_dir, err) from err
 
 
-def _batches(documents: Iterator[str]) -> Iterator[list[str]]:
+def document_batches(documents: Iterator[str]) -> Iterator[list[str]]:
+    """Documents in batches for ``encode_batch``: at most ``ENCODE_BATCH_DOCS`` documents or about
+    ``ENCODE_BATCH_CHARS`` characters each, so a few long files stay a few MB of text."""
     batch: list[str] = []
     chars = 0
     for doc in documents:
@@ -294,7 +296,7 @@ def build_token_cache(corpus: Corpus, tokenizer: Tokenizer, eot_id: int, path: P
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w+b") as f:
-            for batch in _batches(corpus.documents()):
+            for batch in document_batches(corpus.documents()):
                 ids = array.array(typecode)
                 for encoding in encode(batch, add_special_tokens=False):
                     ids.extend(encoding.ids)
