@@ -180,17 +180,27 @@ class DepthAttentionStats(L.Callback):
             training time on the CPU default config and 1.5% at the Table 6 shape on an H100
             (docs/flops.md). Drawing and logging the three figures adds about 0.35 s per probe at
             the default config and 0.85 s at 24 layers x 16 heads (one thread of a shared 2-core
-            Xeon, 2026-12-01), which can outweigh the probe: raise this on fast GPUs.
+            Xeon, 2026-12-01), which can outweigh the probe: hence ``figures_every_n_steps``.
         probe_batch_size: rows of the first validation batch kept as the probe batch.
+        figures_every_n_steps: optimizer steps between the figures and histograms (a multiple of
+            ``every_n_steps``; default ten probes). The last probe of a run always gets them.
     """
 
-    def __init__(self, every_n_steps: int = 50, probe_batch_size: int = 4) -> None:
+    def __init__(self, every_n_steps: int = 50, probe_batch_size: int = 4, figures_every_n_steps: int | None = None) -> None:
         super().__init__()
         if every_n_steps < 1 or probe_batch_size < 1:
             raise ValueError(
                 f"DepthAttentionStats: every_n_steps={every_n_steps} and probe_batch_size={probe_batch_size} "
                 "must both be positive integers, e.g. every_n_steps=50, probe_batch_size=4."
             )
+        figures_every_n_steps = 10 * every_n_steps if figures_every_n_steps is None else figures_every_n_steps
+        if figures_every_n_steps < 1 or figures_every_n_steps % every_n_steps:
+            raise ValueError(
+                f"DepthAttentionStats: figures_every_n_steps={figures_every_n_steps} must be a positive multiple of "
+                f"every_n_steps={every_n_steps} (figures are drawn from a probe), e.g. {10 * every_n_steps}."
+            )
+        self.figures_every_n_steps = figures_every_n_steps
+        self._unfigured: tuple[list[LayerStats], MoDAConfig, int] | None = None  # the last probe, if not drawn
         self.every_n_steps = every_n_steps
         self.probe_batch_size = probe_batch_size
         self._probe: Tensor | None = None
@@ -267,11 +277,19 @@ class DepthAttentionStats(L.Callback):
             "depth_attn/mass_hist": histogram_figure(masses, step=step),
         }
 
-    def log_stats(self, loggers: list[Logger], stats: list[LayerStats], cfg: MoDAConfig, step: int) -> dict[str, float]:
-        """Log the scalars, figures, histograms and (once) the slot legend to every logger; returns the scalars."""
+    def log_stats(
+        self, loggers: list[Logger], stats: list[LayerStats], cfg: MoDAConfig, step: int, figures: bool = True
+    ) -> dict[str, float]:
+        """Log the scalars, (with ``figures``) the figures and histograms, and once the slot legend, to
+        every logger; returns the scalars."""
         scalars = self.scalars(stats, cfg)
         for logger in loggers:
             logger.log_metrics(scalars, step)
+        if figures:
+            self.log_figures(loggers, stats, cfg, step)
+        return scalars
+
+    def log_figures(self, loggers: list[Logger], stats: list[LayerStats], cfg: MoDAConfig, step: int) -> None:
         for tag, fig in self.figures(stats, cfg, step).items():
             log_figure(loggers, tag, fig, step)
         if cfg.reads_depth:
@@ -283,7 +301,6 @@ class DepthAttentionStats(L.Callback):
                 legend = "slot | written by\n---|---\n" + "\n".join(f"{s} | {name}" for s, name in enumerate(labels))
                 log_text(loggers, "depth_attn/slot_legend", legend, step)
                 self._legend_written = True
-        return scalars
 
     # --- Lightning hooks ----------------------------------------------------------------------
 
@@ -294,6 +311,11 @@ class DepthAttentionStats(L.Callback):
                 f"DepthAttentionStats: attention backend {cfg.attention!r} reads no depth stream, so the depth "
                 "statistics do not apply; logging the attention-sink and entropy statistics only."
             )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and self._unfigured is not None:  # the run's last picture of depth use
+            self.log_figures(trainer.loggers, *self._unfigured)
+            self._unfigured = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -316,7 +338,9 @@ class DepthAttentionStats(L.Callback):
             )
             return
         if trainer.is_global_zero:
-            self.log_stats(trainer.loggers, stats, cfg, step)
+            figures = step % self.figures_every_n_steps == 0
+            self.log_stats(trainer.loggers, stats, cfg, step, figures=figures)
+            self._unfigured = None if figures else (stats, cfg, step)
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         self.last_duration_s = time.perf_counter() - start

@@ -12,7 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from moda_lightning.cli import main
 
 CALLBACKS = [
-    {"class_path": "moda_lightning.callbacks.DepthAttentionStats", "init_args": {"every_n_steps": 2, "probe_batch_size": 2}},
+    {"class_path": "moda_lightning.callbacks.DepthAttentionStats",
+     "init_args": {"every_n_steps": 2, "probe_batch_size": 2, "figures_every_n_steps": 2}},
     {"class_path": "moda_lightning.callbacks.FlopsOverhead", "init_args": {"window_size": 2}},
 ]
 
@@ -102,3 +103,18 @@ def test_csv_logger_gets_the_figures_and_the_flops_table_as_files(tmp_path):
             assert 300 <= width <= 2000 and 250 <= height <= 1500
     assert "training FLOPs / token" in (media / "flops-table-step000000.md").read_text()
     assert "L01.ffn" in (media / "depth_attn-slot_legend-step000002.md").read_text()
+
+
+@pytest.mark.slow
+def test_figures_are_drawn_every_figures_every_n_steps_and_at_the_end(tmp_path):
+    """Scalars at every probe (steps 1..5); figures at step 4 and, the run ending between, at 5."""
+    sparse = [{"class_path": "moda_lightning.callbacks.DepthAttentionStats",
+               "init_args": {"every_n_steps": 1, "probe_batch_size": 2, "figures_every_n_steps": 4}}]  # fmt: skip
+    run_fit(tmp_path, "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.max_steps=5",
+            f"--trainer.callbacks={json.dumps(sparse)}")  # fmt: skip
+    (metrics,) = tmp_path.glob("runs/**/metrics.csv")
+    drawn = sorted(int(p.stem[-6:]) for p in (metrics.parent / "media").glob("depth_attn-mass_layer_x_head-step*.png"))
+    assert drawn == [4, 5]
+    rows = metrics.read_text().splitlines()
+    column = rows[0].split(",").index("depth_attn/layer_02/mass")
+    assert sum(1 for row in rows[1:] if row.split(",")[column]) == 5

@@ -169,3 +169,6 @@ def test_sdpa_baseline_logs_sink_and_entropy_only_and_says_so(caplog):
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="every_n_steps=0"):
         DepthAttentionStats(every_n_steps=0)
+    with pytest.raises(ValueError, match="figures_every_n_steps=75 must be a positive multiple of every_n_steps=50"):
+        DepthAttentionStats(figures_every_n_steps=75)
+    assert DepthAttentionStats(every_n_steps=20).figures_every_n_steps == 200
