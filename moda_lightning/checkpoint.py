@@ -167,7 +167,7 @@ def read_checkpoint(ckpt_path: str | os.PathLike[str], *, require_training_state
     if path.is_dir():
         found = sorted(p.relative_to(path) for p in path.rglob("*.ckpt"))
         example = str(path / found[0]) if found else str(path / "checkpoints" / "last.ckpt")
-        listing = f" (it holds {len(found)}: {_names(found)})" if found else " (it holds no .ckpt file)"
+        listing = f" (it holds {len(found)}: {short_list(found)})" if found else " (it holds no .ckpt file)"
         raise ValueError(f"{where} is a directory{listing}; pass one checkpoint file, e.g. --ckpt_path={example}.")
     size = path.stat().st_size
     with open(path, "rb") as handle:
@@ -226,7 +226,7 @@ def _check_layout(checkpoint: Any, path: Path, where: str, require_training_stat
         )
 
 
-def _names(items: Sequence[object], limit: int = 3) -> str:
+def short_list(items: Sequence[object], limit: int = 3) -> str:
     shown = ", ".join(str(item) for item in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
@@ -236,7 +236,7 @@ def _folder_advice(path: Path) -> str:
     folder = path.parent if str(path.parent) else Path(".")
     others = [p for p in folder.glob("*.ckpt") if p.name != path.name]
     others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    found = f" ({_names([p.name for p in others])})" if others else " (it holds no other checkpoint)"
+    found = f" ({short_list([p.name for p in others])})" if others else " (it holds no other checkpoint)"
     return f"{folder}{found}, or leave out --ckpt_path to start a new run"
 
 
@@ -305,9 +305,9 @@ def _check_finite(checkpoint: Mapping[str, Any], path: Path, model: LightningMod
     weights = checkpoint["state_dict"]
     suspects = [(f"weight {key}", weights[key]) for key in sorted(weights) if key in parameter_keys]
     suspects += [(key, t) for key, t in _tensors_in(checkpoint.get("optimizer_states"), "optimizer_states")]
-    bad = [name for name, t in suspects if isinstance(t, torch.Tensor) and not _all_finite(t)]
+    bad = [name for name, t in suspects if isinstance(t, torch.Tensor) and not all_finite(t)]
     if bad:
-        listed = _names(bad)
+        listed = short_list(bad)
         raise ValueError(
             f"--ckpt_path {path} holds NaN or inf values ({listed}): training had diverged before it was saved; "
             f"re-run from an earlier checkpoint in {_folder_advice(path)}, with a lower --model.lr or a longer "
@@ -315,7 +315,7 @@ def _check_finite(checkpoint: Mapping[str, Any], path: Path, model: LightningMod
         )
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
     # min and max propagate NaN and are inf when any value is: one pass and no [N] bool tensor,
@@ -394,21 +394,27 @@ def _check_tokenizer(checkpoint: Mapping[str, Any], path: Path, datamodule: Ligh
     )
 
 
+def state_dict_mismatches(expected: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
+    """How a saved state dict differs from a model's: missing and unexpected keys, differing shapes
+    (a few of each named); empty when the weights fit."""
+    want = {key: tuple(value.shape) for key, value in expected.items()}
+    have = {key: tuple(value.shape) for key, value in saved.items() if isinstance(value, torch.Tensor)}
+    problems = []
+    if missing := sorted(want.keys() - have.keys()):
+        problems.append(f"missing {short_list(missing)}")
+    if unexpected := sorted(have.keys() - want.keys()):
+        problems.append(f"unexpected {short_list(unexpected)}")
+    shapes = [key for key in sorted(want.keys() & have.keys()) if want[key] != have[key]]
+    problems += [f"{key} is {list(have[key])} in the file but {list(want[key])} here" for key in shapes[:3]]
+    if len(shapes) > 3:
+        problems.append(f"{len(shapes) - 3} more shapes differ")
+    return problems
+
+
 def _check_fits_model(checkpoint: Mapping[str, Any], path: Path, model: LightningModule) -> None:
     if not getattr(model, "strict_loading", True):
         return  # the module asked Lightning to load a partial state dict
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    stored = checkpoint["state_dict"]
-    saved = {key: tuple(value.shape) for key, value in stored.items() if isinstance(value, torch.Tensor)}
-    problems = []
-    if missing := sorted(expected.keys() - saved.keys()):
-        problems.append(f"missing {_names(missing)}")
-    if unexpected := sorted(saved.keys() - expected.keys()):
-        problems.append(f"unexpected {_names(unexpected)}")
-    shapes = [key for key in sorted(expected.keys() & saved.keys()) if expected[key] != saved[key]]
-    problems += [f"{key} is {list(saved[key])} in the file but {list(expected[key])} here" for key in shapes[:3]]
-    if len(shapes) > 3:
-        problems.append(f"{len(shapes) - 3} more shapes differ")
+    problems = state_dict_mismatches(model.state_dict(), checkpoint["state_dict"])
     if problems:
         raise ValueError(
             f"--ckpt_path {path} does not fit the model built for it ({'; '.join(problems)}): it was written by "

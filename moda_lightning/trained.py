@@ -10,7 +10,7 @@ does all three.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,14 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from moda_lightning.attention import backend_class
-from moda_lightning.checkpoint import CHECKSUM_KEY, checkpoint_checksum, read_checkpoint
+from moda_lightning.checkpoint import (
+    CHECKSUM_KEY,
+    all_finite,
+    checkpoint_checksum,
+    read_checkpoint,
+    short_list,
+    state_dict_mismatches,
+)
 from moda_lightning.config import MoDAConfig
 from moda_lightning.data import tokenizer as tk
 from moda_lightning.model import MoDATransformer
@@ -222,12 +229,11 @@ def check_weights(ckpt: ScoringCheckpoint) -> None:
             f"written when it was saved (damaged on disk or in a copy); use an earlier checkpoint in "
             f"{ckpt.path.parent}, or copy this one again from where it was written."
         )
-    bad = [k for k, t in ckpt.weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [key for key, tensor in ckpt.weights.items() if not all_finite(tensor)]
     if bad:
         raise ValueError(
-            f"--ckpt_path {ckpt.path} holds NaN or inf weights ({', '.join(bad[:3])}"
-            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): training had diverged before it was saved; "
-            f"use an earlier checkpoint in {ckpt.path.parent}."
+            f"--ckpt_path {ckpt.path} holds NaN or inf weights ({short_list(bad)}): training had diverged before it "
+            f"was saved; use an earlier checkpoint in {ckpt.path.parent}."
         )
 
 
@@ -238,15 +244,7 @@ def build_model(ckpt: ScoringCheckpoint, device: torch.device) -> MoDATransforme
         ValueError: If the weights do not fit the network the hyperparameters describe.
     """
     model = MoDATransformer(ckpt.config)
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    saved = {key: tuple(value.shape) for key, value in ckpt.weights.items()}
-    problems = []
-    if missing := sorted(expected.keys() - saved.keys()):
-        problems.append(f"missing {listed(missing)}")
-    if unexpected := sorted(saved.keys() - expected.keys()):
-        problems.append(f"unexpected {listed(unexpected)}")
-    shapes = [key for key in sorted(expected.keys() & saved.keys()) if expected[key] != saved[key]]
-    problems += [f"{key} is {list(saved[key])} in the file but {list(expected[key])} here" for key in shapes[:3]]
+    problems = state_dict_mismatches(model.state_dict(), ckpt.weights)
     if problems:
         raise ValueError(
             f"--ckpt_path {ckpt.path} does not fit the model its hyperparameters describe ({'; '.join(problems)}): it "
@@ -255,10 +253,6 @@ def build_model(ckpt: ScoringCheckpoint, device: torch.device) -> MoDATransforme
         )
     model.load_state_dict(ckpt.weights)
     return model.to(device).eval()
-
-
-def listed(items: Sequence[str], limit: int = 3) -> str:
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 
