@@ -34,6 +34,8 @@ class ArmSummary:
     seeds: list[int]
     final_loss: list[float]
     tokens_per_sec: float | None
+    throughput_sharing: int | None  # runs at once on the GPU of the runs tokens/s averages
+    throughput_runs: int  # how many runs tokens/s averages
     params: float | None
     flops_per_token: float | None
     tokens: int
@@ -73,13 +75,18 @@ def summarize_arms(spec: StudySpec, results: list[RunResult]) -> list[ArmSummary
         runs = sorted((r for r in results if r.arm == arm.name), key=lambda r: r.seed)
         if not runs:
             continue
-        rates = [r.tokens_per_sec for r in runs if r.tokens_per_sec is not None]
+        timed = [r for r in runs if r.tokens_per_sec is not None]
+        # A run that shared its GPU ran slower for it, so the rate averages the arm's least-shared runs only.
+        sharing = min((r.gpu_sharing for r in timed if r.gpu_sharing is not None), default=None)
+        rates = [r.tokens_per_sec for r in timed if r.gpu_sharing == sharing]
         out.append(
             ArmSummary(
                 name=arm.name,
                 seeds=[r.seed for r in runs],
                 final_loss=[r.final_loss for r in runs],
                 tokens_per_sec=statistics.fmean(rates) if rates else None,
+                throughput_sharing=sharing,
+                throughput_runs=len(rates),
                 params=runs[0].params,
                 flops_per_token=runs[0].flops_per_token,
                 tokens=runs[0].tokens,
@@ -104,6 +111,16 @@ def _num(x: float | None, fmt: str) -> str:
     return "—" if x is None else format(x, fmt)
 
 
+def _throughput(arm: ArmSummary) -> str:
+    if arm.tokens_per_sec is None:
+        return "—"
+    if arm.throughput_sharing is None:
+        shared = "sharing not recorded"
+    else:
+        shared = "alone" if arm.throughput_sharing == 1 else f"{arm.throughput_sharing} at once"
+    return f"{arm.tokens_per_sec:,.0f} ({shared}; {arm.throughput_runs} run{'s' if arm.throughput_runs > 1 else ''})"
+
+
 def markdown(spec: StudySpec, results: list[RunResult], missing: list[str]) -> str:
     """The text of ``study.md``."""
     arms = summarize_arms(spec, results)
@@ -114,8 +131,9 @@ def markdown(spec: StudySpec, results: list[RunResult], missing: list[str]) -> s
         f"{arms[0].tokens:,} training tokens per run." if arms else f"Study file `{spec.path}`; no finished runs.",
         "",
         "Final validation loss (nats/token, mean over the fixed validation windows) and perplexity, mean and "
-        "sample sd over seeds; tokens/s is the median training throughput of each run, averaged over seeds "
-        f"(up to {spec.runs_per_gpu} runs shared a GPU, so read it as a ratio between arms).",
+        "sample sd over seeds. tokens/s is the median training throughput of a run, averaged over the arm's "
+        "runs that shared their GPU least (in brackets: how many runs trained on that GPU at once, and how many "
+        "runs the average takes); compare it only between arms with the same sharing.",
         "",
         "| arm | seeds | val loss | sd | val ppl | tokens/s | params | train FLOPs/token |",
         "|---|---|---|---|---|---|---|---|",
@@ -123,7 +141,7 @@ def markdown(spec: StudySpec, results: list[RunResult], missing: list[str]) -> s
     for a in arms:
         lines.append(
             f"| {a.name} | {len(a.seeds)} | {a.mean:.4f} | {_num(a.sd, '.4f')} | {math.exp(a.mean):.2f} | "
-            f"{_num(a.tokens_per_sec, ',.0f')} | {_num(None if a.params is None else a.params / 1e6, '.2f')}M | "
+            f"{_throughput(a)} | {_num(None if a.params is None else a.params / 1e6, '.2f')}M | "
             f"{_num(None if a.flops_per_token is None else a.flops_per_token / 1e9, '.4g')} G |"
         )
     diffs = paired_differences(spec, results)

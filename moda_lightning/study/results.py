@@ -31,6 +31,9 @@ class RunResult:
     tokens_per_sec: float | None
     params: float
     flops_per_token: float
+    # Most runs that ever trained on this run's GPU at once, itself included (None: not recorded).
+    # Throughput is only comparable between runs that shared their GPU alike.
+    gpu_sharing: int | None = None
 
     @property
     def final_loss(self) -> float:
@@ -63,8 +66,10 @@ def latest_step(run_dir: Path) -> int:
     return max((points[-1][0] for points in scalars.values() if points), default=0)
 
 
-def summarize(run_dir: Path, arm: str, seed: int, tokens_per_step: int, max_steps: int, eval_every_steps: int) -> RunResult:
-    """Summarise a finished run's event files.
+def summarize(
+    run_dir: Path, arm: str, seed: int, tokens_per_step: int, max_steps: int, eval_every_steps: int, gpu_sharing: int | None = None
+) -> RunResult:
+    """Summarise a finished run's event files; ``gpu_sharing`` is recorded as given.
 
     Raises:
         ValueError: If the run logged fewer validations than ``max_steps / eval_every_steps``.
@@ -91,6 +96,7 @@ def summarize(run_dir: Path, arm: str, seed: int, tokens_per_step: int, max_step
         val_tokens=val_tokens,
         val_loss=val,
         tokens_per_sec=rate,
+        gpu_sharing=gpu_sharing,
         **model_cost(run_dir),
     )
 

@@ -10,6 +10,7 @@ many at a time on a CPU-only machine.
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import os
 import subprocess
@@ -82,6 +83,7 @@ def execute(
             proc = subprocess.Popen(fit_command(run), stdout=log, stderr=subprocess.STDOUT, env=env)
             log.close()
             running[run.name] = (run, proc, slot, time.time())
+            _record_gpu_sharing(running)
             _log(f"{verb} {run.name}" + (f" on GPU {slot}" if slot is not None else "") + f" ({run.max_steps} steps)")
         time.sleep(1.0)
         for name, (run, proc, slot, t0) in list(running.items()):
@@ -93,7 +95,10 @@ def execute(
             try:
                 if code != 0:
                     raise ValueError(f"exit status {code}")
-                summarize(run.dir, run.arm, run.seed, run.tokens_per_step, run.max_steps, run.eval_every_steps).save(run.dir)
+                sharing = _recorded_gpu_sharing(run.dir)
+                summarize(run.dir, run.arm, run.seed, run.tokens_per_step, run.max_steps, run.eval_every_steps, sharing).save(
+                    run.dir
+                )
                 done_count += 1
                 _log(f"finished {name} in {time.time() - t0:.0f} s ({done_count}/{total} done)")
             except ValueError as err:
@@ -104,6 +109,24 @@ def execute(
             parts = [f"{n} step {latest_step(r.dir)}/{r.max_steps}" for n, (r, *_ignored) in running.items()]
             _log(f"{done_count}/{total} done, {time.time() - started:.0f} s; running: " + ", ".join(parts))
     return failed
+
+
+GPU_SHARING_FILE = "gpu_sharing"
+
+
+def _recorded_gpu_sharing(run_dir: Path) -> int | None:
+    path = run_dir / GPU_SHARING_FILE
+    return int(path.read_text()) if path.is_file() else None
+
+
+def _record_gpu_sharing(running: dict[str, tuple[Run, subprocess.Popen, str | None, float]]) -> None:
+    """Raise each running run's record of how many runs share its GPU to the count now. The record
+    is a file in the run folder, so a run resumed by a later call keeps its earlier pieces' count."""
+    per_slot = collections.Counter(slot for _, _, slot, _ in running.values())
+    for run, _, slot, _ in running.values():
+        count = per_slot[slot]  # on a CPU-only machine (slot None) the runs share the CPU alike
+        if count > (_recorded_gpu_sharing(run.dir) or 0):
+            (run.dir / GPU_SHARING_FILE).write_text(f"{count}\n")
 
 
 def _prepare_data(run: Run) -> None:

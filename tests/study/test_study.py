@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from moda_lightning.study.report import PairedDifference, t975
+from moda_lightning.study.report import PairedDifference, summarize_arms, t975
+from moda_lightning.study.results import RunResult
 from moda_lightning.study.spec import load_study
 
 TINY = [
@@ -75,6 +78,8 @@ def test_study_runs_reports_and_skips_finished_runs(tmp_path):
         row = next(line for line in md.splitlines() if line.startswith(f"| {arm} | 2 |"))
         mean = (finals[arm, 0] + finals[arm, 1]) / 2
         assert f"| {mean:.4f} |" in row and f"| {math.exp(mean):.2f} |" in row
+        # Two runs of one arm went at once on the CPU, and both results say so.
+        assert all(json.loads((out / arm / f"seed{s}" / "result.json").read_text())["gpu_sharing"] == 2 for s in (0, 1))
     diffs = [finals["moda", s] - finals["base", s] for s in (0, 1)]
     paired_section = md[md.index("Paired differences") :]
     pair = next(line for line in paired_section.splitlines() if line.startswith("| moda | 2 | "))
@@ -170,6 +175,17 @@ def test_arms_with_different_tokens_per_step_are_refused(tmp_path):
     write_study(tmp_path, arms={"a": {"args": []}, "b": {"args": ["--data.batch_size=8"]}}, reference="a")
     result = moda_study(tmp_path, "--dry-run")
     assert result.returncode == 2 and "different numbers of tokens per step" in result.stderr
+
+
+def test_throughput_averages_the_least_shared_runs_only():
+    def result(seed: int, rate: float, sharing: int | None) -> RunResult:
+        return RunResult("a", seed, 1, 1, [1], [1.0], rate, 1.0, 1.0, gpu_sharing=sharing)
+
+    spec = SimpleNamespace(arms=[SimpleNamespace(name="a")])
+    (alone,) = summarize_arms(spec, [result(0, 100.0, 2), result(1, 300.0, 1), result(2, 500.0, 1)])
+    assert (alone.tokens_per_sec, alone.throughput_sharing, alone.throughput_runs) == (400.0, 1, 2)
+    (unknown,) = summarize_arms(spec, [result(0, 100.0, None), result(1, 300.0, None)])
+    assert (unknown.tokens_per_sec, unknown.throughput_sharing, unknown.throughput_runs) == (200.0, None, 2)
 
 
 def test_t_quantiles():
