@@ -1,12 +1,27 @@
 """Data for MoDA language models: corpus, byte-level BPE tokenizer, token cache, DataModule.
 
 `TextDataModule` is the entry point; the other names are the building blocks it is made of, for
-projects that want the same tokenizer or token cache without Lightning.
+projects that want the same tokenizer or token cache without Lightning. `TextDataModule` and
+`PackedWindows` load on first use, so the building blocks import without Lightning (and a worker
+process that tokenizes starts quickly).
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 from moda_lightning.data.corpus import BUILTIN_CORPUS, Corpus, builtin_documents
-from moda_lightning.data.datamodule import PackedWindows, TextDataModule
-from moda_lightning.data.tokenizer import EOT, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from moda_lightning.data.tokenizer import (
+    EOT,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
+)
+
+_LAZY = {
+    "PackedWindows": "moda_lightning.data.datamodule",
+    "TextDataModule": "moda_lightning.data.datamodule",
+}
 
 __all__ = [
     "BUILTIN_CORPUS",
@@ -19,3 +34,11 @@ __all__ = [
     "tokenizer_fingerprint",
     "train_bpe_tokenizer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,13 +1,16 @@
 """`TextDataModule`: packed fixed-length token windows for language-model training.
 
-Pipeline: corpus (`corpus.py`) -> byte-level BPE tokenizer (`tokenizer.py`) -> one cached token
-file (`token_cache.py`) -> a contiguous train head and validation tail, cut into windows of
-``seq_len + 1`` tokens with stride ``seq_len`` so that the targets of one window chain into the next.
+Pipeline: corpus (`corpus.py`: the built-in corpus, text files, a dataset folder) -> byte-level BPE
+tokenizer (`tokenizer.py`, trained or given) -> a cached folder of token shards (`token_cache.py`,
+tokenized on every core) -> training and held-out validation spans (`splits.py`), cut into windows
+of ``seq_len + 1`` tokens with stride ``seq_len`` so that the targets of one window chain into the
+next. Pre-tokenized files (`pretokenized.py`) skip the first three steps.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import os
 from pathlib import Path
@@ -19,35 +22,43 @@ from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
+from moda_lightning.data import pretokenized
 from moda_lightning.data import token_cache as tc
 from moda_lightning.data import tokenizer as tk
-from moda_lightning.data.corpus import Corpus
+from moda_lightning.data.corpus import TOKEN_SUFFIXES, Corpus, resolve_files
+from moda_lightning.data.encode_pool import available_cores
+from moda_lightning.data.readers import suffix_of
 from moda_lightning.data.sampler import ResumableLoader, ResumableShuffle
 from moda_lightning.data.splits import count_windows, document_ends, held_out_split
+from moda_lightning.data.token_files import TokenStream
+
+POOL_MIN_BYTES = 16 * 2**20
+"""Corpora smaller than this are tokenized in this process: starting workers would cost more than they save."""
+
+Spans = list[tuple[int, int]]
 
 
 class PackedWindows(Dataset[torch.Tensor]):
-    """Windows of ``seq_len + 1`` tokens cut from token spans ``[start, stop)`` of a token file.
+    """Windows of ``seq_len + 1`` tokens cut from token spans ``[start, stop)`` of a token stream.
 
     Within a span, window ``i`` covers tokens ``[start + i*seq_len, start + i*seq_len + seq_len + 1)``:
     the last token of a window is the first of the next, so ``window[1:]`` (targets) continue the
-    stream. No window crosses a span's end. The file is opened lazily in each process, so
-    DataLoader workers map it instead of receiving a pickled copy.
+    stream. No window crosses a span's end; one may cross from one shard into the next. The stream
+    maps its shards lazily in each process, so DataLoader workers map them instead of receiving a
+    pickled copy.
 
     Args:
-        path: The token file written by `token_cache.build_token_cache`.
-        vocab_size: Vocabulary size; decides the stored dtype.
+        tokens: The token stream (`token_cache.open_token_cache` or pre-tokenized files).
         spans: Token ranges ``(start, stop)`` to cut windows from, in order.
         seq_len: Training sequence length.
     """
 
-    def __init__(self, path: Path, vocab_size: int, spans: list[tuple[int, int]], seq_len: int) -> None:
-        self.path, self.vocab_size, self.seq_len = path, vocab_size, seq_len
+    def __init__(self, tokens: TokenStream, spans: Spans, seq_len: int) -> None:
+        self.tokens, self.seq_len = tokens, seq_len
         self.spans = list(spans)
         counts = count_windows(self.spans, seq_len)
         # first window index of each span, and the total at the end
         self._offsets = [0, *itertools.accumulate(counts)]
-        self._tokens: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self._offsets[-1]
@@ -56,15 +67,30 @@ class PackedWindows(Dataset[torch.Tensor]):
         """Return window `index` as int64 token ids, [seq_len + 1]."""
         if not 0 <= index < len(self):
             raise IndexError(f"window {index} is out of range for {len(self)} windows")
-        if self._tokens is None:
-            self._tokens = tc.open_token_cache(self.path, self.vocab_size)
         span = bisect.bisect_right(self._offsets, index) - 1
         begin = self.spans[span][0] + (index - self._offsets[span]) * self.seq_len
-        return self._tokens[begin : begin + self.seq_len + 1].to(torch.int64)
+        return self.tokens[begin : begin + self.seq_len + 1].to(torch.int64)
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Send workers the path, not the mapped tensor.
-        return {**self.__dict__, "_tokens": None}
+
+def _entries(files: str | list[str] | None) -> list[str]:
+    return [] if files is None else [files] if isinstance(files, (str, os.PathLike)) else list(files)
+
+
+def _token_paths(files: str | list[str] | None, flag: str) -> list[Path] | None:
+    """The files, resolved, if they are pre-tokenized (all of them); None if they are text."""
+    if files is None or any(str(e).startswith("pkg:") for e in _entries(files)):
+        return None
+    paths = resolve_files(files)
+    kinds = {suffix_of(p) in TOKEN_SUFFIXES for p in paths}
+    if kinds == {True}:
+        return paths
+    if len(kinds) > 1:
+        token = next(p for p in paths if suffix_of(p) in TOKEN_SUFFIXES)
+        raise ValueError(
+            f"data: {flag} mixes pre-tokenized files ({token}) with text files; pass either text files or "
+            ".bin / .npy token files, not both."
+        )
+    return None
 
 
 class TextDataModule(L.LightningDataModule):
@@ -73,19 +99,23 @@ class TextDataModule(L.LightningDataModule):
     Batches are int64 token ids, [batch_size, seq_len + 1]; use ``batch[:, :-1]`` as inputs and
     ``batch[:, 1:]`` as targets. The validation split is a held-out set of documents chosen at
     random from the whole corpus (``val_fraction`` of the tokens, at least one window, seeded by
-    ``val_seed``; see `splits.py`), never overlapping the training text.
+    ``val_seed``; see `splits.py`), never overlapping the training text, unless ``val_files`` are
+    given. The formats, flags and examples are in docs/data.md.
 
     Args:
         files: The training text: a path, a glob (``data/*.txt``), ``pkg:NAME`` (every ``.py`` file
-            of the installed package NAME, e.g. ``pkg:torch``), or a list of them. ``.jsonl``
-            files give one document per line (the ``text_field`` field); any other file is read
-            whole as one UTF-8 document. Default ``None``: the built-in corpus, the Python
-            documentation's help topics (``pydoc_data.topics``, ~465 KB), which every Python
-            install has, so nothing is downloaded.
-        tokenizer: Path of a ``tokenizer.json`` (Hugging Face `tokenizers` format, with an
-            ``<|endoftext|>`` token) to use instead of training one. Pass the file a previous run
-            trained to resume from its checkpoint or to compare runs. Default ``None``: train a
-            byte-level BPE on the corpus and cache it in ``cache_dir``.
+            of the installed package NAME, e.g. ``pkg:torch``), or a list of them. ``.jsonl``,
+            ``.jsonl.gz`` and ``.jsonl.zst`` files give one document per line (the ``text_field``
+            field), ``.parquet`` files one per row (the ``text_field`` column); any other file is
+            one UTF-8 document. All are streamed. Pre-tokenized files instead: nanoGPT ``.bin``
+            shards or ``.npy`` token arrays, used as they are (see ``token_vocab_size``). Default
+            ``None``: the built-in corpus, the Python documentation's help topics
+            (``pydoc_data.topics``, ~465 KB), which every Python install has, so nothing is downloaded.
+        tokenizer: A ``tokenizer.json`` (Hugging Face `tokenizers` format, with an ``<|endoftext|>``
+            token), a folder holding one, or the name of a tokenizer in the local Hugging Face cache
+            (``gpt2``; nothing is downloaded), to use instead of training one. Pass the file a
+            previous run trained to resume from its checkpoint or to compare runs. Default ``None``:
+            train a byte-level BPE on the corpus and cache it in ``cache_dir``.
         tokenizer_vocab_size: Vocabulary size of the trained tokenizer, including the 256 byte
             symbols and ``<|endoftext|>`` (ignored when ``tokenizer`` is given). The model's
             vocabulary size follows the tokenizer's real one (see ``vocab_size``). Default 4096.
@@ -93,15 +123,29 @@ class TextDataModule(L.LightningDataModule):
             Default 256.
         batch_size: Sequences per batch (per device under DDP). Default 16.
         val_fraction: Fraction of the corpus tokens held out for validation: whole documents (in
-            chunks of consecutive ones) chosen at random; must be in (0, 1). Default 0.05.
-        text_field: Field holding the text in each line of a ``.jsonl`` file. Default ``"text"``.
-        cache_dir: Folder for the trained tokenizer and the token files; reused across runs.
-            Default ``".cache/moda"``.
+            chunks of consecutive ones) chosen at random; must be in (0, 1); unused with
+            ``val_files``. Default 0.05.
+        text_field: Field (or column) holding the text in JSON lines, parquet files and datasets.
+            Default ``"text"``.
+        cache_dir: Folder for the trained tokenizer and the token shards; reused across runs, and
+            shareable by every node of a multi-node run. Default ``".cache/moda"``.
         num_workers: DataLoader worker processes; 0 loads in the main process, which is enough
-            here since a batch is a slice of a memory-mapped file. Default 0.
+            here since a batch is a slice of memory-mapped files. Default 0.
         seed: Seed of the training-window shuffle (a new order every epoch). Default 0.
         val_seed: Seed of the choice of validation documents. Kept apart from ``seed`` so that
             runs with different training orders are validated on the same windows. Default 0.
+        dataset: A folder read through the ``datasets`` package instead of ``files``: one written by
+            ``save_to_disk`` (its ``train`` split), or a folder of data files. Needs the ``data``
+            extra. Default ``None``.
+        val_files: Validation text (or token files) kept apart from the training files, in the same
+            forms as ``files``; the whole of it is the validation set and all of ``files`` is
+            trained on. Default ``None``: hold out documents of ``files``.
+        num_proc: Processes that tokenize the corpus; the shards are the same for any number.
+            Default ``None``: every core this process may use (corpora under 16 MB use one).
+        token_vocab_size: Vocabulary size of pre-tokenized files (e.g. 50257 for GPT-2 ids); with
+            ``tokenizer`` given it defaults to that tokenizer's. Default ``None``.
+        eot_id: End-of-text id of pre-tokenized files, where documents end (50256 for GPT-2); with
+            ``tokenizer`` given it defaults to that tokenizer's ``<|endoftext|>``. Default ``None``.
     """
 
     def __init__(
@@ -117,6 +161,11 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         val_seed: int = 0,
+        dataset: str | None = None,
+        val_files: str | list[str] | None = None,
+        num_proc: int | None = None,
+        token_vocab_size: int | None = None,
+        eot_id: int | None = None,
     ) -> None:
         super().__init__()
         problems = []
@@ -133,6 +182,10 @@ class TextDataModule(L.LightningDataModule):
             problems.append(f"val_fraction={val_fraction}, expected a fraction in (0, 1) such as 0.05")
         if num_workers < 0:
             problems.append(f"num_workers={num_workers}, expected >= 0")
+        if num_proc is not None and num_proc < 1:
+            problems.append(f"num_proc={num_proc}, expected >= 1 (or leave it unset to use every core)")
+        if token_vocab_size is not None and not 1 <= token_vocab_size <= 2**32:
+            problems.append(f"token_vocab_size={token_vocab_size}, expected 1 to 2**32")
         if problems:
             raise ValueError("TextDataModule: invalid arguments: " + "; ".join(problems) + ".")
         self.save_hyperparameters()
@@ -145,18 +198,62 @@ class TextDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.val_seed = val_seed
+        self.num_proc = num_proc if num_proc is not None else available_cores()
         # Resolve paths and globs now: a typo fails at instantiation, before any training work.
-        self.corpus = Corpus(files, text_field=text_field)
-        self.tokenizer_path: Path | None = Path(tokenizer) if tokenizer is not None else None
+        self.token_paths = _token_paths(files, "--data.files")
+        self.val_token_paths = _token_paths(val_files, "--data.val_files")
+        if val_files is not None and (self.token_paths is None) != (self.val_token_paths is None):
+            raise ValueError(
+                "data: --data.val_files must be of the kind --data.files is (both text, or both pre-tokenized .bin / "
+                ".npy files); the model needs one vocabulary for both."
+            )
+        self.corpus: Corpus | None = None
+        self.val_corpus: Corpus | None = None
+        if self.token_paths is None:
+            self.corpus = Corpus(files, text_field=text_field, dataset=dataset)
+            if val_files is not None:
+                self.val_corpus = Corpus(val_files, text_field=text_field)
+        self.tokenizer_path: Path | None = tk.resolve_tokenizer(tokenizer) if tokenizer is not None else None
         if self.tokenizer_path is not None and not self.tokenizer_path.is_file():
             tk.load_tokenizer(self.tokenizer_path)  # fails here with the "does not exist" message
+        self._check_token_flags(dataset, token_vocab_size, eot_id)
+        self.token_vocab_size, self.eot_id = token_vocab_size, eot_id
         self._tokenizer: Tokenizer | None = None
         self._fingerprint: str | None = None
-        self._cache_path: Path | None = None
+        self._cache_paths: dict[str, Path] = {}  # corpus fingerprint -> its cache folder, checked
+        self._ids_checked: set[tuple[Path, ...]] = set()
         self.train_dataset: PackedWindows | None = None
         self.val_dataset: PackedWindows | None = None
 
+    def _check_token_flags(self, dataset: str | None, token_vocab_size: int | None, eot_id: int | None) -> None:
+        """The flags of pre-tokenized files: needed with them, refused without them (they would do nothing)."""
+        if self.token_paths is None:
+            if token_vocab_size is not None or eot_id is not None:
+                raise ValueError(
+                    "data: --data.token_vocab_size and --data.eot_id describe pre-tokenized .bin / .npy files, but "
+                    "--data.files is text; drop them (the tokenizer decides both) or pass token files."
+                )
+            return
+        if dataset is not None:
+            raise ValueError("data: both --data.files and --data.dataset are set; pass one of them.")
+        if self.tokenizer_path is None and (token_vocab_size is None or eot_id is None):
+            raise ValueError(
+                f"data: the pre-tokenized files ({self.token_paths[0]}, ...) need their vocabulary size and "
+                "end-of-text id: pass --data.tokenizer=<the tokenizer they were made with> or both "
+                "--data.token_vocab_size and --data.eot_id (GPT-2 ids: 50257 and 50256)."
+            )
+        if token_vocab_size is not None and eot_id is not None and not 0 <= eot_id < token_vocab_size:
+            raise ValueError(
+                f"data: --data.eot_id={eot_id} is outside the vocabulary of --data.token_vocab_size={token_vocab_size}; "
+                "pass the end-of-text id of the tokenizer the files were made with."
+            )
+
     # --- tokenizer ------------------------------------------------------------------------------
+
+    @property
+    def has_tokenizer(self) -> bool:
+        """Whether there is a tokenizer: given, or trained from a text corpus (not for bare token files)."""
+        return self.tokenizer_path is not None or self.corpus is not None
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -164,6 +261,11 @@ class TextDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             if self.tokenizer_path is not None:
                 self._tokenizer = tk.load_tokenizer(self.tokenizer_path)
+            elif self.corpus is None:
+                raise ValueError(
+                    "data: the pre-tokenized files came without a tokenizer, so their ids cannot be decoded; pass "
+                    "--data.tokenizer=<the tokenizer they were made with>."
+                )
             else:
                 self._tokenizer, self.tokenizer_path, trained = tk.get_or_train_tokenizer(
                     self.corpus, self.tokenizer_vocab_size, self.cache_dir
@@ -179,59 +281,105 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        """The tokenizer's vocabulary size (largest id + 1); link the model's ``vocab_size`` to it."""
+        """The vocabulary size (the tokenizer's largest id + 1, or ``token_vocab_size``); link the
+        model's ``vocab_size`` to it."""
+        if self.token_paths is not None and self.token_vocab_size is not None:
+            return self.token_vocab_size
         return tk.vocab_size_of(self.tokenizer)
 
     @property
+    def eot(self) -> int:
+        """The end-of-text id that ends each document of the stream."""
+        if self.token_paths is not None and self.eot_id is not None:
+            return self.eot_id
+        return tk.eot_id(self.tokenizer, source=str(self.tokenizer_path))
+
+    @property
     def tokenizer_fingerprint(self) -> str:
-        """SHA-256 of the tokenizer's canonical JSON; identical tokenizers share it."""
+        """SHA-256 of the tokenizer's canonical JSON; identical tokenizers share it. Token files without
+        a tokenizer get one of their vocabulary size and end-of-text id."""
+        if not self.has_tokenizer:
+            return hashlib.sha256(f"token ids;vocab_size={self.vocab_size};eot_id={self.eot}".encode()).hexdigest()
         _ = self.tokenizer  # loads the tokenizer, which sets the fingerprint
         assert self._fingerprint is not None
         return self._fingerprint
 
-    # --- token cache and splits -----------------------------------------------------------------
+    # --- token streams and splits ---------------------------------------------------------------
 
-    def _token_file(self) -> Path:
-        """The token file for this corpus and tokenizer, checked against its record once per process.
+    @property
+    def has_val_files(self) -> bool:
+        return self.val_corpus is not None or self.val_token_paths is not None
 
-        Built (atomically, with its record) if missing; rebuilt, with one info line saying why, if
+    def _cache_folder(self, corpus: Corpus) -> Path:
+        """The token cache of `corpus` with this tokenizer, checked against its manifest once per process.
+
+        Built (atomically, with its manifest) if missing; rebuilt, with one info line saying why, if
         the check finds it damaged or not matching (see `token_cache` for what is checked and when
-        every byte is). A rebuilt file is checked again, so a folder that cannot keep it fails here.
+        every byte is). A rebuilt cache is checked again, so a folder that cannot keep it fails here.
 
         Raises:
             ValueError: If the corpus gives no text.
             OSError: If the cache folder cannot be written.
-            RuntimeError: If the file is still bad right after it was rebuilt.
+            RuntimeError: If the cache is still bad right after it was rebuilt.
         """
-        if self._cache_path is not None and self._cache_path.is_file():
-            return self._cache_path
-        key = tc.CacheKey(self.corpus.fingerprint(), self.tokenizer_fingerprint, self.vocab_size)
-        path = tc.token_cache_path(self.cache_dir, key.corpus_fingerprint, key.tokenizer_fingerprint, key.vocab_size)
-        if not path.is_file():
-            rank_zero_info(f"TextDataModule: tokenizing {self.corpus.describe()} into {path}")
+        fingerprint = corpus.fingerprint()
+        known = self._cache_paths.get(fingerprint)
+        if known is not None and known.is_dir():
+            return known
+        key = tc.CacheKey(fingerprint, self.tokenizer_fingerprint, self.vocab_size)
+        path = tc.token_cache_path(
+            self.cache_dir,
+            key.corpus_fingerprint,
+            key.tokenizer_fingerprint,
+            key.vocab_size,
+        )
+        if not path.is_dir():
+            rank_zero_info(f"TextDataModule: tokenizing {corpus.describe()} into {path}")
         elif (problem := tc.cache_problem(path, key)) is None:
             rank_zero_info(f"TextDataModule: using cached tokens {path}")
-            self._cache_path = path
+            self._cache_paths[fingerprint] = path
             return path
         else:
             rank_zero_info(f"TextDataModule: token cache {path} {problem}; rebuilding")
-        eot = tk.eot_id(self.tokenizer, source=str(self.tokenizer_path))
-        record = tc.build_token_cache(self.corpus, self.tokenizer, eot, path, key)
-        rank_zero_info(f"TextDataModule: wrote {record.n_tokens:,} tokens to {path}")
+        # Starting workers costs more than a small corpus takes to tokenize in this process.
+        num_proc = self.num_proc if corpus.source_bytes() >= POOL_MIN_BYTES else 1
+        manifest = tc.build_token_cache(corpus, self.tokenizer, self.eot, path, key, num_proc=num_proc)
+        shards = f"{len(manifest.shards)} shard" + ("s" if len(manifest.shards) > 1 else "")
+        rank_zero_info(f"TextDataModule: wrote {manifest.n_tokens:,} tokens ({shards}) to {path}")
         if (problem := tc.cache_problem(path, key)) is not None:
             raise RuntimeError(
                 f"data: token cache {path} {problem} right after it was written, so its folder does not keep "
                 "what is written there (a full or failing disk, or another program changing it); move the "
                 "cache with --data.cache_dir=<another folder>"
             )
-        self._cache_path = path
+        self._cache_paths[fingerprint] = path
         return path
 
-    def _split(self, tokens: torch.Tensor) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    def _stream(self, corpus: Corpus | None, token_paths: list[Path] | None) -> TokenStream:
+        """The token stream of a text corpus (its cache) or of pre-tokenized files (their ids checked once)."""
+        if corpus is not None:
+            return tc.open_token_cache(self._cache_folder(corpus))
+        assert token_paths is not None
+        stream = pretokenized.open_token_files(token_paths)
+        if tuple(token_paths) not in self._ids_checked:
+            pretokenized.check_token_ids(stream, self.vocab_size, self.eot, self.cache_dir)
+            self._ids_checked.add(tuple(token_paths))
+        return stream
+
+    def _describe(self, corpus: Corpus | None, token_paths: list[Path] | None) -> str:
+        if corpus is not None:
+            return corpus.describe()
+        assert token_paths is not None
+        shown = ", ".join(str(p) for p in token_paths[:3])
+        return f"{len(token_paths)} token file(s): {shown}" + (
+            f" and {len(token_paths) - 3} more" if len(token_paths) > 3 else ""
+        )
+
+    def _split(self, tokens: TokenStream) -> tuple[Spans, Spans]:
         """Training and validation spans of the token stream; each split holds one window or more."""
         window, n_tokens = self.seq_len + 1, len(tokens)
         if n_tokens >= 2 * window:
-            ends = document_ends(tokens, tk.eot_id(self.tokenizer, source=str(self.tokenizer_path)))
+            ends = document_ends(tokens, self.eot)
             train, val = held_out_split(n_tokens, ends, self.val_fraction, window, self.val_seed)
             if sum(count_windows(train, self.seq_len)) and sum(count_windows(val, self.seq_len)):
                 return train, val
@@ -239,32 +387,55 @@ class TextDataModule(L.LightningDataModule):
         fitting = n_tokens // 4 - 1
         shorter = f"lower --data.seq_len (at most {fitting} here), " if fitting >= 1 else ""
         raise ValueError(
-            f"data: the corpus is too small: {self.corpus.describe()} has {n_tokens:,} tokens, but one training "
-            f"and one validation sequence of seq_len+1={window} tokens need {2 * window:,} or more, in spans "
-            f"long enough for a whole window (val_fraction={self.val_fraction}); {shorter}raise "
+            f"data: the corpus is too small: {self._describe(self.corpus, self.token_paths)} has {n_tokens:,} tokens, "
+            f"but one training and one validation sequence of seq_len+1={window} tokens need {2 * window:,} or more, "
+            f"in spans long enough for a whole window (val_fraction={self.val_fraction}); {shorter}raise "
             "--data.val_fraction, or pass more text in --data.files"
         )
 
+    def _whole(
+        self,
+        tokens: TokenStream,
+        flag: str,
+        corpus: Corpus | None,
+        token_paths: list[Path] | None,
+    ) -> Spans:
+        """All of a stream as one span, which must hold a window."""
+        if len(tokens) < self.seq_len + 1:
+            raise ValueError(
+                f"data: {flag} is too small: {self._describe(corpus, token_paths)} has {len(tokens):,} tokens, fewer "
+                f"than one sequence of seq_len+1={self.seq_len + 1}; lower --data.seq_len or pass more text in {flag}"
+            )
+        return [(0, len(tokens))]
+
     def prepare_data(self) -> None:
-        """Train or load the tokenizer; tokenize the corpus into the cache, or check the cached file (once per node)."""
-        self._token_file()
+        """Train or load the tokenizer; tokenize the corpus into the cache, or check the cached shards
+        (once per node). Pre-tokenized files get their ids checked (once, remembered in the cache)."""
+        self._stream(self.corpus, self.token_paths)
+        if self.has_val_files:
+            self._stream(self.val_corpus, self.val_token_paths)
 
     def setup(self, stage: str | None = None) -> None:
-        """Map the token file and cut it into training and held-out validation windows."""
+        """Map the token shards and cut them into training and validation windows."""
         if self.train_dataset is not None:
             return
-        path = self._token_file()
-        vocab_size = self.vocab_size
-        train, val = self._split(tc.open_token_cache(path, vocab_size))
-        self.train_dataset = PackedWindows(path, vocab_size, train, self.seq_len)
-        self.val_dataset = PackedWindows(path, vocab_size, val, self.seq_len)
+        tokens = self._stream(self.corpus, self.token_paths)
+        if not self.has_val_files:
+            train, val = self._split(tokens)
+            val_tokens = tokens
+        else:
+            val_tokens = self._stream(self.val_corpus, self.val_token_paths)
+            train = self._whole(tokens, "--data.files", self.corpus, self.token_paths)
+            val = self._whole(val_tokens, "--data.val_files", self.val_corpus, self.val_token_paths)
+        self.train_dataset = PackedWindows(tokens, train, self.seq_len)
+        self.val_dataset = PackedWindows(val_tokens, val, self.seq_len)
         self._save_tokenizer_to_run_folder()
 
     def _save_tokenizer_to_run_folder(self) -> None:
         """Write ``tokenizer.json`` into the run folder: the run's token ids mean nothing without it,
         and the cache it came from may be on another machine, or cleaned."""
         trainer = self.trainer
-        if trainer is None or trainer.logger is None:
+        if trainer is None or trainer.logger is None or not self.has_tokenizer:
             return
         log_dir = trainer.log_dir  # a broadcast from rank zero under DDP: every rank asks
         if log_dir is None or not trainer.is_global_zero:
@@ -283,11 +454,11 @@ class TextDataModule(L.LightningDataModule):
         if self.num_workers > 0:
             # Workers only slice tensors; tokenizers would otherwise warn after each fork.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        common = dict(
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        common = {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+        }
         if not train:
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **common)
         trainer = self.trainer
@@ -326,7 +497,7 @@ class TextDataModule(L.LightningDataModule):
         """What a checkpoint records about the data: the tokenizer itself and its identity, and the
         seq_len. A checkpoint carries its tokenizer, so it can be used where the run folder is not."""
         return {
-            "tokenizer_json": self.tokenizer.to_str(),
+            "tokenizer_json": self.tokenizer.to_str() if self.has_tokenizer else None,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "vocab_size": self.vocab_size,
             "tokenizer_path": str(self.tokenizer_path),
@@ -340,7 +511,10 @@ class TextDataModule(L.LightningDataModule):
             ValueError: If the checkpoint's tokenizer fingerprint or vocabulary size differs: its
                 token ids would mean different text to the model.
         """
-        saved_fp, saved_vocab = state.get("tokenizer_fingerprint"), state.get("vocab_size")
+        saved_fp, saved_vocab = (
+            state.get("tokenizer_fingerprint"),
+            state.get("vocab_size"),
+        )
         if saved_fp is None:
             return  # not written by this class; nothing to compare
         if saved_fp != self.tokenizer_fingerprint or saved_vocab != self.vocab_size:

@@ -1,6 +1,8 @@
-"""Byte-level BPE tokenizers: train one on a corpus (cached), or load a ``tokenizer.json``.
+"""Byte-level BPE tokenizers: train one on a corpus (cached), or load a ``tokenizer.json`` or a named one.
 
-Uses the Hugging Face `tokenizers` library. The fingerprint defined here identifies a tokenizer in
+Uses the Hugging Face `tokenizers` library. A named tokenizer (``gpt2``, ``org/name``) is read from
+the local Hugging Face cache only (where ``transformers`` and ``huggingface_hub`` downloads go);
+nothing is downloaded. The fingerprint defined here identifies a tokenizer in
 token-cache keys and checkpoints, so a run never mixes token ids from two vocabularies.
 """
 
@@ -26,7 +28,11 @@ MIN_VOCAB_SIZE = 257
 
 
 def train_bpe_tokenizer(
-    documents: Iterable[str], vocab_size: int, *, length: int | None = None, show_progress: bool = True
+    documents: Iterable[str],
+    vocab_size: int,
+    *,
+    length: int | None = None,
+    show_progress: bool = True,
 ) -> Tokenizer:
     """Train a byte-level BPE tokenizer.
 
@@ -55,13 +61,57 @@ def train_bpe_tokenizer(
     return tokenizer
 
 
+def _hub_cache() -> str:
+    """The Hugging Face cache folder, read when asked (so ``HF_HUB_CACHE`` / ``HF_HOME`` set after import count)."""
+    if "HF_HUB_CACHE" in os.environ:
+        return os.environ["HF_HUB_CACHE"]
+    if "HF_HOME" in os.environ:
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def resolve_tokenizer(spec: str | os.PathLike[str]) -> Path:
+    """The ``tokenizer.json`` that `spec` names: a file, a folder holding one (a model folder), or the
+    name of a tokenizer in the local Hugging Face cache (``gpt2``, ``EleutherAI/gpt-neox-20b``).
+
+    Raises:
+        ValueError: If a ``.json`` path does not exist, or a name is not in the local cache.
+    """
+    path = Path(os.path.expanduser(str(spec)))
+    if path.is_file():
+        return path
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return path / "tokenizer.json"
+    name = str(spec)
+    if path.suffix == ".json" or path.is_dir() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return path  # a path, not a name: load_tokenizer says it is missing
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError as err:
+        raise ValueError(
+            f"data: --data.tokenizer={name!r} is not a file, and reading named tokenizers needs huggingface_hub; "
+            "install it (pip install huggingface_hub) or pass the path of a tokenizer.json."
+        ) from err
+    found = try_to_load_from_cache(name, "tokenizer.json", cache_dir=_hub_cache())
+    if isinstance(found, str):
+        return Path(found)
+    raise ValueError(
+        f"data: --data.tokenizer={name!r} is neither a file nor a tokenizer in the local Hugging Face cache "
+        f"({_hub_cache()}), and nothing is downloaded; fetch it once where there is network "
+        f"(huggingface-cli download {name} tokenizer.json) or pass the path of a tokenizer.json."
+    )
+
+
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Load a tokenizer from a ``tokenizer.json`` file and check it has the `EOT` token.
+    """Load a tokenizer from a ``tokenizer.json`` file (or a name, see `resolve_tokenizer`) and check
+    it has the `EOT` token.
 
     Raises:
         ValueError: If the file is missing, is not a `tokenizers` JSON file, or lacks `EOT`.
     """
-    path = Path(path)
+    path = resolve_tokenizer(path)
     if not path.is_file():
         raise ValueError(
             f"data: tokenizer file {str(path)!r} does not exist; pass the tokenizer.json saved by "
@@ -87,10 +137,11 @@ def eot_id(tokenizer: Tokenizer, source: str = "the tokenizer") -> int:
     """
     token_id = tokenizer.token_to_id(EOT)
     if token_id is None:
+        special = sorted(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)[:8]
         raise ValueError(
             f"data: {source} has no {EOT!r} token, which separates documents in the packed token "
-            f"stream; add it as a special token (tokenizer.add_special_tokens([{EOT!r}])) or leave "
-            "--data.tokenizer unset to train a tokenizer that has it."
+            f"stream (its special tokens: {special}); add it as a special token "
+            f"(tokenizer.add_special_tokens([{EOT!r}])) or leave --data.tokenizer unset to train a tokenizer that has it."
         )
     return token_id
 
@@ -136,7 +187,11 @@ def cached_tokenizer_path(cache_dir: str | os.PathLike[str], corpus_fingerprint:
 
 
 def get_or_train_tokenizer(
-    corpus: Corpus, vocab_size: int, cache_dir: str | os.PathLike[str], *, show_progress: bool = True
+    corpus: Corpus,
+    vocab_size: int,
+    cache_dir: str | os.PathLike[str],
+    *,
+    show_progress: bool = True,
 ) -> tuple[Tokenizer, Path, bool]:
     """Load the tokenizer cached for (corpus, vocab_size), or train and cache it.
 
@@ -169,8 +224,12 @@ def get_or_train_tokenizer(
 
     # The progress bar needs a document count; only the built-in corpus knows it without a read.
     length = sum(1 for _ in corpus.documents()) if corpus.is_builtin else None
+    # Trained on the streamed pieces: they are cut where pre-tokens end, so the counts are the same.
     tokenizer = train_bpe_tokenizer(
-        counted(corpus.documents()), vocab_size, length=length, show_progress=show_progress
+        counted(piece.text for piece in corpus.pieces()),
+        vocab_size,
+        length=length,
+        show_progress=show_progress,
     )
     if n_docs == 0:
         raise corpus.empty_error()

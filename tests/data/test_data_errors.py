@@ -64,24 +64,38 @@ def test_jsonl_line_that_is_not_json(tmp_path: Path) -> None:
 def test_jsonl_line_without_the_field(tmp_path: Path) -> None:
     path = tmp_path / "docs.jsonl"
     path.write_text('{"text": "fine"}\n\n{"content": "wrong field"}\n')
-    with pytest.raises(ValueError, match=r"'.*docs\.jsonl' line 3 has no 'text' field \(found: \['content'\]\); "
-                                         r"set --data\.text_field"):
+    with pytest.raises(
+        ValueError,
+        match=r"'.*docs\.jsonl' line 3 has no 'text' field \(found: \['content'\]\); "
+        r"set --data\.text_field",
+    ):
         _prepare(tmp_path, files=str(path))
 
 
 def test_corpus_too_small(tmp_path: Path) -> None:
     path = tmp_path / "tiny.txt"
     path.write_text("Just a few words of text here.")
-    with pytest.raises(ValueError, match=r"too small: .* has \d+ tokens, but one training and one validation "
-                                         r"sequence of seq_len\+1=257 tokens.*; lower --data\.seq_len \(at most 1 here\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"too small: .* has \d+ tokens, but one training and one validation "
+        r"sequence of seq_len\+1=257 tokens.*; lower --data\.seq_len \(at most 1 here\)",
+    ):
         _prepare(tmp_path, files=str(path), seq_len=256)
 
 
 def test_invalid_arguments() -> None:
-    with pytest.raises(ValueError, match=r"seq_len=0, expected >= 1; val_fraction=1\.5, expected a fraction in \(0, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"seq_len=0, expected >= 1; val_fraction=1\.5, expected a fraction in \(0, 1\)",
+    ):
         TextDataModule(val_fraction=1.5, seq_len=0)
     with pytest.raises(ValueError, match=r"tokenizer_vocab_size=100, expected 257"):
         TextDataModule(tokenizer_vocab_size=100)
+    with pytest.raises(
+        ValueError,
+        match=r"num_proc=0, expected >= 1 \(or leave it unset to use every core\)",
+    ):
+        TextDataModule(num_proc=0)
 
 
 def test_bad_tokenizer_files(tmp_path: Path) -> None:

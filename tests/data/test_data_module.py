@@ -6,7 +6,9 @@ tests use tiny corpora with small vocabularies. Every cache lives under pytest's
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-from moda_lightning.data import EOT, Corpus, TextDataModule, builtin_documents, train_bpe_tokenizer
+from moda_lightning.data import (
+    EOT,
+    Corpus,
+    TextDataModule,
+    builtin_documents,
+    train_bpe_tokenizer,
+)
 from moda_lightning.data import token_cache as tc
 from moda_lightning.data import tokenizer as tk
 
@@ -61,10 +69,15 @@ def test_tokenizer_trains_requested_vocab_and_round_trips() -> None:
 
 def test_second_datamodule_reuses_both_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = _ready(cache_dir=str(tmp_path), seq_len=32, batch_size=4)
-    files = sorted(tmp_path.iterdir())
-    # The tokenizer, the token file and its record; no temp files left over.
-    kinds = [f.name.split("-")[0] + "".join(f.suffixes[-2:]) for f in files]
-    assert kinds == ["tokenizer.json", "tokens.u16.bin", "tokens.u16.json"]
+    files = sorted(tmp_path.rglob("*"))
+    # The tokenizer and the token cache folder: one shard and its manifest; no temp files left over.
+    kinds = [re.sub(r"-[0-9a-f]{16,}", "", f.relative_to(tmp_path).as_posix()) for f in files]
+    assert kinds == [
+        "tokenizer-v4096.json",
+        "tokens.u16",
+        "tokens.u16/00000.bin",
+        "tokens.u16/manifest.json",
+    ]
     stamps = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in files}
 
     def fail(*args: object, **kwargs: object) -> None:
@@ -74,7 +87,7 @@ def test_second_datamodule_reuses_both_caches(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(tc, "build_token_cache", fail)
     second = _ready(cache_dir=str(tmp_path), seq_len=32, batch_size=4)
 
-    assert {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in sorted(tmp_path.iterdir())} == stamps
+    assert {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in sorted(tmp_path.rglob("*"))} == stamps
     assert second.tokenizer_fingerprint == first.tokenizer_fingerprint
     assert torch.equal(second.val_dataset[0], first.val_dataset[0])
 
@@ -96,21 +109,26 @@ def test_batches_have_shape_dtype_and_chain(builtin_cache: Path) -> None:
     assert first_span_windows >= 2
     assert torch.equal(val[1:first_span_windows, 0], val[: first_span_windows - 1, -1])
     train = dm.train_dataset
-    tokens = tc.open_token_cache(train.path, dm.vocab_size)
+    tokens = train.tokens
     start = train.spans[0][0]
-    assert torch.equal(torch.cat([train[0], train[1][1:]]), tokens[start : start + 2 * seq_len + 1].to(torch.int64))
+    assert torch.equal(
+        torch.cat([train[0], train[1][1:]]),
+        tokens[start : start + 2 * seq_len + 1].to(torch.int64),
+    )
 
 
-def test_validation_is_held_out_documents_from_the_whole_corpus(builtin_cache: Path) -> None:
+def test_validation_is_held_out_documents_from_the_whole_corpus(
+    builtin_cache: Path,
+) -> None:
     """The validation split used to be the tail of the token stream: the last documents of the
     corpus only. It is now whole-document chunks drawn at random; no window crosses a split."""
     dm = _ready(cache_dir=str(builtin_cache), seq_len=64, batch_size=4, val_fraction=0.1)
     train, val = dm.train_dataset, dm.val_dataset
-    tokens = tc.open_token_cache(train.path, dm.vocab_size)
+    tokens = train.tokens
     n_tokens = len(tokens)
     spans = sorted(train.spans + val.spans)
     assert spans[0][0] == 0 and spans[-1][1] == n_tokens
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), "the spans tile the stream"
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans)), "the spans tile the stream"
     held = sum(stop - start for start, stop in val.spans)
     assert 0.1 <= held / n_tokens < 0.1 + 0.01
     assert val.spans[0][0] < n_tokens // 2, "not just the tail"
@@ -129,7 +147,13 @@ def test_validation_is_held_out_documents_from_the_whole_corpus(builtin_cache: P
     # The choice depends on val_seed only, not on the training seed.
     other = _ready(cache_dir=str(builtin_cache), seq_len=64, batch_size=4, val_fraction=0.1, seed=5)
     assert other.val_dataset.spans == val.spans
-    moved = _ready(cache_dir=str(builtin_cache), seq_len=64, batch_size=4, val_fraction=0.1, val_seed=1)
+    moved = _ready(
+        cache_dir=str(builtin_cache),
+        seq_len=64,
+        batch_size=4,
+        val_fraction=0.1,
+        val_seed=1,
+    )
     assert moved.val_dataset.spans != val.spans
 
 
@@ -138,7 +162,9 @@ def _start_of(windows, index: int) -> int:
     return windows.spans[span][0] + (index - windows._offsets[span]) * windows.seq_len
 
 
-def test_training_order_is_seeded_and_reshuffled_each_epoch(builtin_cache: Path) -> None:
+def test_training_order_is_seeded_and_reshuffled_each_epoch(
+    builtin_cache: Path,
+) -> None:
     dm = _ready(cache_dir=str(builtin_cache), seq_len=64, batch_size=4, seed=1)
     loader = dm.train_dataloader()
     epoch1, epoch2 = next(iter(loader)), next(iter(loader))
@@ -148,21 +174,30 @@ def test_training_order_is_seeded_and_reshuffled_each_epoch(builtin_cache: Path)
 
 
 def test_user_txt_files_and_glob(tmp_path: Path) -> None:
-    docs = {"a.txt": "The quick brown fox jumps over the lazy dog. " * 20, "b.md": "# Title\nSome *markdown* text. " * 20}
+    docs = {
+        "a.txt": "The quick brown fox jumps over the lazy dog. " * 20,
+        "b.md": "# Title\nSome *markdown* text. " * 20,
+    }
     _write_docs(tmp_path / "corpus", docs)
     as_list = _ready(
         files=[str(tmp_path / "corpus" / "a.txt"), str(tmp_path / "corpus" / "b.md")],
-        tokenizer_vocab_size=300, seq_len=8, batch_size=2, cache_dir=str(tmp_path / "cache"),
+        tokenizer_vocab_size=300,
+        seq_len=8,
+        batch_size=2,
+        cache_dir=str(tmp_path / "cache"),
     )
     as_glob = _ready(
-        files=str(tmp_path / "corpus" / "*"), tokenizer_vocab_size=300, seq_len=8, batch_size=2,
+        files=str(tmp_path / "corpus" / "*"),
+        tokenizer_vocab_size=300,
+        seq_len=8,
+        batch_size=2,
         cache_dir=str(tmp_path / "cache"),
     )
     assert as_glob.tokenizer_fingerprint == as_list.tokenizer_fingerprint
     assert as_list.vocab_size == 300
 
     # The packed stream is every document followed by the end-of-text token, in file order.
-    tokens = tc.open_token_cache(as_list.train_dataset.path, as_list.vocab_size).tolist()
+    tokens = as_list.train_dataset.tokens[:].tolist()
     decoded = as_list.tokenizer.decode(tokens, skip_special_tokens=False)
     assert decoded == docs["a.txt"] + EOT + docs["b.md"] + EOT
     assert next(iter(as_glob.train_dataloader())).shape == (2, 9)
@@ -172,9 +207,15 @@ def test_user_jsonl_with_text_field(tmp_path: Path) -> None:
     records = [{"body": f"Record number {i} says hello to the data module.", "id": i} for i in range(40)]
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n", encoding="utf-8")
-    dm = _ready(files=str(path), text_field="body", tokenizer_vocab_size=300, seq_len=16, batch_size=2,
-                cache_dir=str(tmp_path / "cache"))
-    tokens = tc.open_token_cache(dm.train_dataset.path, dm.vocab_size).tolist()
+    dm = _ready(
+        files=str(path),
+        text_field="body",
+        tokenizer_vocab_size=300,
+        seq_len=16,
+        batch_size=2,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    tokens = dm.train_dataset.tokens[:].tolist()
     assert dm.tokenizer.decode(tokens, skip_special_tokens=False) == "".join(r["body"] + EOT for r in records)
     assert len(dm.train_dataset) > 0 and len(dm.val_dataset) > 0
 
@@ -200,7 +241,10 @@ def test_state_dict_round_trips_and_a_given_tokenizer_file_matches(builtin_cache
 def test_mismatched_tokenizer_raises(builtin_cache: Path) -> None:
     state = TextDataModule(cache_dir=str(builtin_cache)).state_dict()
     other = TextDataModule(cache_dir=str(builtin_cache), tokenizer_vocab_size=512)
-    with pytest.raises(ValueError, match=r"different tokenizer.*vocab_size=4096.*vocab_size=512.*--data\.tokenizer"):
+    with pytest.raises(
+        ValueError,
+        match=r"different tokenizer.*vocab_size=4096.*vocab_size=512.*--data\.tokenizer",
+    ):
         other.load_state_dict(state)
 
 
@@ -227,8 +271,16 @@ def test_fits_with_a_lightning_trainer(builtin_cache: Path) -> None:
             return torch.optim.Adam(self.parameters(), lr=0.1)
 
     dm = TextDataModule(cache_dir=str(builtin_cache), seq_len=32, batch_size=4)
-    trainer = L.Trainer(max_epochs=2, limit_train_batches=30, limit_val_batches=4, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=30,
+        limit_val_batches=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     torch.manual_seed(0)
     model = Bigram(dm.vocab_size)
     before = trainer.validate(model, datamodule=dm, verbose=False)[0]["val_loss"]

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from moda_lightning.data.splits import chunk_bounds, count_windows, document_ends, held_out_split
+from moda_lightning.data.splits import (
+    chunk_bounds,
+    count_windows,
+    document_ends,
+    held_out_split,
+)
 
 EOT = 9
 
 
 def stream(doc_lengths: list[int]) -> torch.Tensor:
-    parts = [torch.cat([torch.ones(n - 1, dtype=torch.int32), torch.tensor([EOT], dtype=torch.int32)]) for n in doc_lengths]
+    parts = [
+        torch.cat(
+            [
+                torch.ones(n - 1, dtype=torch.int32),
+                torch.tensor([EOT], dtype=torch.int32),
+            ]
+        )
+        for n in doc_lengths
+    ]
     return torch.cat(parts).to(torch.uint16)
 
 
@@ -29,12 +44,15 @@ def test_split_reaches_the_target_and_tiles_the_stream():
     train, val = held_out_split(len(tokens), document_ends(tokens, EOT), 0.1, window=9, seed=0)
     spans = sorted(train + val)
     assert spans[0][0] == 0 and spans[-1][1] == len(tokens)
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
     held = sum(b - a for a, b in val)
     assert held == 740  # ceil(0.1 * 7400); the last chunk is cut to what is still needed
     assert all(a % 37 == 0 for a, _ in val), "held-out spans start at document ends"
     assert len(val) > 1 and val[0][0] < len(tokens) // 2, "drawn from the whole stream, not the tail"
-    assert held_out_split(len(tokens), document_ends(tokens, EOT), 0.1, 9, seed=0) == (train, val)
+    assert held_out_split(len(tokens), document_ends(tokens, EOT), 0.1, 9, seed=0) == (
+        train,
+        val,
+    )
     assert held_out_split(len(tokens), document_ends(tokens, EOT), 0.1, 9, seed=1)[1] != val
 
 
