@@ -31,6 +31,7 @@ from benchmarks._step import median_step_ms, training_step
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDATransformer
 
+BASELINE = dict(depth_kv=False, ffn_kv=False, attn_kv_proj=False, last_layer_depth_proj=False)  # configs/variants/baseline.yaml
 MODES = {"eager": None, "compiled": "default", "graphed": "reduce-overhead"}
 SHAPES = {
     # name: (config fields, micro-batches); 700M is Table 3 row 4 (row 1 with attention="sdpa")
@@ -55,6 +56,8 @@ def measure(fields: dict, attention: str, mode: str, batch: int, steps: int) -> 
     model = network = step = None
     try:
         torch.manual_seed(0)
+        if attention == "sdpa":  # the baseline overlay's switches: no depth stream at all
+            fields = {**fields, **BASELINE}
         model = MoDATransformer(MoDAConfig(attention=attention, **fields)).cuda()
         generator = torch.Generator(device="cuda").manual_seed(0)
         tokens = torch.randint(0, fields["vocab_size"], (batch, fields["max_seq_len"] + 1), device="cuda", generator=generator)

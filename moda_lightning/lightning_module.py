@@ -191,6 +191,19 @@ class MoDALightningModule(L.LightningModule):
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.on_train_batch_start(batch, batch_idx)
 
+    def on_train_start(self) -> None:
+        if self._replays_cuda_graphs():
+            # A replayed backward returns its gradients in the graph's own memory, which the next
+            # replay overwrites. Autograd would make such a tensor a parameter's .grad when .grad is
+            # None, so gradient accumulation would add to memory the next micro-batch overwrites.
+            # With .grad allocated here and only zeroed (optimizer_zero_grad), autograd adds into it.
+            for p in self.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=not self._replays_cuda_graphs())
+
     def forward(self, idx: Tensor) -> Tensor:
         """Logits ``[B, T, vocab]`` for token ids ``[B, T]``."""
         return self.model(idx)

@@ -51,3 +51,14 @@ def test_usage_lines_run_from_a_checkout(script: Path):
     options = {token.split("=")[0] for line in lines for token in line.split() if token.startswith("--")}
     unknown = sorted(option for option in options if not re.search(rf"{re.escape(option)}(?![\w-])", result.stdout))
     assert unknown == [], f"{script.name}: its usage lines pass options its --help does not list: {unknown}"
+
+
+def test_step_speed_shapes_are_valid_configs_for_both_arms():
+    """Each shape step_speed.py times builds as MoDA and, with the baseline overlay's switches, as the baseline."""
+    from benchmarks.step_speed import BASELINE, SHAPES
+    from moda_lightning.config import MoDAConfig
+
+    for fields, _ in SHAPES.values():
+        baseline = MoDAConfig(attention="sdpa", **{**fields, **BASELINE})
+        moda = MoDAConfig(attention="moda_triton", **fields)
+        assert not baseline.reads_depth and moda.reads_depth
