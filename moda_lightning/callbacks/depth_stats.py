@@ -1,6 +1,6 @@
 """DepthAttentionStats: how much each layer and head reads the depth stream, logged to every logger.
 
-Every ``every_n_steps`` optimizer steps the callback runs one forward pass on a fixed probe
+Every ``every_n_steps`` optimizer steps, and at the run's last step, the callback runs one forward pass on a fixed probe
 batch from the validation data, without gradients, with each layer's attention backend
 wrapped by a probe that records the statistics of the softmax rows; then it restores the
 backends. The model files need no hooks for this. Figures come from ``figures.py`` and reach
@@ -176,7 +176,8 @@ class DepthAttentionStats(L.Callback):
     memory) warns and turns the callback off instead of ending the run.
 
     Args:
-        every_n_steps: optimizer steps between probes. The probe's forward pass costs 0.25% of
+        every_n_steps: optimizer steps between probes; the last step of a run with ``max_steps``
+            is probed as well. The probe's forward pass costs 0.25% of
             training time on the CPU default config and 1.5% at the Table 6 shape on an H100
             (docs/flops.md). Drawing and logging the three figures adds about 0.35 s per probe at
             the default config and 0.85 s at 24 layers x 16 heads (one thread of a shared 2-core
@@ -321,7 +322,10 @@ class DepthAttentionStats(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps or step == self._last_step:
+        # The last step is probed too, so a run ends with its final picture of depth use
+        # (what `moda study` reports), whatever every_n_steps is.
+        final = 0 < trainer.max_steps <= step
+        if (step % self.every_n_steps and not final) or step == self._last_step:
             return
         self._last_step = step
         start = time.perf_counter()

@@ -12,6 +12,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from moda_lightning.study.depth_figure import depth_arms, depth_figure
 from moda_lightning.study.results import RunResult
 from moda_lightning.study.spec import StudySpec
 
@@ -162,6 +163,24 @@ def markdown(spec: StudySpec, results: list[RunResult], missing: list[str]) -> s
     if missing:
         lines += ["", "Not finished yet: " + ", ".join(missing) + "."]
     lines += ["", "![validation loss](study.png)", ""]
+    depth = depth_arms(spec, results)
+    if depth:
+        lines += [
+            "Depth mass at the end of training: the softmax mass a row puts on its depth slots, from each "
+            "run's last depth probe, mean over the layers that read depth and over seeds:",
+            "",
+            "| arm | seeds | mean depth mass | layer with the most (its mass) |",
+            "|---|---|---|---|",
+        ]
+        for name, runs in depth:
+            per_layer = {
+                layer: statistics.fmean(values)
+                for layer, values in enumerate(zip(*(r.depth_mass["all"] for r in runs)))
+                if all(v is not None for v in values)
+            }
+            top = max(per_layer, key=per_layer.__getitem__)
+            lines.append(f"| {name} | {len(runs)} | {statistics.fmean(per_layer.values()):.3f} | {top} ({per_layer[top]:.3f}) |")
+        lines += ["", "![depth mass per layer](depth.png)", ""]
     return "\n".join(lines)
 
 
@@ -228,16 +247,22 @@ def figure(spec: StudySpec, results: list[RunResult]):
 
 
 def write_report(spec: StudySpec, results: list[RunResult], missing: list[str], out_dir: Path) -> tuple[Path, Path]:
-    """Write ``study.md`` and ``study.png`` into ``out_dir`` and log both to TensorBoard there."""
+    """Write ``study.md``, ``study.png`` and (when an arm reads depth) ``depth.png`` into ``out_dir``,
+    and log them to TensorBoard there."""
     text = markdown(spec, results, missing)
     md_path, png_path = out_dir / "study.md", out_dir / "study.png"
     md_path.write_text(text)
     fig = figure(spec, results)
     fig.savefig(png_path, dpi=120)
+    depth = depth_figure(spec, results)
+    if depth is not None:
+        depth.savefig(out_dir / "depth.png", dpi=120)
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(out_dir / "report")) as writer:
         step = len(results)  # one report per number of finished runs
         writer.add_text("study/table", text, step)
         writer.add_figure("study/validation_loss", fig, step)
+        if depth is not None:
+            writer.add_figure("study/depth_mass", depth, step)
     return md_path, png_path

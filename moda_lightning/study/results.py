@@ -34,6 +34,9 @@ class RunResult:
     # Most runs that ever trained on this run's GPU at once, itself included (None: not recorded).
     # Throughput is only comparable between runs that shared their GPU alike.
     gpu_sharing: int | None = None
+    # The last depth probe's softmax mass on the depth slots, per layer (None where a layer reads
+    # none): "all" slots, and split into the attention and FFN slots; None for a run without depth.
+    depth_mass: dict[str, list[float | None]] | None = None
 
     @property
     def final_loss(self) -> float:
@@ -97,8 +100,25 @@ def summarize(
         val_loss=val,
         tokens_per_sec=rate,
         gpu_sharing=gpu_sharing,
+        depth_mass=final_depth_mass(scalars),
         **model_cost(run_dir),
     )
+
+
+DEPTH_MASS_TAGS = {"all": "mass", "attn_slots": "mass_attn_slots", "ffn_slots": "mass_ffn_slots"}
+
+
+def final_depth_mass(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, list[float | None]] | None:
+    """Per layer, the last logged ``depth_attn/layer_LL/<tag>`` of each kind in `DEPTH_MASS_TAGS`
+    (the callback's final probe); None if the run logged no depth mass."""
+    layers = sorted({int(tag.split("/")[1].removeprefix("layer_")) for tag in scalars if tag.startswith("depth_attn/layer_")})
+    if not any(f"depth_attn/layer_{i:02d}/mass" in scalars for i in layers):
+        return None
+    out: dict[str, list[float | None]] = {}
+    for kind, tag in DEPTH_MASS_TAGS.items():
+        points = [scalars.get(f"depth_attn/layer_{i:02d}/{tag}") for i in range(max(layers) + 1)]
+        out[kind] = [p[-1][1] if p else None for p in points]
+    return out
 
 
 def model_cost(run_dir: Path) -> dict[str, float]:

@@ -118,3 +118,17 @@ def test_figures_are_drawn_every_figures_every_n_steps_and_at_the_end(tmp_path):
     rows = metrics.read_text().splitlines()
     column = rows[0].split(",").index("depth_attn/layer_02/mass")
     assert sum(1 for row in rows[1:] if row.split(",")[column]) == 5
+
+
+@pytest.mark.slow
+def test_the_last_step_is_probed_whatever_every_n_steps_is(tmp_path):
+    """every_n_steps=3 in a 4-step run: probes at step 3 and at the last step, 4, with its figures."""
+    sparse = [{"class_path": "moda_lightning.callbacks.DepthAttentionStats",
+               "init_args": {"every_n_steps": 3, "probe_batch_size": 2, "figures_every_n_steps": 30}}]  # fmt: skip
+    run_fit(tmp_path, "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.callbacks={json.dumps(sparse)}")
+    (metrics,) = tmp_path.glob("runs/**/metrics.csv")
+    rows = [row.split(",") for row in metrics.read_text().splitlines()]
+    mass, step = rows[0].index("depth_attn/layer_02/mass"), rows[0].index("step")
+    assert sorted({int(row[step]) for row in rows[1:] if row[mass]}) == [3, 4]
+    drawn = sorted(int(p.stem[-6:]) for p in (metrics.parent / "media").glob("depth_attn-mass_layer_x_head-step*.png"))
+    assert drawn == [4]

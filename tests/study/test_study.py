@@ -14,8 +14,8 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from moda_lightning.study.report import PairedDifference, summarize_arms, t975
-from moda_lightning.study.results import RunResult
+from moda_lightning.study.report import PairedDifference, summarize_arms, t975, write_report
+from moda_lightning.study.results import RunResult, final_depth_mass
 from moda_lightning.study.spec import load_study
 
 TINY = [
@@ -23,6 +23,9 @@ TINY = [
     "--model.max_seq_len=32", "--model.warmup_steps=2", "--data.tokenizer_vocab_size=300", "--data.seq_len=32",
     "--data.batch_size=4", "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1",
     "--trainer.enable_model_summary=false", "--data.cache_dir=cache",
+    # probes at step 4 and at the last step, 6, whose depth mass the report shows
+    '--trainer.callbacks=[{"class_path": "moda_lightning.callbacks.DepthAttentionStats", '
+    '"init_args": {"every_n_steps": 4, "probe_batch_size": 2}}]',
 ]  # fmt: skip
 
 
@@ -70,6 +73,7 @@ def test_study_runs_reports_and_skips_finished_runs(tmp_path):
     md = (out / "study.md").read_text()
     png = (out / "study.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
+    assert (out / "depth.png").read_bytes().startswith(b"\x89PNG") and "| moda | 2 | " in md.split("Depth mass")[1]
 
     # The table's numbers are the event files' final validation losses, averaged over seeds.
     finals = {(arm, s): val_losses(out / arm / f"seed{s}")[-1] for arm in ("base", "moda") for s in (0, 1)}
@@ -79,7 +83,10 @@ def test_study_runs_reports_and_skips_finished_runs(tmp_path):
         mean = (finals[arm, 0] + finals[arm, 1]) / 2
         assert f"| {mean:.4f} |" in row and f"| {math.exp(mean):.2f} |" in row
         # Two runs of one arm went at once on the CPU, and both results say so.
-        assert all(json.loads((out / arm / f"seed{s}" / "result.json").read_text())["gpu_sharing"] == 2 for s in (0, 1))
+        results = [json.loads((out / arm / f"seed{s}" / "result.json").read_text()) for s in (0, 1)]
+        assert all(r["gpu_sharing"] == 2 for r in results)
+        # The last step's depth probe is each MoDA run's depth mass; the baseline has none.
+        assert all((r["depth_mass"] is None) == (arm == "base") for r in results)
     diffs = [finals["moda", s] - finals["base", s] for s in (0, 1)]
     paired_section = md[md.index("Paired differences") :]
     pair = next(line for line in paired_section.splitlines() if line.startswith("| moda | 2 | "))
@@ -190,3 +197,37 @@ def test_throughput_averages_the_least_shared_runs_only():
 
 def test_t_quantiles():
     assert t975(1) == pytest.approx(12.706) and t975(4) == pytest.approx(2.776) and t975(100) == 1.96
+
+
+def test_final_depth_mass_takes_each_layers_last_probe():
+    scalars = {
+        "depth_attn/layer_00/sink": [(10, 0.9)],  # layer 0 reads no depth: no mass
+        "depth_attn/layer_01/mass": [(10, 0.1), (20, 0.3)],
+        "depth_attn/layer_01/mass_attn_slots": [(10, 0.05), (20, 0.1)],
+        "depth_attn/layer_01/mass_ffn_slots": [(10, 0.05), (20, 0.2)],
+        "depth_attn/layer_02/mass": [(20, 0.5)],
+        "train/loss": [(20, 2.0)],
+    }
+    assert final_depth_mass(scalars) == {
+        "all": [None, 0.3, 0.5],
+        "attn_slots": [None, 0.1, None],
+        "ffn_slots": [None, 0.2, None],
+    }
+    assert final_depth_mass({"train/loss": [(1, 2.0)], "depth_attn/layer_00/sink": [(1, 1.0)]}) is None
+
+
+def test_report_shows_depth_mass_of_the_arms_that_read_depth(tmp_path):
+    def result(arm: str, seed: int, mass: list[float | None] | None) -> RunResult:
+        depth = None if mass is None else {"all": mass, "attn_slots": mass, "ffn_slots": [None] * len(mass)}
+        return RunResult(arm, seed, 4, 64, [64], [2.0 + seed], None, 1.0, 1.0, gpu_sharing=1, depth_mass=depth)
+
+    spec = SimpleNamespace(name="t", path="t.yaml", arms=[SimpleNamespace(name="base"), SimpleNamespace(name="moda")],
+                           reference="base", runs_per_gpu=1, seeds=[0, 1])  # fmt: skip
+    results = [result("base", 0, None), result("base", 1, None),
+               result("moda", 0, [None, 0.1, 0.4]), result("moda", 1, [None, 0.3, 0.2])]  # fmt: skip
+    write_report(spec, results, [], tmp_path)
+    md = (tmp_path / "study.md").read_text()
+    # per layer means over seeds: 0.2 (layer 1), 0.3 (layer 2); their mean 0.25; the top layer 2
+    assert "| moda | 2 | 0.250 | 2 (0.300) |" in md and "| base | 2 |" not in md.split("Depth mass")[1]
+    png = (tmp_path / "depth.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
