@@ -2,6 +2,7 @@
 
     PYTHONPATH=kernels:. python benchmarks/step_speed.py                 # every number of docs/scaling.md's step table
     PYTHONPATH=kernels:. python benchmarks/step_speed.py --quick         # the Table 6 shape only
+    PYTHONPATH=kernels:. python benchmarks/step_speed.py --shapes 700M --modes eager graphed   # a part of the table
     PYTHONPATH=kernels:. python benchmarks/step_speed.py --fit-steps 300 # also `moda fit` table6_24l end to end
 
 Options compared: ``eager``; ``compiled`` (``torch.compile`` of the whole network);
@@ -148,13 +149,14 @@ def fit_table(steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the Table 6 shape only")
+    parser.add_argument("--quick", action="store_true", help="the Table 6 shape only (same as --shapes table6_24l)")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="the shapes to time")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
     parser.add_argument("--steps", type=int, default=10, help="timed steps per option")
     parser.add_argument("--fit-steps", type=int, default=0, help="also time `moda fit` end to end for this many steps")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    step_table(["table6_24l"] if args.quick else list(SHAPES), args.modes, args.steps)
+    step_table(["table6_24l"] if args.quick else args.shapes, args.modes, args.steps)
     if args.fit_steps:
         fit_table(args.fit_steps)
 
