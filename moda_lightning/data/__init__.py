@@ -1,9 +1,9 @@
 """Data for MoDA language models: corpus, byte-level BPE tokenizer, token cache, DataModule.
 
 `TextDataModule` is the entry point; the other names are the building blocks it is made of, for
-projects that want the same tokenizer or token cache without Lightning. `TextDataModule` and
-`PackedWindows` load on first use, so the building blocks import without Lightning (and a worker
-process that tokenizes starts quickly).
+projects that want the same tokenizer or token cache without Lightning. `TextDataModule` loads on
+first use, so the building blocks import without Lightning (and a worker process that tokenizes
+starts quickly).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from moda_lightning.data.tokenizer import (
     tokenizer_fingerprint,
     train_bpe_tokenizer,
 )
+from moda_lightning.data.windows import PackedWindows
 
 _LAZY = {
-    "PackedWindows": "moda_lightning.data.datamodule",
     "TextDataModule": "moda_lightning.data.datamodule",
 }
 

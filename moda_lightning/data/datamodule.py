@@ -2,16 +2,15 @@
 
 Pipeline: corpus (`corpus.py`: the built-in corpus, text files, a dataset folder) -> byte-level BPE
 tokenizer (`tokenizer.py`, trained or given) -> a cached folder of token shards (`token_cache.py`,
-tokenized on every core) -> training and held-out validation spans (`splits.py`), cut into windows
-of ``seq_len + 1`` tokens with stride ``seq_len`` so that the targets of one window chain into the
-next. Pre-tokenized files (`pretokenized.py`) skip the first three steps.
+tokenized on every core, checked by `cache_integrity.py`) -> training and held-out validation spans
+(`splits.py`), cut into windows of ``seq_len + 1`` tokens with stride ``seq_len`` (`windows.py`) so
+that the targets of one window chain into the next. Pre-tokenized files (`pretokenized.py`) skip the
+first three steps. The flags are checked in `flags.py`, the streams made ready in `token_sources.py`.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
-import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -20,77 +19,22 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from moda_lightning.data import pretokenized
-from moda_lightning.data import token_cache as tc
+from moda_lightning.data import flags
 from moda_lightning.data import tokenizer as tk
-from moda_lightning.data.corpus import TOKEN_SUFFIXES, Corpus, resolve_files
+from moda_lightning.data.cache_manifest import CacheKey
+from moda_lightning.data.corpus import Corpus
 from moda_lightning.data.encode_pool import available_cores
-from moda_lightning.data.readers import suffix_of
 from moda_lightning.data.sampler import ResumableLoader, ResumableShuffle
-from moda_lightning.data.splits import count_windows, document_ends, held_out_split
+from moda_lightning.data.splits import Span, count_windows, held_out_split
 from moda_lightning.data.token_files import TokenStream
+from moda_lightning.data.token_sources import SourceStream, TokenSources, describe
+from moda_lightning.data.windows import PackedWindows
 
-POOL_MIN_BYTES = 16 * 2**20
-"""Corpora smaller than this are tokenized in this process: starting workers would cost more than they save."""
+__all__ = ["PackedWindows", "TextDataModule"]
 
-Spans = list[tuple[int, int]]
-
-
-class PackedWindows(Dataset[torch.Tensor]):
-    """Windows of ``seq_len + 1`` tokens cut from token spans ``[start, stop)`` of a token stream.
-
-    Within a span, window ``i`` covers tokens ``[start + i*seq_len, start + i*seq_len + seq_len + 1)``:
-    the last token of a window is the first of the next, so ``window[1:]`` (targets) continue the
-    stream. No window crosses a span's end; one may cross from one shard into the next. The stream
-    maps its shards lazily in each process, so DataLoader workers map them instead of receiving a
-    pickled copy.
-
-    Args:
-        tokens: The token stream (`token_cache.open_token_cache` or pre-tokenized files).
-        spans: Token ranges ``(start, stop)`` to cut windows from, in order.
-        seq_len: Training sequence length.
-    """
-
-    def __init__(self, tokens: TokenStream, spans: Spans, seq_len: int) -> None:
-        self.tokens, self.seq_len = tokens, seq_len
-        self.spans = list(spans)
-        counts = count_windows(self.spans, seq_len)
-        # first window index of each span, and the total at the end
-        self._offsets = [0, *itertools.accumulate(counts)]
-
-    def __len__(self) -> int:
-        return self._offsets[-1]
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        """Return window `index` as int64 token ids, [seq_len + 1]."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"window {index} is out of range for {len(self)} windows")
-        span = bisect.bisect_right(self._offsets, index) - 1
-        begin = self.spans[span][0] + (index - self._offsets[span]) * self.seq_len
-        return self.tokens[begin : begin + self.seq_len + 1].to(torch.int64)
-
-
-def _entries(files: str | list[str] | None) -> list[str]:
-    return [] if files is None else [files] if isinstance(files, (str, os.PathLike)) else list(files)
-
-
-def _token_paths(files: str | list[str] | None, flag: str) -> list[Path] | None:
-    """The files, resolved, if they are pre-tokenized (all of them); None if they are text."""
-    if files is None or any(str(e).startswith("pkg:") for e in _entries(files)):
-        return None
-    paths = resolve_files(files)
-    kinds = {suffix_of(p) in TOKEN_SUFFIXES for p in paths}
-    if kinds == {True}:
-        return paths
-    if len(kinds) > 1:
-        token = next(p for p in paths if suffix_of(p) in TOKEN_SUFFIXES)
-        raise ValueError(
-            f"data: {flag} mixes pre-tokenized files ({token}) with text files; pass either text files or "
-            ".bin / .npy token files, not both."
-        )
-    return None
+Spans = list[Span]
 
 
 class TextDataModule(L.LightningDataModule):
@@ -168,26 +112,15 @@ class TextDataModule(L.LightningDataModule):
         eot_id: int | None = None,
     ) -> None:
         super().__init__()
-        problems = []
-        if not tk.MIN_VOCAB_SIZE <= tokenizer_vocab_size <= 2**32:
-            problems.append(
-                f"tokenizer_vocab_size={tokenizer_vocab_size}, expected {tk.MIN_VOCAB_SIZE} to 2**32 "
-                "(256 byte symbols + <|endoftext|> at least)"
-            )
-        if seq_len < 1:
-            problems.append(f"seq_len={seq_len}, expected >= 1")
-        if batch_size < 1:
-            problems.append(f"batch_size={batch_size}, expected >= 1")
-        if not 0.0 < val_fraction < 1.0:
-            problems.append(f"val_fraction={val_fraction}, expected a fraction in (0, 1) such as 0.05")
-        if num_workers < 0:
-            problems.append(f"num_workers={num_workers}, expected >= 0")
-        if num_proc is not None and num_proc < 1:
-            problems.append(f"num_proc={num_proc}, expected >= 1 (or leave it unset to use every core)")
-        if token_vocab_size is not None and not 1 <= token_vocab_size <= 2**32:
-            problems.append(f"token_vocab_size={token_vocab_size}, expected 1 to 2**32")
-        if problems:
-            raise ValueError("TextDataModule: invalid arguments: " + "; ".join(problems) + ".")
+        flags.check_numbers(
+            tokenizer_vocab_size=tokenizer_vocab_size,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            num_workers=num_workers,
+            num_proc=num_proc,
+            token_vocab_size=token_vocab_size,
+        )
         self.save_hyperparameters()
 
         self.seq_len = seq_len
@@ -200,13 +133,9 @@ class TextDataModule(L.LightningDataModule):
         self.val_seed = val_seed
         self.num_proc = num_proc if num_proc is not None else available_cores()
         # Resolve paths and globs now: a typo fails at instantiation, before any training work.
-        self.token_paths = _token_paths(files, "--data.files")
-        self.val_token_paths = _token_paths(val_files, "--data.val_files")
-        if val_files is not None and (self.token_paths is None) != (self.val_token_paths is None):
-            raise ValueError(
-                "data: --data.val_files must be of the kind --data.files is (both text, or both pre-tokenized .bin / "
-                ".npy files); the model needs one vocabulary for both."
-            )
+        self.token_paths = flags.token_paths(files, "--data.files")
+        self.val_token_paths = flags.token_paths(val_files, "--data.val_files")
+        flags.check_same_kind(val_files, self.token_paths, self.val_token_paths)
         self.corpus: Corpus | None = None
         self.val_corpus: Corpus | None = None
         if self.token_paths is None:
@@ -216,37 +145,13 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer_path: Path | None = tk.resolve_tokenizer(tokenizer) if tokenizer is not None else None
         if self.tokenizer_path is not None and not self.tokenizer_path.is_file():
             tk.load_tokenizer(self.tokenizer_path)  # fails here with the "does not exist" message
-        self._check_token_flags(dataset, token_vocab_size, eot_id)
+        flags.check_token_flags(self.token_paths, self.tokenizer_path, dataset, token_vocab_size, eot_id)
         self.token_vocab_size, self.eot_id = token_vocab_size, eot_id
         self._tokenizer: Tokenizer | None = None
         self._fingerprint: str | None = None
-        self._cache_paths: dict[str, Path] = {}  # corpus fingerprint -> its cache folder, checked
-        self._ids_checked: set[tuple[Path, ...]] = set()
+        self._sources = TokenSources(self.cache_dir, self.num_proc, info=rank_zero_info)
         self.train_dataset: PackedWindows | None = None
         self.val_dataset: PackedWindows | None = None
-
-    def _check_token_flags(self, dataset: str | None, token_vocab_size: int | None, eot_id: int | None) -> None:
-        """The flags of pre-tokenized files: needed with them, refused without them (they would do nothing)."""
-        if self.token_paths is None:
-            if token_vocab_size is not None or eot_id is not None:
-                raise ValueError(
-                    "data: --data.token_vocab_size and --data.eot_id describe pre-tokenized .bin / .npy files, but "
-                    "--data.files is text; drop them (the tokenizer decides both) or pass token files."
-                )
-            return
-        if dataset is not None:
-            raise ValueError("data: both --data.files and --data.dataset are set; pass one of them.")
-        if self.tokenizer_path is None and (token_vocab_size is None or eot_id is None):
-            raise ValueError(
-                f"data: the pre-tokenized files ({self.token_paths[0]}, ...) need their vocabulary size and "
-                "end-of-text id: pass --data.tokenizer=<the tokenizer they were made with> or both "
-                "--data.token_vocab_size and --data.eot_id (GPT-2 ids: 50257 and 50256)."
-            )
-        if token_vocab_size is not None and eot_id is not None and not 0 <= eot_id < token_vocab_size:
-            raise ValueError(
-                f"data: --data.eot_id={eot_id} is outside the vocabulary of --data.token_vocab_size={token_vocab_size}; "
-                "pass the end-of-text id of the tokenizer the files were made with."
-            )
 
     # --- tokenizer ------------------------------------------------------------------------------
 
@@ -310,76 +215,19 @@ class TextDataModule(L.LightningDataModule):
     def has_val_files(self) -> bool:
         return self.val_corpus is not None or self.val_token_paths is not None
 
-    def _cache_folder(self, corpus: Corpus) -> Path:
-        """The token cache of `corpus` with this tokenizer, checked against its manifest once per process.
-
-        Built (atomically, with its manifest) if missing; rebuilt, with one info line saying why, if
-        the check finds it damaged or not matching (see `token_cache` for what is checked and when
-        every byte is). A rebuilt cache is checked again, so a folder that cannot keep it fails here.
-
-        Raises:
-            ValueError: If the corpus gives no text.
-            OSError: If the cache folder cannot be written.
-            RuntimeError: If the cache is still bad right after it was rebuilt.
-        """
-        fingerprint = corpus.fingerprint()
-        known = self._cache_paths.get(fingerprint)
-        if known is not None and known.is_dir():
-            return known
-        key = tc.CacheKey(fingerprint, self.tokenizer_fingerprint, self.vocab_size)
-        path = tc.token_cache_path(
-            self.cache_dir,
-            key.corpus_fingerprint,
-            key.tokenizer_fingerprint,
-            key.vocab_size,
-        )
-        if not path.is_dir():
-            rank_zero_info(f"TextDataModule: tokenizing {corpus.describe()} into {path}")
-        elif (problem := tc.cache_problem(path, key)) is None:
-            rank_zero_info(f"TextDataModule: using cached tokens {path}")
-            self._cache_paths[fingerprint] = path
-            return path
-        else:
-            rank_zero_info(f"TextDataModule: token cache {path} {problem}; rebuilding")
-        # Starting workers costs more than a small corpus takes to tokenize in this process.
-        num_proc = self.num_proc if corpus.source_bytes() >= POOL_MIN_BYTES else 1
-        manifest = tc.build_token_cache(corpus, self.tokenizer, self.eot, path, key, num_proc=num_proc)
-        shards = f"{len(manifest.shards)} shard" + ("s" if len(manifest.shards) > 1 else "")
-        rank_zero_info(f"TextDataModule: wrote {manifest.n_tokens:,} tokens ({shards}) to {path}")
-        if (problem := tc.cache_problem(path, key)) is not None:
-            raise RuntimeError(
-                f"data: token cache {path} {problem} right after it was written, so its folder does not keep "
-                "what is written there (a full or failing disk, or another program changing it); move the "
-                "cache with --data.cache_dir=<another folder>"
-            )
-        self._cache_paths[fingerprint] = path
-        return path
-
-    def _stream(self, corpus: Corpus | None, token_paths: list[Path] | None) -> TokenStream:
+    def _stream(self, corpus: Corpus | None, token_paths: list[Path] | None) -> SourceStream:
         """The token stream of a text corpus (its cache) or of pre-tokenized files (their ids checked once)."""
         if corpus is not None:
-            return tc.open_token_cache(self._cache_folder(corpus))
+            key = CacheKey(corpus.fingerprint(), self.tokenizer_fingerprint, self.vocab_size)
+            return self._sources.corpus_stream(corpus, self.tokenizer, self.eot, key)
         assert token_paths is not None
-        stream = pretokenized.open_token_files(token_paths)
-        if tuple(token_paths) not in self._ids_checked:
-            pretokenized.check_token_ids(stream, self.vocab_size, self.eot, self.cache_dir)
-            self._ids_checked.add(tuple(token_paths))
-        return stream
+        return self._sources.file_stream(token_paths, self.vocab_size, self.eot)
 
-    def _describe(self, corpus: Corpus | None, token_paths: list[Path] | None) -> str:
-        if corpus is not None:
-            return corpus.describe()
-        assert token_paths is not None
-        shown = ", ".join(str(p) for p in token_paths[:3])
-        return f"{len(token_paths)} token file(s): {shown}" + (
-            f" and {len(token_paths) - 3} more" if len(token_paths) > 3 else ""
-        )
-
-    def _split(self, tokens: TokenStream) -> tuple[Spans, Spans]:
+    def _split(self, source: SourceStream) -> tuple[Spans, Spans]:
         """Training and validation spans of the token stream; each split holds one window or more."""
-        window, n_tokens = self.seq_len + 1, len(tokens)
+        window, n_tokens = self.seq_len + 1, len(source.tokens)
         if n_tokens >= 2 * window:
-            ends = document_ends(tokens, self.eot)
+            ends = self._sources.document_ends(source, self.eot)
             train, val = held_out_split(n_tokens, ends, self.val_fraction, window, self.val_seed)
             if sum(count_windows(train, self.seq_len)) and sum(count_windows(val, self.seq_len)):
                 return train, val
@@ -387,7 +235,7 @@ class TextDataModule(L.LightningDataModule):
         fitting = n_tokens // 4 - 1
         shorter = f"lower --data.seq_len (at most {fitting} here), " if fitting >= 1 else ""
         raise ValueError(
-            f"data: the corpus is too small: {self._describe(self.corpus, self.token_paths)} has {n_tokens:,} tokens, "
+            f"data: the corpus is too small: {describe(self.corpus, self.token_paths)} has {n_tokens:,} tokens, "
             f"but one training and one validation sequence of seq_len+1={window} tokens need {2 * window:,} or more, "
             f"in spans long enough for a whole window (val_fraction={self.val_fraction}); {shorter}raise "
             "--data.val_fraction, or pass more text in --data.files"
@@ -403,28 +251,33 @@ class TextDataModule(L.LightningDataModule):
         """All of a stream as one span, which must hold a window."""
         if len(tokens) < self.seq_len + 1:
             raise ValueError(
-                f"data: {flag} is too small: {self._describe(corpus, token_paths)} has {len(tokens):,} tokens, fewer "
+                f"data: {flag} is too small: {describe(corpus, token_paths)} has {len(tokens):,} tokens, fewer "
                 f"than one sequence of seq_len+1={self.seq_len + 1}; lower --data.seq_len or pass more text in {flag}"
             )
         return [(0, len(tokens))]
 
     def prepare_data(self) -> None:
         """Train or load the tokenizer; tokenize the corpus into the cache, or check the cached shards
-        (once per node). Pre-tokenized files get their ids checked (once, remembered in the cache)."""
-        self._stream(self.corpus, self.token_paths)
+        (once per node). Pre-tokenized files get their ids checked (once, remembered in the cache).
+        Without validation files, the document ends the split needs are stored if they are not yet,
+        so the ranks that set up next read them instead of each scanning the stream."""
+        source = self._stream(self.corpus, self.token_paths)
         if self.has_val_files:
             self._stream(self.val_corpus, self.val_token_paths)
+        else:
+            self._sources.document_ends(source, self.eot)
 
     def setup(self, stage: str | None = None) -> None:
         """Map the token shards and cut them into training and validation windows."""
         if self.train_dataset is not None:
             return
-        tokens = self._stream(self.corpus, self.token_paths)
+        source = self._stream(self.corpus, self.token_paths)
+        tokens = source.tokens
         if not self.has_val_files:
-            train, val = self._split(tokens)
+            train, val = self._split(source)
             val_tokens = tokens
         else:
-            val_tokens = self._stream(self.val_corpus, self.val_token_paths)
+            val_tokens = self._stream(self.val_corpus, self.val_token_paths).tokens
             train = self._whole(tokens, "--data.files", self.corpus, self.token_paths)
             val = self._whole(val_tokens, "--data.val_files", self.val_corpus, self.val_token_paths)
         self.train_dataset = PackedWindows(tokens, train, self.seq_len)

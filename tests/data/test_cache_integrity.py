@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from moda_lightning.data import TextDataModule
+from moda_lightning.data import cache_integrity as ci
 from moda_lightning.data import token_cache as tc
 from moda_lightning.data import tokenizer as tk
 from tests.test_cli import TINY, moda_command
@@ -348,13 +349,13 @@ def test_several_shards_hold_the_one_stream(good_cache: Path, cache: Path, monke
 def test_large_caches_check_a_sample(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Over the size limit only the sample is hashed: a shard overwritten is caught, one id changed
     between samples is not (unless asked to check every byte)."""
-    monkeypatch.setattr(tc, "SAMPLE_BLOCKS", 4)
-    monkeypatch.setattr(tc, "SAMPLE_BLOCK_BYTES", 64)
+    monkeypatch.setattr(ci, "SAMPLE_BLOCKS", 4)
+    monkeypatch.setattr(ci, "SAMPLE_BLOCK_BYTES", 64)
     size = token_file(cache).stat().st_size
     folder, key = _rebuild(cache, monkeypatch, size)  # one shard
     path = folder / "00000.bin"
-    monkeypatch.setattr(tc, "FULL_CHECK_MAX_BYTES", size - 1)
-    offsets = tc._sample_offsets(size, 2, tc.sample_blocks_per_shard(1))
+    monkeypatch.setattr(ci, "FULL_CHECK_MAX_BYTES", size - 1)
+    offsets = ci._sample_offsets(size, 2, ci.sample_blocks_per_shard(1))
     assert len(offsets) == 4 and offsets[-1] + 64 > size - 4 and offsets[0] == 0
     assert tc.cache_problem(folder, key) is None
 
@@ -380,25 +381,25 @@ def test_large_caches_check_a_sample(cache: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_the_sample_is_shared_among_shards(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many shards do not multiply the bytes read on open: `SAMPLE_BLOCKS` in all, one per shard at least."""
-    monkeypatch.setattr(tc, "SAMPLE_BLOCKS", 4)
-    monkeypatch.setattr(tc, "SAMPLE_BLOCK_BYTES", 64)
-    monkeypatch.setattr(tc, "FULL_CHECK_MAX_BYTES", 0)
+    monkeypatch.setattr(ci, "SAMPLE_BLOCKS", 4)
+    monkeypatch.setattr(ci, "SAMPLE_BLOCK_BYTES", 64)
+    monkeypatch.setattr(ci, "FULL_CHECK_MAX_BYTES", 0)
     size = token_file(cache).stat().st_size
     folder, key = _rebuild(cache, monkeypatch, size // 2 // 8 + 1)  # 8 shards
-    assert len(tc.read_manifest(folder).shards) == 8 and tc.sample_blocks_per_shard(8) == 1
+    assert len(tc.read_manifest(folder).shards) == 8 and ci.sample_blocks_per_shard(8) == 1
     assert tc.cache_problem(folder, key) is None
     _all_ff(folder / "00005.bin")
     assert tc.cache_problem(folder, key).startswith("shard 00005.bin holds token id 65,535")
 
 
 def test_full_check_streams_through_a_small_buffer(good_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tc, "_READ_BYTES", 1000)
+    monkeypatch.setattr(ci, "_READ_BYTES", 1000)
     path = token_file(good_cache)
-    ranges = tc._ranges(path.stat().st_size, 2, sampled=False)
+    ranges = ci._ranges(path.stat().st_size, 2, sampled=False)
     assert max(length for _, length in ranges) == 1000 and sum(length for _, length in ranges) == path.stat().st_size
     with open(path, "rb") as f:
-        assert tc._sha256(f, ranges) == hashlib.sha256(path.read_bytes()).hexdigest()
-        assert tc._max_id(f, ranges, torch.uint16) == tc.read_manifest(path.parent).max_id
+        assert ci._sha256(f, ranges) == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert ci._max_id(f, ranges, torch.uint16) == tc.read_manifest(path.parent).max_id
 
 
 def test_the_cache_folder_appears_complete(tmp_path: Path, good_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -416,7 +417,7 @@ def test_the_cache_folder_appears_complete(tmp_path: Path, good_cache: Path, mon
     dm = TextDataModule(cache_dir=str(good_cache), tokenizer_vocab_size=VOCAB)
     path = tmp_path / token_folder(good_cache).name
     tc.build_token_cache(dm.corpus, dm.tokenizer, _eot(dm), path, _key(good_cache))
-    assert published == [(path.name, ["00000.bin", "manifest.json"])]
+    assert published == [(path.name, ["00000.bin", "document_ends.i64", "document_ends.json", "manifest.json"])]
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     assert (path / "00000.bin").read_bytes() == token_file(good_cache).read_bytes()
 
@@ -439,9 +440,9 @@ def test_data_module_rebuilds_once_and_says_why(
     good = path.read_bytes()
     _one_byte_short(path)
     checks: list[Path] = []
-    real_check = tc.cache_problem
+    real_check = ci.cache_problem
     monkeypatch.setattr(
-        tc,
+        ci,
         "cache_problem",
         lambda p, key, full=None: checks.append(p) or real_check(p, key, full),
     )

@@ -70,12 +70,15 @@ def test_tokenizer_trains_requested_vocab_and_round_trips() -> None:
 def test_second_datamodule_reuses_both_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = _ready(cache_dir=str(tmp_path), seq_len=32, batch_size=4)
     files = sorted(tmp_path.rglob("*"))
-    # The tokenizer and the token cache folder: one shard and its manifest; no temp files left over.
+    # The tokenizer and the token cache folder: one shard, its document ends and its manifest; no temp
+    # files left over.
     kinds = [re.sub(r"-[0-9a-f]{16,}", "", f.relative_to(tmp_path).as_posix()) for f in files]
     assert kinds == [
         "tokenizer-v4096.json",
         "tokens.u16",
         "tokens.u16/00000.bin",
+        "tokens.u16/document_ends.i64",
+        "tokens.u16/document_ends.json",
         "tokens.u16/manifest.json",
     ]
     stamps = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in files}

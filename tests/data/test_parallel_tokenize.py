@@ -14,9 +14,9 @@ from moda_lightning.data import (
     TextDataModule,
     builtin_documents,
     encode_pool,
+    token_sources,
     train_bpe_tokenizer,
 )
-from moda_lightning.data import datamodule as dmod
 from moda_lightning.data import token_cache as tc
 from moda_lightning.data.encode_pool import TextBatch, encode_in_order
 
@@ -88,7 +88,7 @@ def test_the_reader_stays_a_few_batches_ahead(tokenizer) -> None:
 def test_the_data_module_tokenizes_on_every_core_with_the_same_batches(
     corpus_files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dmod, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(token_sources, "POOL_MIN_BYTES", 0)
     used = []
     real = tc.build_token_cache
     monkeypatch.setattr(
