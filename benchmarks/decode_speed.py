@@ -7,7 +7,13 @@ Each row: a batch of random prompts of ``--prompt`` tokens, then ``--new`` greed
 with ``MoDATransformer.generate`` (bf16 autocast, random weights: speed does not depend on them).
 Reported: the prompt pass (prefill) time, and new tokens per second of the decode steps. Before
 timing, each backend's cached greedy continuation is checked against recomputing the full
-sequence for a few tokens, so a fast wrong cache cannot pass.
+sequence for a few tokens, so a fast wrong cache cannot pass. ``moda_triton`` decodes on the
+op's decode kernels (``kernels/moda_kernels/moda_attn/decode.py``).
+
+A second table times one decode step of the deepest layer's attention alone (``Tq = 1``, bf16)
+against caches of ``--cache`` keys: the decode kernels, the reference op (``moda_torch``, what
+``moda_triton`` ran before it had decode kernels) and SDPA without depth slots (the baseline's
+attention), in microseconds from ``triton.testing.do_bench``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 
 from moda_lightning.config import MoDAConfig
 from moda_lightning.generation import KVCache
@@ -60,12 +67,35 @@ def time_decode(model: MoDATransformer, batch: int, prompt_len: int, new: int) -
     return prefill * 1e3, batch * (new - 1) / decode
 
 
+@torch.inference_mode()
+def time_attention_step(shape: dict, batch: int, cache_len: int) -> tuple[float, float, float]:
+    """Microseconds of one decode step of the last layer's attention: decode kernels, reference op, SDPA."""
+    from triton.testing import do_bench
+
+    from moda_kernels.moda_attn import moda_attn, moda_attn_reference
+
+    Hq, Hk = shape["n_heads"], shape["n_kv_heads"]
+    d, S = shape["d_model"] // Hq, 2 * (shape["n_layers"] - 1)  # the last layer reads every earlier slot
+
+    def rand(*size):
+        return torch.randn(*size, device="cuda", dtype=torch.bfloat16)
+
+    q, k, v = rand(batch, 1, Hq, d), rand(batch, cache_len, Hk, d), rand(batch, cache_len, Hk, d)
+    depth_k, depth_v = rand(batch, 1, S, Hk, d), rand(batch, 1, S, Hk, d)
+    q_BHTd, k_BHTd, v_BHTd = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA's layout
+    kernel = do_bench(lambda: moda_attn(q, k, v, depth_k, depth_v))
+    reference = do_bench(lambda: moda_attn_reference(q, k, v, depth_k, depth_v))
+    sdpa = do_bench(lambda: F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, enable_gqa=True))
+    return kernel * 1e3, reference * 1e3, sdpa * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens per row")
     parser.add_argument("--new", type=int, default=128, help="new tokens per row")
+    parser.add_argument("--cache", nargs="+", type=int, default=[512, 4096], help="cached keys in the attention table")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("\n| shape | batch | backend | prefill ms | decode tokens/s | MoDA / baseline | cache check |")
@@ -83,6 +113,13 @@ def main() -> None:
                 print(f"| {shape} | {batch} | {attention} | {prefill:.1f} | {rate:,.0f} | {ratio} | {'ok' if ok else 'FAILED'} |")
                 del model
                 torch.cuda.empty_cache()
+    print("\n| shape | batch | cached keys | decode kernels us | reference op us | SDPA (no depth) us |")
+    print("|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        for batch in args.batch:
+            for cache_len in args.cache:
+                kernel, reference, sdpa = time_attention_step(SHAPES[shape], batch, cache_len)
+                print(f"| {shape} | {batch} | {cache_len} | {kernel:.1f} | {reference:.1f} | {sdpa:.1f} |")
 
 
 if __name__ == "__main__":

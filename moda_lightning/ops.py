@@ -83,10 +83,10 @@ def moda_attention(
         q_depth: ``[B, T, Hq, d]`` like ``q``: the query of the depth logits (default: ``q``).
             The sequence logits keep ``q``; ``q`` gets the sequence part of the query gradient
             and ``q_depth`` the depth part.
-        key_mask: bool ``[B, Tk]``: keys no query may attend are False (left-padded prompts);
-            ``moda_torch`` only. With it, or with ``k, v`` longer than ``q`` (decoding: the queries are
-            the last ``T`` of ``Tk`` positions and the depth slots are the query tokens' own), run
-            ``backend="moda_torch"``; the fused kernel takes ``Tk = T`` without a mask.
+        key_mask: bool ``[B, Tk]``: keys no query may attend are False (left-padded prompts).
+            With it, or with ``k, v`` longer than ``q`` (decoding: the queries are the last ``T`` of
+            ``Tk`` positions and the depth slots are the query tokens' own), ``moda_triton`` runs its
+            forward-only decode kernels (no gradients: call it under ``torch.no_grad()``).
 
     Returns:
         ``o [B, T, Hq, d]``; with ``return_lse=True`` the tuple ``(o, lse, lse_depth)``,
@@ -105,10 +105,8 @@ def moda_attention(
     except ValueError as err:
         raise ValueError(f"moda_attention: {err}") from None
     kwargs = dict(num_depth=num_depth, causal=causal, scale=scale, return_lse=return_lse)
-    if backend == "moda_triton" and key_mask is not None:
-        raise ValueError("moda_attention: key_mask is supported by backend='moda_torch' only; pass that backend.")
     if backend == "moda_triton":  # validates its inputs itself: once per call is enough on a hot path
-        return op(q, k, v, depth_k, depth_v, **kwargs, depth_grad_into=depth_grad_into, q_depth=q_depth)
+        return op(q, k, v, depth_k, depth_v, **kwargs, depth_grad_into=depth_grad_into, q_depth=q_depth, key_mask=key_mask)
     kwargs["num_depth"] = check_moda_inputs(
         q, k, v, depth_k, depth_v, num_depth, q_depth, queries_may_be_fewer=True, key_mask=key_mask
     )

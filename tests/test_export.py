@@ -191,6 +191,23 @@ def test_padded_batches_generate_like_the_package_and_labels_give_the_loss(expor
     torch.testing.assert_close(result.loss, loss)
 
 
+@pytest.mark.parametrize("cache_argument", ["use_cache", "cache", "past_key_values"])
+def test_generate_takes_a_transformers_cache_and_decodes_like_the_package(exported, tokenizer, cache_argument):
+    """``generate()`` given ``use_cache=True`` or a ``DynamicCache`` (``cache=``, or the older
+    ``past_key_values=``) gives the package's greedy tokens. The folder keeps no cache (each step
+    recomputes the sequence); a cache handed in used to be refused as an argument the model does not
+    take, which stops callers that always pass one."""
+    from transformers import DynamicCache
+
+    folder, model = exported["reader-full-qk-norm-tied"]
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    ids = [tokenizer.encode(p).ids for p in PROMPTS]
+    kw = {"use_cache": True} if cache_argument == "use_cache" else {cache_argument: DynamicCache(config=hf.config)}
+    out = hf.generate(torch.tensor(ids[:1]), max_new_tokens=5, do_sample=False, **kw)
+    eos = eot_id(tokenizer)
+    assert until_eos(out[0, len(ids[0]) :].tolist(), eos) == model.generate(ids[:1], 5, temperature=0, eos_id=eos)[0]
+
+
 def test_every_attention_layer_runs_on_the_backend_the_wrapper_picks(exported):
     folder, model = exported["pre-tied"]
     hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()

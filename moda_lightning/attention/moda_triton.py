@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from torch import Tensor
@@ -20,7 +21,7 @@ class MoDATritonBackend(AttentionBackend):
     """MoDA through ``moda_attention(..., backend="moda_triton")``: the fused Triton kernel."""
 
     reads_slot_lists = True
-    decodes = True  # decode steps and padded prompts run the reference op (below)
+    decodes = True  # decode steps and padded prompts run the op's decode kernels (below)
     takes_depth_grad_into = True  # the backward kernel adds slot gradients into the stream's buffer
 
     def check_available(self) -> None:
@@ -54,8 +55,18 @@ class MoDATritonBackend(AttentionBackend):
         key_mask: Tensor | None = None,
     ) -> Tensor:
         if key_mask is not None or k.shape[1] != q.shape[1]:
-            # The fused kernel takes one query per key position and no mask; decoding (fewer queries
-            # than keys) and padded prompts run the reference op, the same math, without a kernel.
+            # Decode steps (fewer queries than keys) and padded prompts: the op's decode kernels,
+            # forward only. A call that needs gradients, or CPU tensors outside Triton's
+            # interpreter, runs the reference op: the same math, differentiable, on any device.
+            slots = list(depth_k) + list(depth_v) if isinstance(depth_k, (list, tuple)) else [depth_k, depth_v]
+            inputs = [q, k, v, q_depth, *slots]
+            needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+            if not needs_grad and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+                from moda_kernels.moda_attn import moda_attn
+
+                return moda_attn(
+                    q, k, v, depth_k, depth_v, num_depth=num_depth, scale=scale, q_depth=q_depth, key_mask=key_mask
+                )
             return moda_attention(
                 q, k, v, depth_k, depth_v,
                 num_depth=num_depth, scale=scale, backend="moda_torch", q_depth=q_depth, key_mask=key_mask,

@@ -1,8 +1,8 @@
 """Input validation shared by every implementation of the MoDA attention op.
 
 The op's public entry points (``moda_lightning.ops.moda_attention`` and the fused
-``moda_attn``) call :func:`check_moda_inputs` once; kernels and the reference then trust
-their inputs.
+``moda_attn``, both taking fewer queries than keys for decoding) call :func:`check_moda_inputs`
+once; kernels and the reference then trust their inputs.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def check_moda_inputs(
     if k.shape[0] != B or (k.shape[1] != T and not queries_may_be_fewer) or k.shape[3] != d:
         raise ValueError(
             f"moda_attention: k/v must be [B={B}, T={T}, Hk, d={d}] to match q {_shape(q)}; got {_shape(k)}."
-            + ("" if queries_may_be_fewer else " (Fewer queries than keys, for decoding, run on the moda_torch backend.)")
+            + ("" if queries_may_be_fewer else " (Fewer queries than keys: queries_may_be_fewer=True.)")
         )
     Hk = k.shape[2]
     if key_mask is not None and (key_mask.dtype != torch.bool or list(key_mask.shape) != [B, k.shape[1]]):

@@ -35,6 +35,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from moda_kernels.moda_attn.bwd import moda_bwd, moda_depth_bwd
 from moda_kernels.moda_attn.checks import check_moda_inputs
+from moda_kernels.moda_attn.decode import decode_attn
 from moda_kernels.moda_attn.fwd import Depth, moda_depth_fwd, moda_fwd, moda_merge
 from moda_kernels.moda_attn.grad_into import GradInto, add_grad_into, check_grad_into, resolve_grad_into
 from moda_kernels.moda_attn.slot_table import slot_list
@@ -618,13 +619,15 @@ def moda_attn(
     return_lse: bool = False,
     depth_grad_into: GradInto | None = None,
     q_depth: Tensor | None = None,
+    key_mask: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Fused MoDA attention (CUDA; same contract as :func:`moda_attn_reference`).
 
     Args:
         q: ``[B, T, Hq, d]``, fp16/bf16 (fp32 runs with tf32 matmuls), d in {32, 64, 128}.
             Under CUDA autocast all inputs are cast to the autocast dtype, as SDPA does.
-        k, v: ``[B, T, Hk, d]``, ``Hq % Hk == 0``.
+        k, v: ``[B, Tk, Hk, d]``, ``Hq % Hk == 0``; ``Tk = T`` in training. Decoding: ``Tk > T``, the
+            queries are the last ``T`` positions (query ``t`` at key position ``Tk - T + t``).
         depth_k, depth_v: the depth stream ``[B, T, S, Hk, d]`` with any strides (read in place),
             or lists of ``S`` contiguous slots ``[B, T, Hk, d]`` (read whole and in place, wherever
             each slot lives; the form of a functional depth stream, which ``torch.compile`` can
@@ -641,13 +644,21 @@ def moda_attn(
         q_depth: ``[B, T, Hq, d]`` like ``q``, the query of the depth logits only (default: ``q``);
             the sequence logits keep ``q``. With depth slots to read, a ``"fused"`` path request
             runs ``"triton_split"`` (the fused kernels take one query).
+        key_mask: bool ``[B, Tk]``, False for keys no query may attend (left padding); a query
+            always sees its own position.
+
+    With ``Tk > T`` or a ``key_mask`` the call runs the decode kernels (``decode.py``), forward
+    only: inputs that require grad are refused, and ``depth_grad_into`` is unused.
 
     Returns:
         ``o [B, T, Hq, d]``, or ``(o, lse, lse_depth)``; gradients flow to q, k, v, depth_k, depth_v
         (each slot of a list, as views of one slot-major tensor) and q_depth (``q`` gets the sequence
         part of the query gradient, ``q_depth`` the depth part).
     """
-    num_depth = check_moda_inputs(q, k, v, depth_k, depth_v, num_depth, q_depth)
+    num_depth = check_moda_inputs(
+        q, k, v, depth_k, depth_v, num_depth, q_depth, queries_may_be_fewer=True, key_mask=key_mask
+    )
+    decoding = key_mask is not None or k.shape[1] != q.shape[1]
     slot_lists = isinstance(depth_k, (list, tuple))
     if slot_lists and num_depth == 0:  # empty lists: no depth stream
         depth_k = depth_v = None
@@ -672,6 +683,15 @@ def moda_attn(
     _check_kernel_inputs(tensors)
     B, T, Hq, d = q.shape
     scale = d**-0.5 if scale is None else float(scale)
+    if decoding:
+        slots = [*depth_k, *depth_v] if slot_lists else []
+        _check_decode_inputs(tensors, slots, key_mask)
+        if slot_lists:
+            _check_slot_layout(list(depth_k), list(depth_v))
+        o, lse, lse_depth = _moda_attn_decode(q, k, v, depth_k, depth_v, num_depth, causal, scale, q_depth, key_mask)
+        if not return_lse:
+            return o
+        return o, lse.transpose(1, 2), lse_depth.transpose(1, 2)
     if slot_lists:
         depth_k, depth_v = list(depth_k), list(depth_v)
         _check_slot_layout(depth_k, depth_v)
@@ -695,6 +715,40 @@ def moda_attn(
     if not return_lse:
         return o
     return o, lse.transpose(1, 2), lse_depth.transpose(1, 2)
+
+
+def _check_decode_inputs(tensors: dict[str, Tensor], slots: list[Tensor], key_mask: Tensor | None) -> None:
+    """Decoding is forward only: refuse what would need a backward, and a mask on another device."""
+    wanting = [name for name, t in tensors.items() if t.requires_grad]
+    wanting += ["depth slots"] if any(t.requires_grad for t in slots) and "depth_k" not in wanting else []
+    if torch.is_grad_enabled() and wanting:
+        raise ValueError(
+            f"moda_attn: with fewer queries than keys or a key_mask the op runs forward only, but {wanting} "
+            "require grad; decode under torch.no_grad() or torch.inference_mode(), or differentiate "
+            "moda_attn_reference (the same op in PyTorch)."
+        )
+    q = tensors["q"]
+    if key_mask is not None and key_mask.device != q.device:
+        raise ValueError(
+            f"moda_attn: key_mask is on {key_mask.device} but q on {q.device}; move it with .to(q.device)."
+        )
+
+
+def _moda_attn_decode(
+    q: Tensor, k: Tensor, v: Tensor, depth_k: Tensor | Sequence[Tensor] | None, depth_v: Tensor | Sequence[Tensor] | None,
+    num_depth: int, causal: bool, scale: float, q_depth: Tensor | None, key_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``moda_attn`` for checked decode inputs: ``o`` and ``lse, lse_depth [B, Hq, T]``."""
+    if isinstance(depth_k, (list, tuple)):
+        depth_k, depth_v = list(depth_k), list(depth_v)
+        if _through_custom_op():
+            return torch.ops.moda.attn_decode_slots(q, k, v, depth_k, depth_v, causal, scale, q_depth, key_mask)
+        return decode_attn(q, k, v, slot_list(depth_k), slot_list(depth_v), num_depth, causal, scale, q_depth, key_mask)
+    if _through_custom_op():
+        if depth_k is None or depth_v is None:
+            depth_k = depth_v = q.new_empty(q.shape[0], q.shape[1], 0, k.shape[2], q.shape[3])
+        return torch.ops.moda.attn_decode(q, k, v, depth_k, depth_v, num_depth, causal, scale, q_depth, key_mask)
+    return decode_attn(q, k, v, depth_k, depth_v, num_depth, causal, scale, q_depth, key_mask)
 
 
 def _moda_attn_slots(

@@ -79,6 +79,44 @@ def _depth_fwd(
 
 
 @triton.jit
+def depth_rows(
+    b_q,  # [BLOCK_M, D] the block's query rows (those of the depth logits), any float dtype
+    DK, DV, b, hk, t0, T, offs_d, num_depth,
+    stride_dkb, stride_dkt, stride_dks, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvs, stride_dvh, stride_dvd,
+    DK_SLOTS, DV_SLOTS, qk_scale,
+    BLOCK_T: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    HAS_DEPTH: tl.constexpr,
+    SLOT_TABLE: tl.constexpr,
+    SLOTS_ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """The online-softmax state ``(m, l, acc)`` of a row block after its tokens' own depth slots
+    (the empty state without depth), and the depth part's natural-log log-sum-exp (-inf without)."""
+    BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
+    if HAS_DEPTH:
+        offs_tt = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_tt < T
+        ptr_dk = DK + b * stride_dkb + offs_tt.to(tl.int64) * stride_dkt + hk * stride_dkh
+        ptr_dv = DV + b * stride_dvb + offs_tt.to(tl.int64) * stride_dvt + hk * stride_dvh
+        b_q3 = tl.reshape(b_q.to(tl.float32), (BLOCK_T, G_PAD, D))
+        m3, l3, acc3 = _depth_fwd(
+            b_q3, ptr_dk, ptr_dv, offs_d, mask_t, num_depth, stride_dks, stride_dkd, stride_dvs, stride_dvd,
+            DK_SLOTS, DV_SLOTS, qk_scale, BLOCK_T, G_PAD, D, SLOT_TABLE, SLOTS_ALIGNED,
+        )  # fmt: skip
+        m_i = tl.reshape(m3, (BLOCK_M,))
+        l_i = tl.reshape(l3, (BLOCK_M,))
+        acc = tl.reshape(acc3, (BLOCK_M, D))
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+    lse_depth = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * LN2_C, float("-inf"))
+    return m_i, l_i, acc, lse_depth
+
+
+@triton.jit
 def _seq_fwd(
     acc,
     l_i,
@@ -154,25 +192,13 @@ def moda_fwd_kernel(
     b_q = load_rows(Q, b, offs_t, offs_h, mask_r, stride_qb, stride_qt, stride_qh, stride_qd, D)  # [BLOCK_M, D]
 
     # --- stage 1: depth slots of the block's own tokens (group-aware) ---
-    if HAS_DEPTH:
-        offs_tt = t0 + tl.arange(0, BLOCK_T)
-        mask_t = offs_tt < T
-        ptr_dk = DK + b * stride_dkb + offs_tt.to(tl.int64) * stride_dkt + hk * stride_dkh
-        ptr_dv = DV + b * stride_dvb + offs_tt.to(tl.int64) * stride_dvt + hk * stride_dvh
-        b_q3 = tl.reshape(b_q.to(tl.float32), (BLOCK_T, G_PAD, D))
-        m3, l3, acc3 = _depth_fwd(
-            b_q3, ptr_dk, ptr_dv, offs_d, mask_t, num_depth, stride_dks, stride_dkd, stride_dvs, stride_dvd,
-            DK_SLOTS, DV_SLOTS, qk_scale, BLOCK_T, G_PAD, D, SLOT_TABLE, SLOTS_ALIGNED,
-        )  # fmt: skip
-        m_i = tl.reshape(m3, (BLOCK_M,))
-        l_i = tl.reshape(l3, (BLOCK_M,))
-        acc = tl.reshape(acc3, (BLOCK_M, D))
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
     # log-sum-exp of the depth part alone (natural log; -inf without depth slots)
-    lse_depth = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * LN2_C, float("-inf"))
+    m_i, l_i, acc, lse_depth = depth_rows(
+        b_q, DK, DV, b, hk, t0, T, offs_d, num_depth,
+        stride_dkb, stride_dkt, stride_dks, stride_dkh, stride_dkd,
+        stride_dvb, stride_dvt, stride_dvs, stride_dvh, stride_dvd,
+        DK_SLOTS, DV_SLOTS, qk_scale, BLOCK_T, G_PAD, D, HAS_DEPTH, SLOT_TABLE, SLOTS_ALIGNED,
+    )  # fmt: skip
 
     # --- stage 2: sequence keys, continuing the same online softmax ---
     ptr_k = K + b * stride_kb + hk * stride_kh

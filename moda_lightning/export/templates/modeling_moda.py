@@ -141,6 +141,7 @@ class MoDAForCausalLM(MoDAPreTrainedModel, GenerationMixin):
         *,
         inputs_embeds: Tensor | None = None,
         return_dict: bool | None = None,
+        cache: Any = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits for ``input_ids [B, T]``; with ``labels``, also the mean next-token loss.
@@ -148,7 +149,9 @@ class MoDAForCausalLM(MoDAPreTrainedModel, GenerationMixin):
         ``attention_mask [B, T]`` marks padding with 0: padded positions are hidden from every
         query and each row's rotary positions count its own tokens only, as the package's
         decoding does for left-padded prompts. Cache arguments (``use_cache``, ``cache``) are
-        accepted and ignored: this model keeps no cache.
+        accepted and ignored: this model keeps no cache. ``cache`` is named in the signature because
+        ``generate()`` refuses a cache it is handed (``cache=DynamicCache()``, or the older
+        ``past_key_values=``) unless the model's ``forward`` names that argument.
         """
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("MoDAForCausalLM takes input_ids (token ids [B, T]); inputs_embeds are not supported.")
