@@ -85,17 +85,19 @@ def test_the_reader_stays_a_few_batches_ahead(tokenizer) -> None:
     assert len(ahead) == 40 and max(ahead) <= encode_pool.IN_FLIGHT_PER_PROCESS * 2
 
 
+def record_num_proc(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ``num_proc`` of every token-cache build from now on, in order."""
+    used: list[int] = []
+    real = tc.build_token_cache
+    monkeypatch.setattr(tc, "build_token_cache", lambda *a, **k: used.append(k["num_proc"]) or real(*a, **k))
+    return used
+
+
 def test_the_data_module_tokenizes_on_every_core_with_the_same_batches(
     corpus_files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(token_sources, "POOL_MIN_BYTES", 0)
-    used = []
-    real = tc.build_token_cache
-    monkeypatch.setattr(
-        tc,
-        "build_token_cache",
-        lambda *a, **k: used.append(k["num_proc"]) or real(*a, **k),
-    )
+    used = record_num_proc(monkeypatch)
     common = {
         "files": str(corpus_files / "*.jsonl"),
         "tokenizer_vocab_size": 300,
@@ -115,13 +117,7 @@ def test_the_data_module_tokenizes_on_every_core_with_the_same_batches(
 
 def test_a_small_corpus_is_tokenized_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default run's built-in corpus must not pay for starting workers."""
-    used = []
-    real = tc.build_token_cache
-    monkeypatch.setattr(
-        tc,
-        "build_token_cache",
-        lambda *a, **k: used.append(k["num_proc"]) or real(*a, **k),
-    )
+    used = record_num_proc(monkeypatch)
     TextDataModule(cache_dir=str(tmp_path), tokenizer_vocab_size=300, num_proc=8).prepare_data()
     assert used == [1]
 
