@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 from transformers.dynamic_module_utils import get_imports, get_relative_import_files  # noqa: E402
 
 import moda_lightning.model  # noqa: E402
@@ -194,11 +194,8 @@ def test_padded_batches_generate_like_the_package_and_labels_give_the_loss(expor
 @pytest.mark.parametrize("cache_argument", ["use_cache", "cache", "past_key_values"])
 def test_generate_takes_a_transformers_cache_and_decodes_like_the_package(exported, tokenizer, cache_argument):
     """``generate()`` given ``use_cache=True`` or a ``DynamicCache`` (``cache=``, or the older
-    ``past_key_values=``) gives the package's greedy tokens. The folder keeps no cache (each step
-    recomputes the sequence); a cache handed in used to be refused as an argument the model does not
-    take, which stops callers that always pass one."""
-    from transformers import DynamicCache
-
+    ``past_key_values=``) gives the package's greedy tokens, and a cache handed in holds the sequence
+    keys of every position but the last token's (whose forward is never run)."""
     folder, model = exported["reader-full-qk-norm-tied"]
     hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     ids = [tokenizer.encode(p).ids for p in PROMPTS]
@@ -206,6 +203,147 @@ def test_generate_takes_a_transformers_cache_and_decodes_like_the_package(export
     out = hf.generate(torch.tensor(ids[:1]), max_new_tokens=5, do_sample=False, **kw)
     eos = eot_id(tokenizer)
     assert until_eos(out[0, len(ids[0]) :].tolist(), eos) == model.generate(ids[:1], 5, temperature=0, eos_id=eos)[0]
+    if cache_argument != "use_cache":
+        assert kw[cache_argument].get_seq_length() == out.shape[1] - 1
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    """Each folder loaded through transformers once (the tests below only read the model)."""
+    return {name: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+            for name, (folder, _) in exported.items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cached_generation_equals_recomputing_and_the_package(name, exported, loaded, tokenizer):
+    """Greedy ``generate()`` with the cache (the folder's default) feeds the prompt once and then one
+    token per step, and picks the tokens of ``use_cache=False`` (every step recomputes the sequence)
+    and of the package's own ``MoDATransformer.generate``."""
+    _, model = exported[name]
+    hf = loaded[name]
+    assert hf.generation_config.use_cache is True
+    prompt = tokenizer.encode(PROMPTS[0]).ids
+    lengths = []
+    hook = hf.model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    try:
+        cached = hf.generate(torch.tensor([prompt]), max_new_tokens=8)[0, len(prompt) :].tolist()
+    finally:
+        hook.remove()
+    assert lengths == [len(prompt)] + [1] * (len(cached) - 1)
+    recomputed = hf.generate(torch.tensor([prompt]), max_new_tokens=8, use_cache=False)[0, len(prompt) :].tolist()
+    assert cached == recomputed
+    eos = eot_id(tokenizer)
+    assert until_eos(cached, eos) == model.generate([prompt], 8, temperature=0, eos_id=eos)[0]
+
+
+def test_beam_search_reorders_the_cache(loaded, tokenizer):
+    """Beam search picks beams by index after every step; the cache must follow them."""
+    hf = loaded["olmo2-attn-kv-proj-reader"]
+    prompt = torch.tensor([tokenizer.encode(PROMPTS[0]).ids])
+    cached = hf.generate(prompt, max_new_tokens=6, num_beams=3)
+    assert torch.equal(cached, hf.generate(prompt, max_new_tokens=6, num_beams=3, use_cache=False))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_left_padded_batch_generates_each_prompt_as_it_would_alone(name, loaded, exported):
+    folder, _ = exported[name]
+    hf = loaded[name]
+    hf_tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True, padding_side="left")
+    batch = hf_tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert batch.attention_mask.min() == 0  # the prompts differ in length: one row is padded
+    together = hf.generate(**batch, max_new_tokens=8)[:, batch.input_ids.shape[1] :]
+    eos = hf.config.eos_token_id
+    for row, text in zip(together.tolist(), PROMPTS):
+        alone = hf_tokenizer(text, return_tensors="pt")
+        assert until_eos(row, eos) == until_eos(
+            hf.generate(**alone, max_new_tokens=8)[0, alone.input_ids.shape[1] :].tolist(), eos
+        )
+
+
+@pytest.mark.parametrize("positions", ["from-mask", "given"])
+@pytest.mark.parametrize("name", CONFIGS)
+@torch.no_grad()
+def test_a_cached_decode_step_gives_the_logits_of_a_full_forward(name, positions, loaded, tokenizer):
+    """A left-padded batch of two prompts goes in with an empty ``DynamicCache``, then three decode
+    steps of one token each, ``attention_mask`` growing as ``generate()`` grows it (and, for
+    ``given``, the ``position_ids`` it computes): each row's logits at every real position equal
+    those of one forward pass over that row alone (no cache, no padding). Without a mask or
+    positions, a row alone continues from the number of cached tokens. A cache holding other keys
+    than the sequence attention's (such as a reader-keys slot, which is unrotated), positions that
+    restart at each call, or a lost key mask move these logits in every configuration; positions
+    that count the padding shift a whole row, which only reader depth keys (unrotated, against a
+    rotated query) can see."""
+    hf = loaded[name]
+    prompts = [tokenizer.encode(p).ids for p in PROMPTS]
+    steps = torch.randint(0, hf.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(0))
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :], mask[row, width - len(p) :] = torch.tensor(p), 1
+
+    def position_ids(mask: torch.Tensor, new: int) -> dict:
+        return {"position_ids": (mask.cumsum(1) - 1).clamp(min=0)[:, -new:]} if positions == "given" else {}
+
+    cache = DynamicCache(config=hf.config)
+    out = hf(ids, attention_mask=mask, cache=cache, **position_ids(mask, width))
+    assert out.cache is cache and cache.get_seq_length() == width
+    logits = [out.logits]
+    for step in range(steps.shape[1]):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        logits.append(hf(steps[:, step : step + 1], attention_mask=mask, cache=cache, **position_ids(mask, 1)).logits)
+    logits = torch.cat(logits, dim=1)
+    assert cache.get_seq_length() == width + steps.shape[1]
+    for row, p in enumerate(prompts):
+        alone = hf(torch.tensor([p + steps[row].tolist()])).logits[0]
+        torch.testing.assert_close(logits[row, width - len(p) :], alone, rtol=0, atol=1e-5)
+
+    cache = DynamicCache()
+    pieces = [hf(torch.tensor([prompts[0]]), cache=cache).logits]
+    pieces += [hf(steps[:1, step : step + 1], cache=cache).logits for step in range(steps.shape[1])]
+    alone = hf(torch.tensor([prompts[0] + steps[0].tolist()])).logits[0]
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[0], alone, rtol=0, atol=1e-5)
+
+
+BAD_CALLS = {
+    "mask of the new tokens only": (
+        lambda hf, cache: hf(torch.tensor([[5]]), attention_mask=torch.ones(1, 1), cache=cache),
+        ValueError,
+        r"attention_mask is \[1, 1\], but with 4 cached tokens and 1 new ones it must be \[1, 5\]",
+    ),
+    "past max_seq_len": (
+        lambda hf, cache: hf(torch.zeros(1, 45, dtype=torch.long), cache=cache),
+        ValueError,
+        r"4 cached tokens and 45 new ones reach past the model's max_seq_len=48",
+    ),
+    "positions off the rotary table": (
+        lambda hf, cache: hf(torch.tensor([[5]]), position_ids=torch.tensor([[48]])),
+        ValueError,
+        r"position_ids range over \[48, 48\], outside the model's rotary table \[0, 48\)",
+    ),
+    "a legacy tuple": (
+        lambda hf, cache: hf(torch.tensor([[5]]), cache=((torch.zeros(1), torch.zeros(1)),)),
+        TypeError,
+        r"takes a transformers Cache \(e.g. DynamicCache\(\)\) as its cache, not tuple",
+    ),
+    "a static cache": (
+        lambda hf, cache: hf.generate(torch.tensor([[5, 6]]), max_new_tokens=2, cache_implementation="static"),
+        ValueError,
+        r"decodes with a dynamic cache only; StaticCache is a static or sliding-window cache",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+@torch.no_grad()
+def test_a_call_the_cache_cannot_serve_says_what_to_pass(case, loaded):
+    hf = loaded["pre-tied"]
+    cache = DynamicCache(config=hf.config)
+    hf(torch.tensor([[1, 2, 3, 4]]), cache=cache)
+    call, error, message = BAD_CALLS[case]
+    with pytest.raises(error, match=message) as raised:
+        call(hf, cache)
+    assert "\n" not in str(raised.value)
 
 
 def test_every_attention_layer_runs_on_the_backend_the_wrapper_picks(exported):

@@ -140,8 +140,8 @@ def write_folder(
             dtype=str(model.embed.weight.dtype).removeprefix("torch."),
         )
         hf_config.save_pretrained(tmp)
-        # No cache (the model keeps none) and greedy by default, like `moda generate --temperature 0`.
-        GenerationConfig(eos_token_id=eos, pad_token_id=eos, use_cache=False, do_sample=False).save_pretrained(tmp)
+        # Greedy by default, like `moda generate --temperature 0`; decoding keeps transformers' KV cache.
+        GenerationConfig(eos_token_id=eos, pad_token_id=eos, use_cache=True, do_sample=False).save_pretrained(tmp)
         save_file(network_weights(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         PreTrainedTokenizerFast(
             tokenizer_object=Tokenizer.from_str(tokenizer.to_str()),  # a copy: saving sets options on it

@@ -2,13 +2,13 @@
 
 A thin wrapper: the network is the package's own module (``self.model``, with the same parameter
 names, so the weights load unchanged); this file only adapts the calling convention
-(``input_ids``/``attention_mask``/``labels`` in, ``CausalLMOutputWithPast`` out), picks the
-attention backend for the device a call runs on, and plugs into ``generate()``.
+(``input_ids``/``attention_mask``/``labels``/``cache`` in, ``CausalLMOutputWithPast`` out), picks
+the attention backend for the device a call runs on, and plugs into ``generate()``.
 
-``generate()`` runs without a cache: every step recomputes the whole sequence. A MoDA layer
-attends over sequence keys and its token's depth slots under one softmax, which transformers'
-attention and cache classes do not express; the package's own ``MoDATransformer.generate``
-decodes with a KV cache and is the fast path.
+Decoding keeps transformers' own cache (a ``DynamicCache``, filled through ``Cache.update``) for
+the sequence keys and values only: a token's depth slots are written and read by its own forward
+pass, so nothing of them outlives a call (docs/generation.md). :class:`TransformersKVCache` shows
+such a cache to the network as the interface of the package's ``KVCache``.
 
 ``moda export`` copies this file into the folder as ``modeling_moda.py``, with the package's
 modules it imports copied beside it (``moda_lightning/export/bundle.py``).
@@ -16,6 +16,7 @@ modules it imports copied beside it (``moda_lightning/export/bundle.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from functools import cache
@@ -23,13 +24,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moda_lightning.attention import AttentionBackend, backend_class, build_backend
 from moda_lightning.export.templates.configuration_moda import MoDAHFConfig
-from moda_lightning.generation.kv_cache import KVCache
 from moda_lightning.model import MoDATransformer, RotaryEmbedding
 from moda_lightning.norms import RMSNorm
 
@@ -37,6 +37,8 @@ PORTABLE = "moda_torch"
 """The reference op: any device and dtype. Built with the model, since the device is not known yet."""
 FUSED = "moda_triton"
 """The fused Triton kernel (from an installed ``moda_kernels``), the same math: CUDA only."""
+CACHE_FIELD = next(f.name for f in dataclasses.fields(CausalLMOutputWithPast) if f.name in ("cache", "past_key_values"))
+"""The output's cache field: ``cache`` in recent transformers 5 releases, ``past_key_values`` before."""
 
 
 @cache
@@ -139,58 +141,181 @@ class MoDAForCausalLM(MoDAPreTrainedModel, GenerationMixin):
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
         *,
+        position_ids: Tensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
         inputs_embeds: Tensor | None = None,
         return_dict: bool | None = None,
-        cache: Any = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits for ``input_ids [B, T]``; with ``labels``, also the mean next-token loss.
 
-        ``attention_mask [B, T]`` marks padding with 0: padded positions are hidden from every
-        query and each row's rotary positions count its own tokens only, as the package's
-        decoding does for left-padded prompts. Cache arguments (``use_cache``, ``cache``) are
-        accepted and ignored: this model keeps no cache. ``cache`` is named in the signature because
-        ``generate()`` refuses a cache it is handed (``cache=DynamicCache()``, or the older
-        ``past_key_values=``) unless the model's ``forward`` names that argument.
+        Args:
+            input_ids: ``[B, T]`` token ids; with a filled ``cache``, the tokens that follow it.
+            attention_mask: ``[B, past + T]``, 0 for padding (the whole sequence's, cached tokens
+                included, as ``generate()`` passes it): padded keys are hidden from every query, and
+                each row's rotary positions count its own tokens only.
+            labels: ``[B, T]`` next-token targets (shifted inside; ``-100`` ignored).
+            position_ids: ``[B, T]`` or ``[1, T]`` rotary positions (default: from the mask and the
+                number of cached tokens).
+            cache: a transformers dynamic cache (``DynamicCache``) holding the sequence keys and
+                values of earlier calls; this call's are added to it with ``update``. Also accepted
+                under its older name ``past_key_values``.
+            use_cache: start a ``DynamicCache`` when none is given and return it (default: only
+                when one is given).
+
+        Returns:
+            ``CausalLMOutputWithPast`` with ``logits [B, T, vocab]``, ``loss`` for ``labels``, and the
+            cache (``cache``, read also as ``past_key_values``) when one was given or asked for.
         """
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("MoDAForCausalLM takes input_ids (token ids [B, T]); inputs_embeds are not supported.")
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError(
+                "MoDAForCausalLM got both cache= and past_key_values= (two names for one argument); pass one."
+            )
+        cache = cache if cache is not None else past_key_values
+        if cache is None and use_cache:
+            cache = DynamicCache(config=self.config)
         self.use_backend(self.backend_for(input_ids.device))
-        if attention_mask is None or bool(attention_mask.all()):
-            logits = self.model(input_ids)
+        cache_position = kwargs.pop("cache_position", None)  # older generate() passes it; positions come from the cache
+        unpadded = attention_mask is None or (attention_mask.shape == input_ids.shape and bool(attention_mask.all()))
+        if cache is None and position_ids is None and unpadded:
+            logits = self.model(input_ids)  # the training path, fused kernels included
         else:
-            logits = self._forward_padded(input_ids, attention_mask)
+            # Padding or given positions with no cache to keep: the cached path on a cache of this call alone.
+            kv = TransformersKVCache(
+                cache if cache is not None else DynamicCache(), input_ids, attention_mask, position_ids,
+                cache_position, max_positions=self.model.config.max_seq_len,
+            )  # fmt: skip
+            logits = self.model(input_ids, cache=kv)
         loss = None
         if labels is not None:
-            for unused in ("use_cache", "cache", "past_key_values", "output_attentions", "output_hidden_states"):
+            for unused in ("output_attentions", "output_hidden_states"):
                 kwargs.pop(unused, None)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        output = CausalLMOutputWithPast(loss=loss, logits=logits)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
         return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
 
-    def _forward_padded(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        # The package's padded path is its decoding one: a fresh KV cache filled by this one call,
-        # whose token mask hides padding and whose positions skip it.
-        if attention_mask.shape != input_ids.shape:
+    def prepare_inputs_for_generation(self, input_ids: Tensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """transformers' own preparation (only the new tokens once the cache holds the rest), after
+        refusing a cache this model cannot decode with: before a static one becomes a 4-D mask."""
+        for name in ("cache", "past_key_values"):
+            if kwargs.get(name) is not None:
+                check_dynamic(kwargs[name])
+        return super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+
+
+class TransformersKVCache:
+    """A transformers ``Cache`` as the package's ``KVCache`` for one forward call of the network.
+
+    ``MoDATransformer``'s cached forward asks its cache for the new tokens' rotary positions
+    (``begin``), then per layer hands over the new keys and values and attends to everything the
+    cache returns (``layer(i).extend``), then ``commit``s. Here each layer's ``extend`` is the
+    cache's ``update(key, value, layer_idx)``, in transformers' ``[B, Hk, T, d]`` layout, so any
+    dynamic cache serves. What is cached is the keys the *sequence* attention reads (after the key
+    norm and rotary embedding), whatever the depth slots hold (``depth_keys="reader"`` slots are
+    unrotated): a depth slot is read by its own token's pass only and never cached.
+
+    Args:
+        cache: the transformers cache (filled by earlier calls, or empty).
+        input_ids: ``[B, T]``, this call's tokens.
+        attention_mask: ``[B, past + T]`` with padding (0), or None for none.
+        position_ids: ``[B, T]`` or ``[1, T]``, or None: counted from the mask and the cache.
+        cache_position: ``[T]`` or None; if given it must start at the cache's length.
+        max_positions: the model's ``max_seq_len``, the length of its rotary tables.
+
+    Raises:
+        ValueError: for a cache that does not return every cached position (static or sliding
+            window), or a mask, positions or length that do not fit the cache and the model.
+    """
+
+    def __init__(
+        self, cache: Cache, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+        cache_position: Tensor | None = None, *, max_positions: int,
+    ) -> None:  # fmt: skip
+        check_dynamic(cache)
+        B, T = input_ids.shape
+        self.cache, self.past = cache, cache.get_seq_length()
+        total = self.past + T
+        self.key_mask = None
+        if cache_position is not None and (cache_position.numel() != T or int(cache_position[0]) != self.past):
             raise ValueError(
-                f"attention_mask {list(attention_mask.shape)} must match input_ids {list(input_ids.shape)} "
-                "(this model keeps no cache: pass the whole sequence and its mask)."
+                f"cache_position {cache_position.tolist()} does not continue the cache, which holds {self.past} "
+                f"tokens; pass positions {self.past}..{total - 1} or leave cache_position out"
             )
-        device, cfg = input_ids.device, self.model.config
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, total):
+                raise ValueError(
+                    f"attention_mask is {list(attention_mask.shape)}, but with {self.past} cached tokens and {T} new "
+                    f"ones it must be [{B}, {total}]: the mask of the whole sequence, as generate() passes it"
+                )
+            if not bool(attention_mask.all()):  # no padding: no mask, and the op's unmasked kernels
+                self.key_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+        if position_ids is not None:
+            if position_ids.dim() != 2 or position_ids.shape[0] not in (1, B) or position_ids.shape[1] != T:
+                raise ValueError(f"position_ids is {list(position_ids.shape)}; expected [{B}, {T}] or [1, {T}]")
+            low, high = position_ids.aminmax()
+            if int(low) < 0 or int(high) >= max_positions:
+                raise ValueError(
+                    f"position_ids range over [{int(low)}, {int(high)}], outside the model's rotary table "
+                    f"[0, {max_positions}) (max_seq_len); pass positions in it or a shorter sequence"
+                )
+            self.positions = position_ids.to(input_ids.device).expand(B, T)
+        elif self.key_mask is not None:
+            # real tokens up to each one, minus one: its 0-based position among its row's real tokens
+            self.positions = (self.key_mask.long().cumsum(1) - 1).clamp(min=0)[:, self.past :]
         else:
-            dtype = self.model.embed.weight.dtype
-        kv = KVCache(cfg.n_layers, input_ids.shape[0], input_ids.shape[1], cfg.n_kv_heads, cfg.head_dim,
-                     device=device, dtype=dtype)  # fmt: skip
-        return self.model(input_ids, cache=kv, token_mask=attention_mask.bool())
+            self.positions = torch.arange(self.past, total, device=input_ids.device).expand(B, T)
+        if position_ids is None and total > max_positions and int(self.positions.max()) >= max_positions:
+            raise ValueError(
+                f"{self.past} cached tokens and {T} new ones reach past the model's max_seq_len={max_positions} "
+                "(its rotary table); generate fewer tokens or start from a shorter prompt"
+            )
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # no transformers cache: generate() recomputes the sequence each step
+    def begin(self, new_tokens: int, token_mask: Tensor | None = None) -> Tensor:
+        """The rotary positions ``[B, T]`` of this call's tokens (padding is in the mask given above)."""
+        assert token_mask is None and new_tokens == self.positions.shape[1]
+        return self.positions
 
-    def prepare_inputs_for_generation(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any
-    ) -> dict[str, Tensor | None]:
-        """The whole sequence so far at every step (no cache), whatever ``use_cache`` says."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def layer(self, index: int) -> _TransformersLayerCache:
+        return _TransformersLayerCache(self, index)
+
+    def commit(self, new_tokens: int) -> None:
+        """Nothing to do: the transformers cache counts its positions itself."""
+
+
+class _TransformersLayerCache:
+    """Layer ``index``'s side of a :class:`TransformersKVCache`."""
+
+    def __init__(self, parent: TransformersKVCache, index: int) -> None:
+        self.parent, self.index = parent, index
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Add this call's ``k, v [B, T, Hk, d]`` to the cache; return every position's keys and
+        values ``[B, past + T, Hk, d]`` (views of the cache's own layout) and the key mask."""
+        parent = self.parent
+        keys, values = parent.cache.update(k.transpose(1, 2), v.transpose(1, 2), self.index)
+        expected = parent.past + k.shape[1]
+        if keys.shape[-2] != expected:
+            raise ValueError(
+                f"the cache returned {keys.shape[-2]} key positions at layer {self.index} for {parent.past} cached "
+                f"tokens and {k.shape[1]} new ones; MoDAForCausalLM needs a dynamic cache that returns every "
+                "position (DynamicCache), in the order they were added"
+            )
+        return keys.transpose(1, 2), values.transpose(1, 2), parent.key_mask
+
+
+def check_dynamic(cache: Any) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``cache`` is a transformers cache that grows with every
+    token: the queries of a call are taken to be the last positions of what it returns."""
+    if not isinstance(cache, Cache):
+        raise TypeError(
+            f"MoDAForCausalLM takes a transformers Cache (e.g. DynamicCache()) as its cache, not {type(cache).__name__}"
+        )
+    if getattr(cache, "is_compileable", False) or any(getattr(cache, "is_sliding", ())):
+        raise ValueError(
+            f"MoDAForCausalLM decodes with a dynamic cache only; {type(cache).__name__} is a static or "
+            "sliding-window cache. Pass DynamicCache(), or leave cache_implementation unset in generate()"
+        )
