@@ -25,6 +25,7 @@ from moda_lightning.data import (
 )
 from moda_lightning.data import token_cache as tc
 from moda_lightning.data import tokenizer as tk
+from _ready import ready as _ready
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +35,6 @@ def builtin_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dm = TextDataModule(cache_dir=str(cache), seq_len=64, batch_size=4)
     dm.prepare_data()
     return cache
-
-
-def _ready(**kwargs: object) -> TextDataModule:
-    dm = TextDataModule(**kwargs)  # type: ignore[arg-type]
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
 
 
 def _write_docs(folder: Path, docs: dict[str, str]) -> None:

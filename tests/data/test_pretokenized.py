@@ -16,6 +16,7 @@ import torch
 from moda_lightning.data import TextDataModule, pretokenized
 from moda_lightning.data import tokenizer as tk
 from moda_lightning.data.token_files import TokenStream, nanogpt_shard, npy_shard
+from _ready import ready as _ready
 
 EOT = 99
 VOCAB = 100
@@ -46,13 +47,6 @@ def write_npy(path: Path, ids: list[int], descr: str = "<u4") -> Path:
         + struct.pack(f"{order}{len(ids)}{code}", *ids)
     )
     return path
-
-
-def _ready(**kwargs: object) -> TextDataModule:
-    dm = TextDataModule(**kwargs)  # type: ignore[arg-type]
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
 
 
 def test_nanogpt_shards_are_one_stream_of_their_ids(tmp_path: Path) -> None:
