@@ -7,6 +7,7 @@ per-seed difference to the reference arm, with a t confidence interval over seed
 
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class ArmSummary:
     tokens_per_sec: float | None
     throughput_sharing: int | None  # runs at once on the GPU of the runs tokens/s averages
     throughput_runs: int  # how many runs tokens/s averages
+    throughput_device: str | None  # the GPU model those runs trained on
     params: float | None
     flops_per_token: float | None
     tokens: int
@@ -77,9 +79,13 @@ def summarize_arms(spec: StudySpec, results: list[RunResult]) -> list[ArmSummary
         if not runs:
             continue
         timed = [r for r in runs if r.tokens_per_sec is not None]
-        # A run that shared its GPU ran slower for it, so the rate averages the arm's least-shared runs only.
+        # A run that shared its GPU ran slower for it, so the rate averages the arm's least-shared runs
+        # only, and of those the ones on the GPU model most of them used (an H100 is not an H200).
         sharing = min((r.gpu_sharing for r in timed if r.gpu_sharing is not None), default=None)
-        rates = [r.tokens_per_sec for r in timed if r.gpu_sharing == sharing]
+        least_shared = [r for r in timed if r.gpu_sharing == sharing]
+        devices = collections.Counter(r.device for r in least_shared)
+        device = max(devices, key=lambda d: (devices[d], d is not None, d or "")) if devices else None
+        rates = [r.tokens_per_sec for r in least_shared if r.device == device]
         out.append(
             ArmSummary(
                 name=arm.name,
@@ -88,6 +94,7 @@ def summarize_arms(spec: StudySpec, results: list[RunResult]) -> list[ArmSummary
                 tokens_per_sec=statistics.fmean(rates) if rates else None,
                 throughput_sharing=sharing,
                 throughput_runs=len(rates),
+                throughput_device=device,
                 params=runs[0].params,
                 flops_per_token=runs[0].flops_per_token,
                 tokens=runs[0].tokens,
@@ -119,6 +126,8 @@ def _throughput(arm: ArmSummary) -> str:
         shared = "sharing not recorded"
     else:
         shared = "alone" if arm.throughput_sharing == 1 else f"{arm.throughput_sharing} at once"
+    if arm.throughput_device:
+        shared += f" on {arm.throughput_device.removeprefix('NVIDIA ')}"
     return f"{arm.tokens_per_sec:,.0f} ({shared}; {arm.throughput_runs} run{'s' if arm.throughput_runs > 1 else ''})"
 
 
@@ -133,8 +142,9 @@ def markdown(spec: StudySpec, results: list[RunResult], missing: list[str]) -> s
         "",
         "Final validation loss (nats/token, mean over the fixed validation windows) and perplexity, mean and "
         "sample sd over seeds. tokens/s is the median training throughput of a run, averaged over the arm's "
-        "runs that shared their GPU least (in brackets: how many runs trained on that GPU at once, and how many "
-        "runs the average takes); compare it only between arms with the same sharing.",
+        "runs that shared their GPU least, on the GPU model most of those used (in brackets: how many runs "
+        "trained on that GPU at once, the GPU, and how many runs the average takes); compare it only between "
+        "arms with the same sharing and GPU.",
         "",
         "| arm | seeds | val loss | sd | val ppl | tokens/s | params | train FLOPs/token |",
         "|---|---|---|---|---|---|---|---|",

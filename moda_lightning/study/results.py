@@ -34,6 +34,9 @@ class RunResult:
     # Most runs that ever trained on this run's GPU at once, itself included (None: not recorded).
     # Throughput is only comparable between runs that shared their GPU alike.
     gpu_sharing: int | None = None
+    # The GPU model the run trained on (several, comma-separated, if its pieces moved between
+    # machines; None: not recorded or a CPU). Throughput is only comparable on the same model.
+    device: str | None = None
     # The last depth probe's softmax mass on the depth slots, per layer (None where a layer reads
     # none): "all" slots, and split into the attention and FFN slots; None for a run without depth.
     depth_mass: dict[str, list[float | None]] | None = None
@@ -70,9 +73,16 @@ def latest_step(run_dir: Path) -> int:
 
 
 def summarize(
-    run_dir: Path, arm: str, seed: int, tokens_per_step: int, max_steps: int, eval_every_steps: int, gpu_sharing: int | None = None
+    run_dir: Path,
+    arm: str,
+    seed: int,
+    tokens_per_step: int,
+    max_steps: int,
+    eval_every_steps: int,
+    gpu_sharing: int | None = None,
+    device: str | None = None,
 ) -> RunResult:
-    """Summarise a finished run's event files; ``gpu_sharing`` is recorded as given.
+    """Summarise a finished run's event files; ``gpu_sharing`` and ``device`` are recorded as given.
 
     Raises:
         ValueError: If the run logged fewer validations than ``max_steps / eval_every_steps``.
@@ -100,6 +110,7 @@ def summarize(
         val_loss=val,
         tokens_per_sec=rate,
         gpu_sharing=gpu_sharing,
+        device=device,
         depth_mass=final_depth_mass(scalars),
         **model_cost(run_dir),
     )

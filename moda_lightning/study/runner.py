@@ -84,6 +84,7 @@ def execute(
             log.close()
             running[run.name] = (run, proc, slot, time.time())
             _record_gpu_sharing(running)
+            _record_device(run.dir, slot)
             _log(f"{verb} {run.name}" + (f" on GPU {slot}" if slot is not None else "") + f" ({run.max_steps} steps)")
         time.sleep(1.0)
         for name, (run, proc, slot, t0) in list(running.items()):
@@ -95,10 +96,16 @@ def execute(
             try:
                 if code != 0:
                     raise ValueError(f"exit status {code}")
-                sharing = _recorded_gpu_sharing(run.dir)
-                summarize(run.dir, run.arm, run.seed, run.tokens_per_step, run.max_steps, run.eval_every_steps, sharing).save(
-                    run.dir
-                )
+                summarize(
+                    run.dir,
+                    run.arm,
+                    run.seed,
+                    run.tokens_per_step,
+                    run.max_steps,
+                    run.eval_every_steps,
+                    _recorded_gpu_sharing(run.dir),
+                    _recorded_device(run.dir),
+                ).save(run.dir)
                 done_count += 1
                 _log(f"finished {name} in {time.time() - t0:.0f} s ({done_count}/{total} done)")
             except ValueError as err:
@@ -127,6 +134,29 @@ def _record_gpu_sharing(running: dict[str, tuple[Run, subprocess.Popen, str | No
         count = per_slot[slot]  # on a CPU-only machine (slot None) the runs share the CPU alike
         if count > (_recorded_gpu_sharing(run.dir) or 0):
             (run.dir / GPU_SHARING_FILE).write_text(f"{count}\n")
+
+
+DEVICE_FILE = "device"
+
+
+def _recorded_device(run_dir: Path) -> str | None:
+    path = run_dir / DEVICE_FILE
+    names = path.read_text().split("\n") if path.is_file() else []
+    return ", ".join(n for n in names if n) or None
+
+
+def _record_device(run_dir: Path, slot: str | None) -> None:
+    """Add the GPU model a run (or a resumed piece of it) trains on to the run folder's record."""
+    import torch
+
+    if slot is None or not torch.cuda.is_available():
+        return
+    name = torch.cuda.get_device_name(int(slot))
+    path = run_dir / DEVICE_FILE
+    known = path.read_text().split("\n") if path.is_file() else []
+    if name not in known:
+        with open(path, "a") as f:
+            f.write(name + "\n")
 
 
 def _prepare_data(run: Run) -> None:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from moda_lightning.study.report import PairedDifference, summarize_arms, t975, write_report
+from moda_lightning.study.report import PairedDifference, _throughput, summarize_arms, t975, write_report
 from moda_lightning.study.results import RunResult, final_depth_mass
 from moda_lightning.study.spec import load_study
 
@@ -193,6 +193,17 @@ def test_throughput_averages_the_least_shared_runs_only():
     assert (alone.tokens_per_sec, alone.throughput_sharing, alone.throughput_runs) == (400.0, 1, 2)
     (unknown,) = summarize_arms(spec, [result(0, 100.0, None), result(1, 300.0, None)])
     assert (unknown.tokens_per_sec, unknown.throughput_sharing, unknown.throughput_runs) == (200.0, None, 2)
+
+
+def test_throughput_averages_one_gpu_model():
+    def result(seed: int, rate: float, device: str | None) -> RunResult:
+        return RunResult("a", seed, 1, 1, [1], [1.0], rate, 1.0, 1.0, gpu_sharing=1, device=device)
+
+    spec = SimpleNamespace(arms=[SimpleNamespace(name="a")])
+    runs = [result(0, 100.0, "NVIDIA H100"), result(1, 300.0, "NVIDIA H200"), result(2, 500.0, "NVIDIA H200")]
+    (arm,) = summarize_arms(spec, runs)
+    assert (arm.tokens_per_sec, arm.throughput_device, arm.throughput_runs) == (400.0, "NVIDIA H200", 2)
+    assert "400 (alone on H200; 2 runs)" in _throughput(arm)
 
 
 def test_t_quantiles():
