@@ -31,6 +31,25 @@ from moda_lightning.flops import (
 )
 
 
+def dense_peak_flops(device: torch.device, precision_plugin: Any) -> int | None:
+    """The dense peak FLOP/s Lightning's table lacks for a device, or None to keep Lightning's figure.
+
+    An H200 reports itself as "NVIDIA H200", which Lightning's table does not match (it lists
+    "H200 SXM1" and "H200 NVL1", with the with-sparsity figures). The H200 is the H100 SXM's GH100
+    chip at the same clocks with more and faster memory, so its dense peak is the H100 SXM's.
+    """
+    if device.type != "cuda" or "h200" not in torch.cuda.get_device_name(device).lower():
+        return None
+    from lightning.fabric.utilities.throughput import _CUDA_FLOPS, get_available_flops
+    from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+
+    dtype = _plugin_to_compute_dtype(precision_plugin)
+    if dtype is torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        dtype = "tfloat32"
+    peak = _CUDA_FLOPS["h100 sxm"].get(dtype)
+    return None if peak is None else int(peak)
+
+
 def _batch_size(batch: Tensor) -> int:
     return batch.shape[0]
 
@@ -125,7 +144,15 @@ class FlopsOverhead(ThroughputMonitor):
         self._cfg: MoDAConfig | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings():
+            # Lightning warns when it cannot name the chip; dense_peak_flops fills in the H200 below.
+            warnings.filterwarnings("ignore", message="FLOPs not found for")
+            super().setup(trainer, pl_module, stage)
+        peak = dense_peak_flops(trainer.strategy.root_device, trainer.precision_plugin)
+        if peak is not None:
+            self.available_flops = peak
+            for throughput in self._throughputs.values():
+                throughput.available_flops = peak
         # A CPU has no peak to quote, and nobody reads MFU there; on an accelerator it is worth a line.
         if self.available_flops is None and trainer.is_global_zero and trainer.strategy.root_device.type != "cpu":
             rank_zero_info(

@@ -124,3 +124,23 @@ def test_table_reads_configs_through_the_cli_with_includes_and_overlays():
     assert (cfg.attention, cfg.depth_kv, cfg.ffn_kv) == ("sdpa", False, False)
     assert (cfg.d_model, cfg.n_layers, cfg.n_kv_heads, cfg.vocab_size, seq_len) == (1024, 36, 8, 100278, 4096)
     assert training_flops_per_token(cfg, seq_len).overhead == 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "expected"),
+    [
+        ("NVIDIA H200", "bf16-mixed", 989.4e12),  # Lightning's table does not match this name
+        ("NVIDIA H200", "32-true", 494.7e12),  # TF32 matmuls under the default "high" precision
+        ("NVIDIA H100 80GB HBM3", "bf16-mixed", None),  # Lightning's own figure stands
+    ],
+)
+def test_the_h200_gets_the_h100_sxm_dense_peak(monkeypatch, name, precision, expected):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    plugin = MixedPrecision("bf16-mixed", "cuda") if precision == "bf16-mixed" else Precision()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+        peak = flops_overhead.dense_peak_flops(torch.device("cuda", 0), plugin)
+    assert peak == (None if expected is None else int(expected))
+    assert flops_overhead.dense_peak_flops(torch.device("cpu"), plugin) is None
