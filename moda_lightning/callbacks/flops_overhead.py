@@ -40,7 +40,7 @@ def dense_peak_flops(device: torch.device, precision_plugin: Any) -> int | None:
     """
     if device.type != "cuda" or "h200" not in torch.cuda.get_device_name(device).lower():
         return None
-    from lightning.fabric.utilities.throughput import _CUDA_FLOPS, get_available_flops
+    from lightning.fabric.utilities.throughput import _CUDA_FLOPS
     from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 
     dtype = _plugin_to_compute_dtype(precision_plugin)

@@ -139,10 +139,13 @@ def _record_gpu_sharing(running: dict[str, tuple[Run, subprocess.Popen, str | No
 DEVICE_FILE = "device"
 
 
-def _recorded_device(run_dir: Path) -> str | None:
+def _device_names(run_dir: Path) -> list[str]:
     path = run_dir / DEVICE_FILE
-    names = path.read_text().split("\n") if path.is_file() else []
-    return ", ".join(n for n in names if n) or None
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def _recorded_device(run_dir: Path) -> str | None:
+    return ", ".join(n for n in _device_names(run_dir) if n) or None
 
 
 def _record_device(run_dir: Path, slot: str | None) -> None:
@@ -152,10 +155,8 @@ def _record_device(run_dir: Path, slot: str | None) -> None:
     if slot is None or not torch.cuda.is_available():
         return
     name = torch.cuda.get_device_name(int(slot))
-    path = run_dir / DEVICE_FILE
-    known = path.read_text().split("\n") if path.is_file() else []
-    if name not in known:
-        with open(path, "a") as f:
+    if name not in _device_names(run_dir):
+        with open(run_dir / DEVICE_FILE, "a") as f:
             f.write(name + "\n")
 
 

@@ -242,3 +242,17 @@ def test_report_shows_depth_mass_of_the_arms_that_read_depth(tmp_path):
     assert "| moda | 2 | 0.250 | 2 (0.300) |" in md and "| base | 2 |" not in md.split("Depth mass")[1]
     png = (tmp_path / "depth.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_a_run_records_each_gpu_model_it_trained_on_once(tmp_path, monkeypatch):
+    import torch
+
+    from moda_lightning.study import runner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("NVIDIA H200", "NVIDIA H200", "NVIDIA H100 80GB HBM3"):  # a resumed piece moved machines
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index, name=name: name)
+        runner._record_device(tmp_path, "0")
+    runner._record_device(tmp_path, None)  # a CPU run adds nothing
+    assert runner._recorded_device(tmp_path) == "NVIDIA H200, NVIDIA H100 80GB HBM3"
+    assert runner._recorded_device(tmp_path / "missing") is None
