@@ -173,7 +173,7 @@ class TextDataModule(L.LightningDataModule):
                 )
             else:
                 self._tokenizer, self.tokenizer_path, trained = tk.get_or_train_tokenizer(
-                    self.corpus, self.tokenizer_vocab_size, self.cache_dir
+                    self.corpus, self.tokenizer_vocab_size, self.cache_dir, info=rank_zero_info
                 )
                 verb = "trained and saved" if trained else "loaded cached"
                 rank_zero_info(

@@ -8,11 +8,12 @@ token-cache keys and checkpoints, so a run never mixes token ids from two vocabu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -164,6 +165,10 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _publish_once(tmp: Path, final: Path) -> None:
     """Move `tmp` to `final` unless another process published `final` first.
 
@@ -192,14 +197,19 @@ def get_or_train_tokenizer(
     cache_dir: str | os.PathLike[str],
     *,
     show_progress: bool = True,
+    info: Callable[[str], object] = lambda message: None,
 ) -> tuple[Tokenizer, Path, bool]:
     """Load the tokenizer cached for (corpus, vocab_size), or train and cache it.
+
+    A cached file that does not load, or lacks `EOT`, is damaged (every trained tokenizer has it):
+    it is trained again, as deterministically as the first time, and `info` says why.
 
     Args:
         corpus: The corpus to train on.
         vocab_size: Target vocabulary size.
         cache_dir: Folder of the cache; the file is ``tokenizer-<corpus hash>-v<vocab>.json``.
         show_progress: Show the training progress bar.
+        info: Where the one-line message about a damaged cached file goes.
 
     Returns:
         The tokenizer, the path of its ``tokenizer.json``, and whether it was trained just now.
@@ -211,7 +221,16 @@ def get_or_train_tokenizer(
     """
     path = cached_tokenizer_path(cache_dir, corpus.fingerprint(), vocab_size)
     if path.is_file():
-        return Tokenizer.from_file(str(path)), path, False
+        try:
+            cached = Tokenizer.from_file(str(path))
+            eot_id(cached, source=str(path))
+            return cached, path, False
+        except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+            info(f"TextDataModule: cached tokenizer {path} is damaged ({_first_line(err)}); training it again")
+            # Removed first: publishing never replaces a file that is already there. A folder that
+            # cannot be written is named by the check below.
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
     require_writable_cache_dir(cache_dir)
 
     n_docs = 0

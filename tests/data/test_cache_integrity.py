@@ -470,6 +470,36 @@ def test_data_module_rebuilds_once_and_says_why(
     assert [r.getMessage() for r in caplog.records][-1] == f"TextDataModule: using cached tokens {path.parent}"
 
 
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("truncated", "damaged ("),
+        ("without-eot", "has no '<|endoftext|>' token"),
+    ],
+)
+def test_a_damaged_cached_tokenizer_is_trained_again(
+    cache: Path, damage: str, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    (path,) = cache.glob("tokenizer-*.json")
+    good = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    else:
+        path.write_text(good.decode().replace("<|endoftext|>", "<|end|>"))
+
+    dm = TextDataModule(cache_dir=str(cache), tokenizer_vocab_size=VOCAB, seq_len=32)
+    with caplog.at_level(logging.INFO):
+        dm.prepare_data()
+    messages = [r.getMessage() for r in caplog.records]
+    retrained = [m for m in messages if "training it again" in m]
+    assert len(retrained) == 1 and retrained[0].startswith(f"TextDataModule: cached tokenizer {path} is damaged")
+    assert reason in retrained[0]
+    # Training is deterministic: the same file comes back, so the token cache made with it stays good.
+    assert path.read_bytes() == good
+    assert f"TextDataModule: using cached tokens {token_folder(cache)}" in messages
+    assert not [p for p in cache.iterdir() if ".tmp-" in p.name]
+
+
 def test_a_rebuild_that_does_not_stick_is_an_error(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = token_file(cache)
     _empty(path)
