@@ -56,12 +56,12 @@ def time_decode(model: MoDATransformer, batch: int, prompt_len: int, new: int) -
                             dtype=torch.bfloat16)  # fmt: skip
             torch.cuda.synchronize()
             start = time.perf_counter()
-            logits = model(idx, cache=cache)[:, -1]
+            logits = model(idx, cache=cache, logits_to_keep=1)[:, -1]
             torch.cuda.synchronize()
             prefill = time.perf_counter() - start
             start = time.perf_counter()
             for _ in range(new - 1):
-                logits = model(logits.argmax(-1)[:, None], cache=cache)[:, -1]
+                logits = model(logits.argmax(-1)[:, None], cache=cache, logits_to_keep=1)[:, -1]
             torch.cuda.synchronize()
             decode = time.perf_counter() - start
     return prefill * 1e3, batch * (new - 1) / decode

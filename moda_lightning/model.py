@@ -294,16 +294,27 @@ class MoDATransformer(nn.Module):
 
         init_parameters(self, self.init_seed, std_of, truncated=not gpt2)
 
-    def forward(self, idx: Tensor, *, cache: KVCache | None = None, token_mask: Tensor | None = None) -> Tensor:
-        """Logits ``[B, T, vocab]`` for token ids ``[B, T]``.
+    def forward(
+        self,
+        idx: Tensor,
+        *,
+        cache: KVCache | None = None,
+        token_mask: Tensor | None = None,
+        logits_to_keep: int | Tensor = 0,
+    ) -> Tensor:
+        """Logits ``[B, T, vocab]`` for token ids ``[B, T]``; with ``logits_to_keep`` N > 0, those of
+        the last N positions only (a 1-D tensor: of those positions), since a prompt pass needs the
+        last token's alone and the full table is ``T x vocab`` per row.
 
         With ``cache`` (decoding, :mod:`moda_lightning.generation`), ``idx`` continues the cached
         tokens: its keys and values are appended to the cache and attend to every cached position;
         ``token_mask [B, T]`` marks padding (False) that no later token may attend.
         """
         B, T = idx.shape
+        if isinstance(logits_to_keep, int) and logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep={logits_to_keep}: pass 0 for every position or N > 0 for the last N")
         if cache is not None:
-            return self._forward_cached(idx, cache, token_mask)
+            return self._forward_cached(idx, cache, token_mask, logits_to_keep)
         if T > self.config.max_seq_len:
             raise ValueError(
                 f"sequence of {T} tokens is longer than the model's max_seq_len={self.config.max_seq_len}; "
@@ -319,9 +330,18 @@ class MoDATransformer(nn.Module):
                 x = checkpoint(self._replayable_block, block, x, depth, first_slot, use_reentrant=False)
             else:
                 x = block(x, rope=self.rope, depth=depth)
+        return self._logits(x, logits_to_keep)
+
+    def _logits(self, x: Tensor, keep: int | Tensor) -> Tensor:
+        if isinstance(keep, Tensor):
+            x = x[:, keep]
+        elif keep:
+            x = x[:, -keep:]
         return self.lm_head(self.final_norm(x))
 
-    def _forward_cached(self, idx: Tensor, cache: KVCache, token_mask: Tensor | None) -> Tensor:
+    def _forward_cached(
+        self, idx: Tensor, cache: KVCache, token_mask: Tensor | None, logits_to_keep: int | Tensor
+    ) -> Tensor:
         self.backend.check_device(idx.device.type)
         positions = cache.begin(idx.shape[1], token_mask)
         n_slots = (self.config.n_layers - 1) * self.config.slots_per_layer
@@ -331,7 +351,7 @@ class MoDATransformer(nn.Module):
         for layer, block in enumerate(self.layers):
             x = block(x, rope=self.rope, depth=depth, positions=positions, cache=cache.layer(layer))
         cache.commit(idx.shape[1])
-        return self.lm_head(self.final_norm(x))
+        return self._logits(x, logits_to_keep)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[list[int]]:

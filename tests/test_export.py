@@ -191,6 +191,21 @@ def test_padded_batches_generate_like_the_package_and_labels_give_the_loss(expor
     torch.testing.assert_close(result.loss, loss)
 
 
+@torch.no_grad()
+def test_logits_to_keep_is_honoured_and_refused_with_labels(loaded):
+    """``generate()`` asks for the last position's logits only (``logits_to_keep=1``): the folder
+    computes just those, cached or not, and refuses the option beside ``labels``, whose loss needs all."""
+    hf = loaded["pre-tied"]
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    full = hf(ids).logits
+    torch.testing.assert_close(hf(ids, logits_to_keep=1).logits, full[:, -1:], rtol=0, atol=1e-6)
+    cache = DynamicCache(config=hf.config)
+    hf(ids[:, :4], cache=cache)
+    torch.testing.assert_close(hf(ids[:, 4:], cache=cache, logits_to_keep=1).logits, full[:, -1:], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="labels need the logits of every position; leave logits_to_keep at 0"):
+        hf(ids, labels=ids, logits_to_keep=1)
+
+
 @pytest.mark.parametrize("cache_argument", ["use_cache", "cache", "past_key_values"])
 def test_generate_takes_a_transformers_cache_and_decodes_like_the_package(exported, tokenizer, cache_argument):
     """``generate()`` given ``use_cache=True`` or a ``DynamicCache`` (``cache=``, or the older

@@ -54,6 +54,26 @@ def test_cached_decoding_equals_recomputing_the_sequence(attention, norm, option
 
 @pytest.mark.parametrize("attention", ["moda_torch", "sdpa"])
 @torch.no_grad()
+def test_logits_to_keep_gives_the_last_positions_logits_only(attention):
+    """A prompt pass needs the last token's logits alone; cached or not, asking for the last N (or
+    for given positions) gives those rows of the full table (up to the matmul's rounding on fewer rows)."""
+    model = tiny_model(attention)
+    tokens = torch.randint(0, VOCAB, (2, 9))
+    full = model(tokens)
+    assert model(tokens, logits_to_keep=1).shape == (2, 1, VOCAB)
+    torch.testing.assert_close(model(tokens, logits_to_keep=3), full[:, -3:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(tokens, logits_to_keep=torch.tensor([0, 4])), full[:, [0, 4]], rtol=0, atol=1e-6)
+    cache = cache_for(model, 2, 9)
+    prefix = model(tokens[:, :6], cache=cache, logits_to_keep=1)
+    step = model(tokens[:, 6:], cache=cache, logits_to_keep=2)
+    torch.testing.assert_close(prefix, full[:, 5:6], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(step, full[:, 7:], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"^logits_to_keep=-1: pass 0 for every position or N > 0 for the last N$"):
+        model(tokens, logits_to_keep=-1)
+
+
+@pytest.mark.parametrize("attention", ["moda_torch", "sdpa"])
+@torch.no_grad()
 def test_a_left_padded_batch_continues_each_prompt_as_it_would_alone(attention):
     model = tiny_model(attention)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [3, 3, 3, 3]]

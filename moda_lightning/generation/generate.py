@@ -74,7 +74,7 @@ def generate(
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     try:
         with autocast:
-            logits = model(idx, cache=cache, token_mask=token_mask)[:, -1]
+            logits = model(idx, cache=cache, token_mask=token_mask, logits_to_keep=1)[:, -1]
             for step in range(max_new_tokens):
                 next_tokens = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
                 for row, token in enumerate(next_tokens.tolist()):
@@ -85,7 +85,7 @@ def generate(
                     if bool(finished.all()):
                         break
                 if step + 1 < max_new_tokens:
-                    logits = model(next_tokens[:, None], cache=cache)[:, -1]
+                    logits = model(next_tokens[:, None], cache=cache, logits_to_keep=1)[:, -1]
     finally:
         model.train(was_training)
     return outputs

@@ -147,6 +147,7 @@ class MoDAForCausalLM(MoDAPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         inputs_embeds: Tensor | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits for ``input_ids [B, T]``; with ``labels``, also the mean next-token loss.
@@ -164,6 +165,8 @@ class MoDAForCausalLM(MoDAPreTrainedModel, GenerationMixin):
                 under its older name ``past_key_values``.
             use_cache: start a ``DynamicCache`` when none is given and return it (default: only
                 when one is given).
+            logits_to_keep: N > 0 for the logits of the last N positions only (``generate()`` asks
+                for 1), or a 1-D tensor of the positions to keep; 0 for all.
 
         Returns:
             ``CausalLMOutputWithPast`` with ``logits [B, T, vocab]``, ``loss`` for ``labels``, and the
@@ -175,6 +178,9 @@ class MoDAForCausalLM(MoDAPreTrainedModel, GenerationMixin):
             raise ValueError(
                 "MoDAForCausalLM got both cache= and past_key_values= (two names for one argument); pass one."
             )
+        keeps_some = bool(logits_to_keep) if isinstance(logits_to_keep, int) else True
+        if labels is not None and keeps_some:
+            raise ValueError("MoDAForCausalLM: labels need the logits of every position; leave logits_to_keep at 0.")
         cache = cache if cache is not None else past_key_values
         if cache is None and use_cache:
             cache = DynamicCache(config=self.config)
@@ -182,14 +188,14 @@ class MoDAForCausalLM(MoDAPreTrainedModel, GenerationMixin):
         cache_position = kwargs.pop("cache_position", None)  # older generate() passes it; positions come from the cache
         unpadded = attention_mask is None or (attention_mask.shape == input_ids.shape and bool(attention_mask.all()))
         if cache is None and position_ids is None and unpadded:
-            logits = self.model(input_ids)  # the training path, fused kernels included
+            logits = self.model(input_ids, logits_to_keep=logits_to_keep)  # the training path, fused kernels included
         else:
             # Padding or given positions with no cache to keep: the cached path on a cache of this call alone.
             kv = TransformersKVCache(
                 cache if cache is not None else DynamicCache(), input_ids, attention_mask, position_ids,
                 cache_position, max_positions=self.model.config.max_seq_len,
             )  # fmt: skip
-            logits = self.model(input_ids, cache=kv)
+            logits = self.model(input_ids, cache=kv, logits_to_keep=logits_to_keep)
         loss = None
         if labels is not None:
             for unused in ("output_attentions", "output_hidden_states"):
