@@ -6,9 +6,10 @@
 Each row: a batch of random prompts of ``--prompt`` tokens, then ``--new`` greedy tokens per row
 with ``MoDATransformer.generate`` (bf16 autocast, random weights: speed does not depend on them).
 Reported: the prompt pass (prefill) time, and new tokens per second of the decode steps. Before
-timing, each backend's cached greedy continuation is checked against recomputing the full
-sequence for a few tokens, so a fast wrong cache cannot pass. ``moda_triton`` decodes on the
-op's decode kernels (``kernels/moda_kernels/moda_attn/decode.py``).
+timing, each backend's cache is checked against recomputing: the logits of a few given tokens
+decoded with the cache must match one full pass within ``CACHE_CHECK_TOLERANCE`` of their sd
+(the table shows the measured ratio), so a fast wrong cache cannot pass. ``moda_triton`` decodes
+on the op's decode kernels (``kernels/moda_kernels/moda_attn/decode.py``).
 
 A second table times one decode step of the deepest layer's attention alone (``Tq = 1``, bf16)
 against caches of ``--cache`` keys: the decode kernels, the reference op (``moda_torch``, what
@@ -35,14 +36,29 @@ SHAPES = {
 }  # fmt: skip
 
 
+CACHE_CHECK_TOLERANCE = 1e-2
+"""Largest |cached - recomputed logit| allowed, over the logits' sd. fp32 on the GPU runs the Triton
+kernels' matmuls in tf32, and the prompt pass and the decode steps sum in different orders: at
+the 700M shape that leaves about 5e-3 (the reference op, in full fp32: about 2e-5). A wrong cache
+(a missing key, a shifted position) moves logits by a large part of their sd."""
+
+
 @torch.inference_mode()
-def check_against_recompute(model: MoDATransformer, prompt: list[int], steps: int = 4) -> bool:
-    cached = model.generate([prompt], steps, temperature=0)[0]
-    sequence = list(prompt)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        for _ in range(steps):
-            sequence.append(int(model(torch.tensor([sequence], device="cuda"))[0, -1].argmax()))
-    return cached == sequence[len(prompt) :]
+def check_against_recompute(model: MoDATransformer, tokens: list[int], prompt_len: int) -> float:
+    """Max |logit difference| / sd between decoding ``tokens`` with the cache (a prompt pass of
+    ``prompt_len`` tokens, then one given token per step) and one full pass over them, in fp32.
+
+    The tokens are given, not picked greedily: with random weights the top two logits are often
+    closer than tf32's rounding, and a flipped near-tie would send the two sequences apart.
+    """
+    cfg, device = model.config, model.lm_head.weight.device
+    ids = torch.tensor([tokens], device=device)
+    full = model(ids).float()
+    cache = KVCache(cfg.n_layers, 1, len(tokens), cfg.n_kv_heads, cfg.head_dim, device=device, dtype=torch.float32)
+    pieces = [model(ids[:, :prompt_len], cache=cache)]
+    pieces += [model(ids[:, t : t + 1], cache=cache) for t in range(prompt_len, len(tokens))]
+    cached = torch.cat(pieces, dim=1).float()
+    return float((cached - full).abs().max() / full.std())
 
 
 @torch.inference_mode()
@@ -106,11 +122,11 @@ def main() -> None:
             for attention in ("sdpa", "moda_triton"):
                 torch.manual_seed(0)
                 model = MoDATransformer(MoDAConfig(attention=attention, **SHAPES[shape])).cuda().eval()
-                ok = check_against_recompute(model, torch.randint(0, 100, (16,)).tolist())
+                drift = check_against_recompute(model, torch.randint(0, 100, (20,)).tolist(), prompt_len=16)
                 prefill, rate = time_decode(model, batch, args.prompt, args.new)
                 ratio = "" if baseline is None else f"{rate / baseline:.3f}"
                 baseline = rate if attention == "sdpa" else baseline
-                print(f"| {shape} | {batch} | {attention} | {prefill:.1f} | {rate:,.0f} | {ratio} | {'ok' if ok else 'FAILED'} |")
+                print(f"| {shape} | {batch} | {attention} | {prefill:.1f} | {rate:,.0f} | {ratio} | {'ok' if drift <= CACHE_CHECK_TOLERANCE else 'FAILED'} ({drift:.1e}) |")
                 del model
                 torch.cuda.empty_cache()
     print("\n| shape | batch | cached keys | decode kernels us | reference op us | SDPA (no depth) us |")

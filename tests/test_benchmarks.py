@@ -62,3 +62,29 @@ def test_step_speed_shapes_are_valid_configs_for_both_arms():
         baseline = MoDAConfig(attention="sdpa", **{**fields, **BASELINE})
         moda = MoDAConfig(attention="moda_triton", **fields)
         assert not baseline.reads_depth and moda.reads_depth
+
+
+def test_decode_speed_cache_check_passes_a_right_cache_and_fails_a_wrong_one(monkeypatch: pytest.MonkeyPatch):
+    """The benchmark's guard against a fast wrong cache: a right cache (fp32 reference op) is far
+    inside its tolerance; a cache that loses the last cached key of every step is far outside it."""
+    import torch
+
+    from benchmarks.decode_speed import CACHE_CHECK_TOLERANCE, check_against_recompute
+    from moda_lightning.config import MoDAConfig
+    from moda_lightning.generation import kv_cache
+    from moda_lightning.model import MoDATransformer
+
+    torch.manual_seed(0)
+    model = MoDATransformer(MoDAConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=32))
+    tokens = torch.randint(0, 64, (12,)).tolist()
+    assert check_against_recompute(model.eval(), tokens, prompt_len=8) < CACHE_CHECK_TOLERANCE / 100
+
+    real_commit = kv_cache.KVCache.commit
+
+    def forget_the_newest(self, n_new):
+        real_commit(self, n_new)
+        if self.length > 1:  # the last cached key is dropped from what later steps see
+            self.length -= 1
+
+    monkeypatch.setattr(kv_cache.KVCache, "commit", forget_the_newest)
+    assert check_against_recompute(model, tokens, prompt_len=8) > CACHE_CHECK_TOLERANCE

@@ -25,7 +25,6 @@ from moda_lightning.data import flags
 from moda_lightning.data import tokenizer as tk
 from moda_lightning.data.cache_manifest import CacheKey
 from moda_lightning.data.corpus import Corpus
-from moda_lightning.data.encode_pool import available_cores
 from moda_lightning.data.sampler import ResumableLoader, ResumableShuffle
 from moda_lightning.data.splits import Span, count_windows, held_out_split
 from moda_lightning.data.token_files import TokenStream
@@ -85,7 +84,10 @@ class TextDataModule(L.LightningDataModule):
             forms as ``files``; the whole of it is the validation set and all of ``files`` is
             trained on. Default ``None``: hold out documents of ``files``.
         num_proc: Processes that tokenize the corpus; the shards are the same for any number.
-            Default ``None``: every core this process may use (corpora under 16 MB use one).
+            Default ``None``: this process, where the tokenizer spreads each batch over every core
+            with its own threads; that beat worker processes on the 2- and 16-core machines
+            measured (docs/data.md). ``N > 1``: N worker processes of one thread each (corpora
+            under 16 MB still use this process).
         token_vocab_size: Vocabulary size of pre-tokenized files (e.g. 50257 for GPT-2 ids); with
             ``tokenizer`` given it defaults to that tokenizer's. Default ``None``.
         eot_id: End-of-text id of pre-tokenized files, where documents end (50256 for GPT-2); with
@@ -131,7 +133,7 @@ class TextDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.val_seed = val_seed
-        self.num_proc = num_proc if num_proc is not None else available_cores()
+        self.num_proc = num_proc if num_proc is not None else 1
         # Resolve paths and globs now: a typo fails at instantiation, before any training work.
         self.token_paths = flags.token_paths(files, "--data.files")
         self.val_token_paths = flags.token_paths(val_files, "--data.val_files")

@@ -40,7 +40,7 @@ def check_numbers(
     if num_workers < 0:
         problems.append(f"num_workers={num_workers}, expected >= 0")
     if num_proc is not None and num_proc < 1:
-        problems.append(f"num_proc={num_proc}, expected >= 1 (or leave it unset to use every core)")
+        problems.append(f"num_proc={num_proc}, expected >= 1 (or leave it unset: this process, every core)")
     if token_vocab_size is not None and not 1 <= token_vocab_size <= 2**32:
         problems.append(f"token_vocab_size={token_vocab_size}, expected 1 to 2**32")
     if problems:

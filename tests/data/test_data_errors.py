@@ -93,7 +93,7 @@ def test_invalid_arguments() -> None:
         TextDataModule(tokenizer_vocab_size=100)
     with pytest.raises(
         ValueError,
-        match=r"num_proc=0, expected >= 1 \(or leave it unset to use every core\)",
+        match=r"num_proc=0, expected >= 1 \(or leave it unset: this process, every core\)",
     ):
         TextDataModule(num_proc=0)
 
