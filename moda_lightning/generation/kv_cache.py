@@ -46,11 +46,13 @@ class KVCache:
             )
         if token_mask is not None:
             self.key_mask[:, self.length : end] = token_mask
-        slots = torch.arange(self.length, end, device=self.keys.device)
+            # Read back to the host once per masked call; an unmasked decode step adds no padding.
+            self.has_padding = self.has_padding or bool((~self.key_mask[:, self.length : end]).any())
+        if not self.has_padding:
+            return torch.arange(self.length, end, device=self.keys.device).expand(self.keys.shape[1], -1)
         # real tokens before each new one, minus one: its 0-based position among the real tokens
         real_before = self.key_mask[:, :end].long().cumsum(1)[:, self.length : end] - 1
-        self.has_padding = self.has_padding or bool((~self.key_mask[:, self.length : end]).any())
-        return real_before.clamp(min=0) if self.has_padding else slots.expand(self.keys.shape[1], -1)
+        return real_before.clamp(min=0)
 
     def layer(self, index: int) -> LayerCache:
         return LayerCache(self, index)
