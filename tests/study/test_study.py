@@ -256,3 +256,17 @@ def test_a_run_records_each_gpu_model_it_trained_on_once(tmp_path, monkeypatch):
     runner._record_device(tmp_path, None)  # a CPU run adds nothing
     assert runner._recorded_device(tmp_path) == "NVIDIA H200, NVIDIA H100 80GB HBM3"
     assert runner._recorded_device(tmp_path / "missing") is None
+
+
+def test_runs_sharing_a_gpu_without_mps_get_one_line_saying_to_start_it(tmp_path, monkeypatch):
+    from moda_lightning.study.runner import mps_daemon_running, sharing_hint
+
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    assert not mps_daemon_running()
+    hint = sharing_hint(["0", "0", "1", "1"], n_runs=3)
+    assert hint is not None and "nvidia-cuda-mps-control -d" in hint and "\n" not in hint
+    assert sharing_hint(["0", "1"], n_runs=2) is None, "one run per GPU shares nothing"
+    assert sharing_hint(["0", "0"], n_runs=1) is None, "a single run shares nothing"
+    assert sharing_hint([None, None], n_runs=2) is None, "CPU runs have no GPU to share"
+    (tmp_path / "control").write_text("")  # the daemon's control pipe
+    assert mps_daemon_running() and sharing_hint(["0", "0"], n_runs=2) is None
