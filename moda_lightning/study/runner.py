@@ -41,13 +41,36 @@ def fit_command(run: Run) -> list[str]:
 
 
 def _slots(spec: StudySpec) -> list[str | None]:
-    """One entry per run that may go at once: the GPU it gets, or None on a CPU-only machine."""
+    """One entry per run that may go at once: the ``CUDA_VISIBLE_DEVICES`` value of the GPU it gets,
+    or None on a CPU-only machine."""
+    gpus = visible_gpus(spec.gpus)
+    if not gpus:
+        return [None] * spec.runs_per_gpu
+    return [g for g in gpus for _ in range(spec.runs_per_gpu)]
+
+
+def visible_gpus(requested: int | None) -> list[str]:
+    """The GPUs this process may use, as each run's ``CUDA_VISIBLE_DEVICES`` must name them: the
+    entries of this process's own ``CUDA_VISIBLE_DEVICES`` when it is set (a study started on GPUs
+    2 and 3 runs on them, not on 0 and 1), else the indices; the first ``requested`` of them.
+
+    Raises:
+        ValueError: If ``requested`` is more than are visible, before any run starts.
+    """
     import torch
 
-    gpus = spec.gpus if spec.gpus is not None else torch.cuda.device_count()
-    if gpus == 0:
-        return [None] * spec.runs_per_gpu
-    return [str(g) for g in range(gpus) for _ in range(spec.runs_per_gpu)]
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g.strip() for g in listed.split(",")][:count] if listed else [str(g) for g in range(count)]
+    if requested is None:
+        return gpus
+    if requested > len(gpus):
+        raise ValueError(
+            f"study: the study file asks for gpus: {requested}, but {len(gpus)} GPU(s) are visible here"
+            + (f" (CUDA_VISIBLE_DEVICES={listed})" if listed is not None else "")
+            + f"; set gpus to at most {len(gpus)} or leave it out to use every visible GPU"
+        )
+    return gpus[:requested]
 
 
 def mps_daemon_running() -> bool:
@@ -81,8 +104,9 @@ def execute(
     if not todo:
         return []
     # Tokenizer and token cache are built once here, not raced by parallel runs.
-    _prepare_data(todo[0])
     free = _slots(spec)
+    gpu_index = {gpu: i for i, gpu in enumerate(dict.fromkeys(s for s in free if s is not None))}
+    _prepare_data(todo[0])
     if (hint := sharing_hint(free, len(todo))) is not None:
         _log(hint)
     running: dict[str, tuple[Run, subprocess.Popen, str | None, float]] = {}
@@ -104,7 +128,7 @@ def execute(
             log.close()
             running[run.name] = (run, proc, slot, time.time())
             _record_gpu_sharing(running)
-            _record_device(run.dir, slot)
+            _record_device(run.dir, gpu_index.get(slot))
             _log(f"{verb} {run.name}" + (f" on GPU {slot}" if slot is not None else "") + f" ({run.max_steps} steps)")
         time.sleep(1.0)
         for name, (run, proc, slot, t0) in list(running.items()):
@@ -168,13 +192,14 @@ def _recorded_device(run_dir: Path) -> str | None:
     return ", ".join(n for n in _device_names(run_dir) if n) or None
 
 
-def _record_device(run_dir: Path, slot: str | None) -> None:
-    """Add the GPU model a run (or a resumed piece of it) trains on to the run folder's record."""
+def _record_device(run_dir: Path, gpu_index: int | None) -> None:
+    """Add the GPU model a run (or a resumed piece of it) trains on to the run folder's record;
+    ``gpu_index`` is that GPU's index in this process."""
     import torch
 
-    if slot is None or not torch.cuda.is_available():
+    if gpu_index is None or not torch.cuda.is_available():
         return
-    name = torch.cuda.get_device_name(int(slot))
+    name = torch.cuda.get_device_name(gpu_index)
     if name not in _device_names(run_dir):
         with open(run_dir / DEVICE_FILE, "a") as f:
             f.write(name + "\n")

@@ -252,7 +252,7 @@ def test_a_run_records_each_gpu_model_it_trained_on_once(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name in ("NVIDIA H200", "NVIDIA H200", "NVIDIA H100 80GB HBM3"):  # a resumed piece moved machines
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda index, name=name: name)
-        runner._record_device(tmp_path, "0")
+        runner._record_device(tmp_path, 0)
     runner._record_device(tmp_path, None)  # a CPU run adds nothing
     assert runner._recorded_device(tmp_path) == "NVIDIA H200, NVIDIA H100 80GB HBM3"
     assert runner._recorded_device(tmp_path / "missing") is None
@@ -270,3 +270,25 @@ def test_runs_sharing_a_gpu_without_mps_get_one_line_saying_to_start_it(tmp_path
     assert sharing_hint([None, None], n_runs=2) is None, "CPU runs have no GPU to share"
     (tmp_path / "control").write_text("")  # the daemon's control pipe
     assert mps_daemon_running() and sharing_hint(["0", "0"], n_runs=2) is None
+
+
+def test_runs_go_to_the_gpus_this_process_may_use(monkeypatch):
+    """A study started with CUDA_VISIBLE_DEVICES=2,3 hands its runs GPUs 2 and 3, not 0 and 1; asking
+    for more GPUs than are visible is one error before any run starts."""
+    import torch
+
+    from moda_lightning.study import runner
+    from moda_lightning.study.spec import StudySpec
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert runner.visible_gpus(None) == ["2", "3"]
+    assert runner.visible_gpus(1) == ["2"]
+    spec = StudySpec(**{f: None for f in StudySpec.__dataclass_fields__} | {"runs_per_gpu": 2, "gpus": None})
+    assert runner._slots(spec) == ["2", "2", "3", "3"]
+    with pytest.raises(ValueError, match=r"asks for gpus: 3, but 2 GPU\(s\) are visible here \(CUDA_VISIBLE_DEVICES=2,3\)"):
+        runner.visible_gpus(3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert runner.visible_gpus(None) == ["0", "1"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert runner._slots(spec) == [None, None], "no GPU: the runs share the CPU"
