@@ -4,6 +4,7 @@
     PYTHONPATH=kernels:. python benchmarks/step_speed.py --quick         # the Table 6 shape only
     PYTHONPATH=kernels:. python benchmarks/step_speed.py --shapes 700M --modes eager graphed   # a part of the table
     PYTHONPATH=kernels:. python benchmarks/step_speed.py --fit-steps 300 # also `moda fit` table6_24l end to end
+    PYTHONPATH=kernels:. python benchmarks/step_speed.py --fit-steps 300 --fit-only --modes eager graphed
 
 Options compared: ``eager``; ``compiled`` (``torch.compile`` of the whole network);
 ``graphed`` (``torch.compile(mode="reduce-overhead")``: the compiled forward and backward
@@ -14,7 +15,8 @@ is checked against eager's on the same weights and tokens, so a fast wrong graph
 
 ``--fit-steps N`` trains ``configs/table6_24l.yaml`` (MoDA) and its baseline overlay with the
 shipped GPU config for N steps each on the built-in corpus and reports the median tokens/s that
-``moda fit`` logged (``train/device/items_per_sec``), each with ``--model.compile`` off and on.
+``moda fit`` logged (``train/device/items_per_sec``), in each of ``--modes`` (eager: no compile;
+compiled: ``--model.compile=true``; graphed: also ``--model.compile_mode=reduce-overhead``).
 """
 
 from __future__ import annotations
@@ -115,20 +117,27 @@ def step_table(shapes: list[str], modes: list[str], steps: int) -> None:
                       f"{moda[0] / base[0]:.3f} | {base[1]:.2f} | {moda[1]:.2f} | {moda[1] / base[1]:.3f} | |")  # fmt: skip
 
 
-def fit_tokens_per_sec(overlays: list[str], compile: bool, steps: int, workdir: Path) -> float:
-    """Median tokens/s that ``moda fit`` logged training table6_24l (plus ``overlays``) for ``steps`` steps."""
-    from moda_lightning.study.results import read_scalars
-
-    name = "_".join(Path(o).stem for o in overlays) or "moda"
-    save_dir = workdir / f"{name}_{'compiled' if compile else 'eager'}"
+def fit_flags(overlays: list[str], mode: str, steps: int, save_dir: Path) -> list[str]:
+    """The ``moda fit`` flags of one end-to-end run: table6_24l plus ``overlays``, ``mode`` one of
+    :data:`MODES` as ``--model.compile`` / ``--model.compile_mode``, ``steps`` steps, no validation."""
     configs = [arg for config in ["configs/table6_24l.yaml", *overlays] for arg in ("--config", config)]
-    command = [
-        sys.executable, "-m", "moda_lightning.cli", "fit", *configs, f"--model.compile={str(compile).lower()}",
+    compiled = [] if MODES[mode] is None else ["--model.compile=true", f"--model.compile_mode={MODES[mode]}"]
+    return [
+        *configs, *compiled,
         f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
         "--trainer.logger.class_path=lightning.pytorch.loggers.TensorBoardLogger",
         f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.logger.init_args.name=",
         "--trainer.logger.init_args.version=run", "--trainer.enable_checkpointing=false",
     ]  # fmt: skip
+
+
+def fit_tokens_per_sec(overlays: list[str], mode: str, steps: int, workdir: Path) -> float:
+    """Median tokens/s that ``moda fit`` logged training table6_24l (plus ``overlays``) for ``steps``
+    steps in ``mode``."""
+    from moda_lightning.study.results import read_scalars
+
+    save_dir = workdir / f"{'_'.join(Path(o).stem for o in overlays) or 'moda'}_{mode}"
+    command = [sys.executable, "-m", "moda_lightning.cli", "fit", *fit_flags(overlays, mode, steps, save_dir)]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     rates = sorted(value for _, value in read_scalars(save_dir / "run").get("train/device/items_per_sec", []))
     if not rates:
@@ -136,15 +145,15 @@ def fit_tokens_per_sec(overlays: list[str], compile: bool, steps: int, workdir: 
     return rates[len(rates) // 2]
 
 
-def fit_table(steps: int) -> None:
+def fit_table(steps: int, modes: list[str]) -> None:
     print(f"\n`moda fit` table6_24l, {steps} steps, shipped GPU config (bf16-mixed, clipping 1.0), built-in corpus")
     print("| option | baseline tokens/s | MoDA tokens/s | MoDA / baseline |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as workdir:
-        for compile in (False, True):
-            base = fit_tokens_per_sec(["configs/variants/baseline.yaml"], compile, steps, Path(workdir))
-            moda = fit_tokens_per_sec([], compile, steps, Path(workdir))
-            print(f"| {'compiled' if compile else 'eager'} | {base:,.0f} | {moda:,.0f} | {moda / base:.3f} |")
+        for mode in modes:
+            base = fit_tokens_per_sec(["configs/variants/baseline.yaml"], mode, steps, Path(workdir))
+            moda = fit_tokens_per_sec([], mode, steps, Path(workdir))
+            print(f"| {mode} | {base:,.0f} | {moda:,.0f} | {moda / base:.3f} |")
 
 
 def main() -> None:
@@ -154,11 +163,13 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
     parser.add_argument("--steps", type=int, default=10, help="timed steps per option")
     parser.add_argument("--fit-steps", type=int, default=0, help="also time `moda fit` end to end for this many steps")
+    parser.add_argument("--fit-only", action="store_true", help="with --fit-steps: only the `moda fit` table")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    step_table(["table6_24l"] if args.quick else args.shapes, args.modes, args.steps)
+    if not args.fit_only:
+        step_table(["table6_24l"] if args.quick else args.shapes, args.modes, args.steps)
     if args.fit_steps:
-        fit_table(args.fit_steps)
+        fit_table(args.fit_steps, args.modes)
 
 
 if __name__ == "__main__":

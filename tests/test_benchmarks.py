@@ -88,3 +88,17 @@ def test_decode_speed_cache_check_passes_a_right_cache_and_fails_a_wrong_one(mon
 
     monkeypatch.setattr(kv_cache.KVCache, "commit", forget_the_newest)
     assert check_against_recompute(model, tokens, prompt_len=8) > CACHE_CHECK_TOLERANCE
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled", "graphed"])
+def test_step_speed_fit_runs_parse_as_moda_fit_commands(mode, tmp_path):
+    """The end-to-end rows start `moda fit` on the GPU; their flags must parse here, so a typo
+    cannot cost a GPU run."""
+    from benchmarks.step_speed import MODES, fit_flags
+    from moda_lightning.cli import resolved_fit_config
+
+    for overlays in ([], ["configs/variants/baseline.yaml"]):
+        model = resolved_fit_config(fit_flags(overlays, mode, 7, tmp_path))["model"]
+        assert model["compile"] is (MODES[mode] is not None)
+        assert mode == "eager" or model["compile_mode"] == MODES[mode]
+        assert model["attention"] == ("sdpa" if overlays else "moda_triton")
