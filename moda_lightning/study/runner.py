@@ -103,9 +103,9 @@ def execute(
     todo = [r for r in runs if run_state(r) != "done" and (arms is None or r.arm in arms)][:max_runs]
     if not todo:
         return []
-    # Tokenizer and token cache are built once here, not raced by parallel runs.
-    free = _slots(spec)
+    free = _slots(spec)  # first: a study file asking for GPUs that are not here fails before any work
     gpu_index = {gpu: i for i, gpu in enumerate(dict.fromkeys(s for s in free if s is not None))}
+    # Tokenizer and token cache are built once here, not raced by parallel runs.
     _prepare_data(todo[0])
     if (hint := sharing_hint(free, len(todo))) is not None:
         _log(hint)
