@@ -278,13 +278,12 @@ def test_runs_go_to_the_gpus_this_process_may_use(monkeypatch):
     import torch
 
     from moda_lightning.study import runner
-    from moda_lightning.study.spec import StudySpec
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert runner.visible_gpus(None) == ["2", "3"]
     assert runner.visible_gpus(1) == ["2"]
-    spec = StudySpec(**{f: None for f in StudySpec.__dataclass_fields__} | {"runs_per_gpu": 2, "gpus": None})
+    spec = SimpleNamespace(runs_per_gpu=2, gpus=None)
     assert runner._slots(spec) == ["2", "2", "3", "3"]
     with pytest.raises(ValueError, match=r"asks for gpus: 3, but 2 GPU\(s\) are visible here \(CUDA_VISIBLE_DEVICES=2,3\)"):
         runner.visible_gpus(3)
