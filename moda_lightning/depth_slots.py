@@ -7,14 +7,21 @@ writer to readers, and memory stays linear in depth: backward keeps a reference 
 never a stacked copy per reading layer (the op reads the list in place: the reference slot by
 slot, the fused kernel through a table of slot addresses).
 
-Each slot's gradient is the sum over its readers, which autograd forms itself; the buffer
-stream instead lets the fused kernel add into one gradient buffer (one read-modify-write per
-read rather than a write and an add), so eager training on the fused kernel keeps that one.
+Each slot's gradient is the sum over its readers. Autograd forms it itself for the reference
+op. For the fused kernel (``sum_gradients=True``) every slot also gets a zero-filled gradient
+sum, written in place by each reader's backward kernel, and the slot's first reader hands the
+finished sum to the writer (``SlotGradSums``): left to autograd, the compiled backward keeps
+every reader's slot gradients until the slot's writer needs them, memory that grows with depth
+squared (docs/model.md). The buffer stream does the same with one gradient buffer, so eager
+training on the fused kernel keeps that one.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+from moda_kernels.moda_attn.grad_into import SlotGradSums
 
 
 class DepthSlots:
@@ -25,10 +32,14 @@ class DepthSlots:
             a write past it is a bug in the model, not a user error.
     """
 
-    def __init__(self, max_slots: int) -> None:
+    def __init__(self, max_slots: int, sum_gradients: bool = False) -> None:
         self.max_slots = max_slots
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
+        self.sum_gradients = sum_gradients and torch.is_grad_enabled()
+        self.key_grads: list[Tensor] = []  # with sum_gradients: each slot's gradient sum, zero until backward
+        self.value_grads: list[Tensor] = []
+        self._first_unread = 0  # slots from here on have not been read yet
 
     def __len__(self) -> int:
         """Number of slots written so far."""
@@ -38,7 +49,8 @@ class DepthSlots:
         """Drop the slots from ``slot`` on; activation checkpointing replays a layer's writes
         from its first slot (it rewrites the same values)."""
         assert 0 <= slot <= len(self.keys), f"cannot seek to slot {slot}; {len(self.keys)} are written"
-        del self.keys[slot:], self.values[slot:]
+        del self.keys[slot:], self.values[slot:], self.key_grads[slot:], self.value_grads[slot:]
+        self._first_unread = min(self._first_unread, slot)
 
     def append(self, k: Tensor, v: Tensor) -> None:
         """Write one slot: ``k, v [B, T, Hk, d]`` for every token (keys already rotated at their token).
@@ -50,10 +62,18 @@ class DepthSlots:
         assert len(self.keys) < self.max_slots, f"depth stream holds {self.max_slots} slots; one more was written"
         self.keys.append(k.contiguous())
         self.values.append(v.contiguous())
+        if self.sum_gradients:
+            self.key_grads.append(torch.zeros_like(self.keys[-1]))
+            self.value_grads.append(torch.zeros_like(self.values[-1]))
 
-    def grad_buffers(self, n: int) -> None:
-        """No gradient buffer: autograd sums each slot's gradients over its readers."""
-        return None
+    def grad_buffers(self, n: int) -> SlotGradSums | None:
+        """The gradient sums of the first ``n`` slots for a read of them, which hands the slots it is
+        the first to read their finished sums; ``None`` without ``sum_gradients`` (autograd sums)."""
+        if not self.sum_gradients:
+            return None
+        sums = SlotGradSums(self.key_grads[:n], self.value_grads[:n], self._first_unread)
+        self._first_unread = n
+        return sums
 
     def read(self) -> tuple[list[Tensor] | None, list[Tensor] | None, int]:
         """Every slot written so far: ``(keys, values, num_depth)`` as new lists of the slot tensors;

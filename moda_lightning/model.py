@@ -186,9 +186,12 @@ class MoDAAttention(nn.Module):
         if num_depth and self.reader_keys and isinstance(self.k_norm, QKNorm):
             # this layer's key-norm gain on the unit-RMS slots, carried by the query of the depth logits
             extra["q_depth"] = q * self.k_norm.gain_per_head(self.n_heads).to(q.dtype)
-        if num_depth and getattr(self.backend, "takes_depth_grad_into", False) and not torch.compiler.is_compiling():
-            # the backward kernel adds this read's slot gradients straight into the stream's buffer
-            extra["depth_grad_into"] = depth.grad_buffers(num_depth)
+        takes_sums = isinstance(depth, DepthSlots) or not torch.compiler.is_compiling()  # a buffer runs eagerly
+        if num_depth and getattr(self.backend, "takes_depth_grad_into", False) and takes_sums:
+            # the backward kernel adds this read's slot gradients straight into the stream's sums
+            grad_into = depth.grad_buffers(num_depth)
+            if grad_into is not None:
+                extra["depth_grad_into"] = grad_into
         if key_mask is not None:
             extra["key_mask"] = key_mask
         o = self.backend(q, seq_k, seq_v, depth_k, depth_v, num_depth=num_depth, **extra)
@@ -368,7 +371,7 @@ class MoDATransformer(nn.Module):
         in eager mode, whose backward adds every read's slot gradients into the buffer."""
         fused_eager = self.backend.takes_depth_grad_into and not torch.compiler.is_compiling()
         if self.backend.reads_slot_lists and not fused_eager:
-            return DepthSlots(n_slots)
+            return DepthSlots(n_slots, sum_gradients=self.backend.takes_depth_grad_into)
         return DepthStream(n_slots)
 
     def _replayable_block(self, block: MoDABlock, x: Tensor, depth: DepthStream | DepthSlots | None, first_slot: int) -> Tensor:

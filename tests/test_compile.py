@@ -3,11 +3,16 @@ and gradients with memory linear in depth."""
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import pytest
 import torch
 
 from moda_lightning.attention import register_backend
 from moda_lightning.attention.moda_torch import MoDATorchBackend
+from moda_lightning.attention.moda_triton import MoDATritonBackend
+from moda_kernels.moda_attn.grad_into import SlotGradSums
 from moda_lightning.config import MoDAConfig
 from moda_lightning.lightning_module import MoDALightningModule
 from moda_lightning.model import MoDATransformer
@@ -137,3 +142,52 @@ def test_an_unknown_compile_mode_is_one_line(tmp_path):
                             text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "compile_mode" in lines[0] and "reduce-overhead" in lines[0], result.stderr
+
+
+@register_backend("_interpreted_triton")
+class InterpretedTriton(MoDATritonBackend):
+    """The fused backend on CPU tensors, its kernels run by Triton's interpreter (tests/conftest.py)."""
+
+    calls_with_sums = 0
+
+    def check_available(self) -> None:
+        importlib.import_module("moda_kernels.moda_attn.function")
+
+    def check_device(self, device_type: str) -> None:
+        pass
+
+    def __call__(self, *args, depth_grad_into=None, **kwargs):
+        InterpretedTriton.calls_with_sums += isinstance(depth_grad_into, SlotGradSums)
+        return super().__call__(*args, depth_grad_into=depth_grad_into, **kwargs)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernels in the interpreter")
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_the_fused_backend_compiled_sums_slot_gradients_in_place_and_equals_eager(checkpointing):
+    """Compiled, the fused backend's slot-list stream hands every read the per-slot gradient sums (the
+    form whose backward memory stays linear in depth, tests/kernels/test_slot_lists_interpret.py);
+    eager, it uses the gradient buffer. Both give the same gradients, with activation checkpointing too."""
+    torch.manual_seed(0)
+    InterpretedTriton.calls_with_sums = 0
+    model = MoDATransformer(MoDAConfig(vocab_size=VOCAB, n_layers=3, max_seq_len=16, d_model=64, n_heads=2,
+                                       n_kv_heads=2, attention="_interpreted_triton",
+                                       activation_checkpointing=checkpointing))  # fmt: skip
+    idx = torch.randint(0, VOCAB, (2, 9))
+
+    def loss_and_grads(network):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(network(idx).flatten(0, 1), idx.flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_loss, eager = loss_and_grads(model)
+    assert InterpretedTriton.calls_with_sums == 0
+    torch._dynamo.reset()
+    # activation checkpointing replays the stream's writes, a side effect dynamo does not trace
+    # into one graph: that model compiles in parts
+    compiled_loss, compiled = loss_and_grads(torch.compile(model, fullgraph=not checkpointing))
+    assert InterpretedTriton.calls_with_sums >= 2  # layers 1 and 2 read depth
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    assert compiled.keys() == eager.keys()
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")

@@ -37,7 +37,8 @@ class AttentionBackend(ABC):
     takes_depth_grad_into: bool = False
     """Whether ``__call__`` accepts ``depth_grad_into=(keys, values)``: tensors into which the
     backward adds the depth gradients (see ``moda_attention``). The depth stream then passes
-    its gradient buffer; otherwise it sums the returned gradients itself."""
+    its gradient buffer; otherwise it sums the returned gradients itself. With
+    ``reads_slot_lists`` too, a slot-list stream passes a ``SlotGradSums`` (one sum per slot)."""
 
     def check_available(self) -> None:
         """Raise ``RuntimeError`` saying why this backend cannot run here and what to use instead."""

@@ -265,6 +265,62 @@ def test_torch_compile_fullgraph_traces_the_list_form():
         torch.testing.assert_close(a.grad, r.grad, atol=1e-6, rtol=1e-5, msg=lambda m, i=i: f"input {i}: {m}")
 
 
+# ----------------------------------------------------------------------------- per-slot gradient sums
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("seq", ["fused", "triton_split"])
+def test_slot_grad_sums_give_the_gradients_autograd_sums(seq, compiled):
+    """Every reader adds into the per-slot sums and the first reader hands them on: the weights' and
+    the input's gradients equal those of plain slot lists, whose slot gradients autograd sums.
+    ``triton_split`` adds through the depth kernel's gradient offset table; ``fused`` adds after."""
+    from benchmarks.compiled_backward_memory import reading_chain
+
+    g = torch.Generator().manual_seed(11)
+    weights = [(0.2 * torch.randn(32, 96, generator=g)).requires_grad_() for _ in range(4)]
+    x = torch.randn(2, 7, 32, generator=g).requires_grad_()
+
+    def grads(sums: bool, compile_it: bool) -> list[torch.Tensor]:
+        fn = torch.compile(reading_chain, fullgraph=True) if compile_it else reading_chain
+        torch._dynamo.reset()
+        # the path is chosen when the op runs, so the backend is set around forward and backward
+        return _on(seq, "eager", lambda: list(torch.autograd.grad(fn(weights, x, sums).square().sum(), [x, *weights])))
+
+    expected = grads(sums=False, compile_it=False)
+    for i, (got, ref) in enumerate(zip(grads(sums=True, compile_it=compiled), expected)):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4, msg=lambda m, i=i: f"input {i}: {m}")
+
+
+def test_compiled_backward_memory_is_linear_in_depth_with_slot_grad_sums():
+    """Left to autograd, the compiled backward sums each slot's gradients where the slot's writer
+    needs them, so every reader's slot gradients stay alive until then (quadratic in depth). With
+    the sums it needs a few slots per layer. The plain form shows the test can tell the two apart.
+    The weights take no gradient (benchmarks/compiled_backward_memory.py), so the peak is the stream's."""
+    from benchmarks.compiled_backward_memory import backward_peak_bytes
+    from tests.test_depth_stream import quadratic_coefficient
+
+    shape = dict(B=1, T=16, kv_heads=2, d=16, device="cpu", dtype=torch.float32)
+    slot = 16 * 2 * 16 * 4
+    plain = {n: backward_peak_bytes(n, sums=False, compiled=True, **shape) / slot for n in (3, 6, 9)}
+    summed = {n: backward_peak_bytes(n, sums=True, compiled=True, **shape) / slot for n in (3, 6, 9)}
+    assert quadratic_coefficient(plain) > 0.25, plain
+    assert quadratic_coefficient(summed) < 0.1 * quadratic_coefficient(plain), f"summed {summed}, plain {plain}"
+
+
+def test_slot_grad_sums_must_match_the_slots():
+    from moda_kernels.moda_attn import moda_attn
+    from moda_kernels.moda_attn.grad_into import SlotGradSums
+
+    q, k, v, slots_k, slots_v, _, _ = _inputs(1, 5, 2, 1, 16, 3, torch.float32)
+    zeros = [torch.zeros_like(t) for t in slots_k]
+    with pytest.raises(ValueError, match=r"one key and one value sum per slot \(3\)"):
+        moda_attn(q, k, v, slots_k, slots_v, depth_grad_into=SlotGradSums(zeros[:2], zeros, 0))
+    with pytest.raises(ValueError, match="0 <= first_unread <= 3"):
+        moda_attn(q, k, v, slots_k, slots_v, depth_grad_into=SlotGradSums(zeros, zeros, 4))
+    with pytest.raises(ValueError, match="must be contiguous and match the slots"):
+        moda_attn(q, k, v, slots_k, slots_v, depth_grad_into=SlotGradSums(zeros, [z.half() for z in zeros], 0))
+
+
 # ----------------------------------------------------------------------------- errors
 
 

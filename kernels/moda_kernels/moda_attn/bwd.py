@@ -346,7 +346,7 @@ def moda_bwd(
 
 @triton.jit
 def moda_depth_bwd_kernel(
-    Q, DK, DV, DK_SLOTS, DV_SLOTS, O, DO, LSE, DQ, GK, GV,
+    Q, DK, DV, DK_SLOTS, DV_SLOTS, O, DO, LSE, DQ, GK, GV, GK_SLOTS, GV_SLOTS,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_dkb, stride_dkt, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvt, stride_dvs, stride_dvh, stride_dvd,
@@ -367,6 +367,8 @@ def moda_depth_bwd_kernel(
     HK_FAST: tl.constexpr,  # grid axis 0 runs over (batch, KV head), axis 1 over token blocks
     SLOT_TABLE: tl.constexpr,  # depth read as one tensor per slot (DK, DV: slot 0; DK_SLOTS, DV_SLOTS: offsets)
     SLOTS_ALIGNED: tl.constexpr,
+    GRAD_SLOT_TABLE: tl.constexpr,  # the same for the gradients (GK, GV: slot 0; GK_SLOTS, GV_SLOTS: offsets)
+    GRAD_SLOTS_ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """Depth gradients and the depth part of dq (added to DQ), from the merged ``o`` and ``lse``.
 
@@ -415,8 +417,10 @@ def moda_depth_bwd_kernel(
         # [BLOCK_N, D]: each (token, slot) sums over its own token's G rows (others are masked)
         g_dv = tl.dot(tl.trans(p.to(b_do.dtype)), b_do)
         g_dk = tl.dot(tl.trans(ds.to(b_q.dtype)), b_q) * sm_scale
-        at_gk = ptr_gk[:, None] + slot[:, None] * stride_gks + offs_d[None, :] * stride_gkd
-        at_gv = ptr_gv[:, None] + slot[:, None] * stride_gvs + offs_d[None, :] * stride_gvd
+        slot_gk = slot_offsets(slot, slot < num_depth, stride_gks, GK_SLOTS, GRAD_SLOT_TABLE, GRAD_SLOTS_ALIGNED)
+        slot_gv = slot_offsets(slot, slot < num_depth, stride_gvs, GV_SLOTS, GRAD_SLOT_TABLE, GRAD_SLOTS_ALIGNED)
+        at_gk = ptr_gk[:, None] + slot_gk[:, None] + offs_d[None, :] * stride_gkd
+        at_gv = ptr_gv[:, None] + slot_gv[:, None] + offs_d[None, :] * stride_gvd
         if ACCUM_DEPTH:  # the caller sums many layers' gradients of a slot: add here, not in another pass
             g_dk += tl.load(at_gk, mask=mask_c[:, None], other=0.0).to(tl.float32)
             g_dv += tl.load(at_gv, mask=mask_c[:, None], other=0.0).to(tl.float32)
@@ -440,8 +444,8 @@ def moda_depth_bwd(
     num_depth: int,
     scale: float,
     dq: torch.Tensor,
-    d_depth_k: torch.Tensor,
-    d_depth_v: torch.Tensor,
+    d_depth_k: Depth,
+    d_depth_v: Depth,
     config: dict[str, int] | None = None,
     accum_dq: bool = True,
     accum_depth: bool = False,
@@ -449,18 +453,22 @@ def moda_depth_bwd(
     """Write the first ``num_depth > 0`` slots of the depth grads and add the depth part of dq to ``dq``.
 
     With ``accum_dq=False`` the depth part of dq overwrites ``dq`` instead; with
-    ``accum_depth=True`` the depth grads are added to ``d_depth_k, d_depth_v``.
+    ``accum_depth=True`` the depth grads are added to ``d_depth_k, d_depth_v``. The gradients,
+    like the slots, may be one ``[B, T, S, Hk, d]`` tensor or a :class:`SlotList` of one per slot.
     """
     B, T, Hq, d = q.shape
     Hk = depth_k.shape[3]
     cfg = dict(config or depth_config(Hq // Hk, q.device.type == "cpu"))
     grid, hk_fast = depth_grid(cfg, T, B, Hk)
     (dk_base, dk_slots), (dv_base, dv_slots) = depth_pointers(depth_k), depth_pointers(depth_v)
+    (gk_base, gk_slots), (gv_base, gv_slots) = depth_pointers(d_depth_k), depth_pointers(d_depth_v)
+    grad_flags = depth_flags(d_depth_k, d_depth_v)
     moda_depth_bwd_kernel[grid](
-        q, dk_base, dv_base, dk_slots, dv_slots, o, do, lse, dq, d_depth_k, d_depth_v,
+        q, dk_base, dv_base, dk_slots, dv_slots, o, do, lse, dq, gk_base, gv_base, gk_slots, gv_slots,
         *q.stride(), *depth_k.stride(), *depth_v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         *d_depth_k.stride(), *d_depth_v.stride(), *lse.stride(),
         T, Hk, num_depth, scale, scale * LOG2E,
         G=Hq // Hk, D=d, ACCUM_DQ=accum_dq, ACCUM_DEPTH=accum_depth, HK_FAST=hk_fast,
-        **depth_flags(depth_k, depth_v), **cfg,
+        **depth_flags(depth_k, depth_v), GRAD_SLOT_TABLE=grad_flags["SLOT_TABLE"],
+        GRAD_SLOTS_ALIGNED=grad_flags["SLOTS_ALIGNED"], **cfg,
     )  # fmt: skip

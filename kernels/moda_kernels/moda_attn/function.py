@@ -37,7 +37,13 @@ from moda_kernels.moda_attn.bwd import moda_bwd, moda_depth_bwd
 from moda_kernels.moda_attn.checks import check_moda_inputs
 from moda_kernels.moda_attn.decode import decode_attn
 from moda_kernels.moda_attn.fwd import Depth, moda_depth_fwd, moda_fwd, moda_merge
-from moda_kernels.moda_attn.grad_into import GradInto, add_grad_into, check_grad_into, resolve_grad_into
+from moda_kernels.moda_attn.grad_into import (
+    GradInto,
+    SlotGradSums,
+    add_grad_into,
+    check_grad_into,
+    resolve_grad_into,
+)
 from moda_kernels.moda_attn.slot_table import slot_list
 
 _SEQ_BACKENDS = ("auto", "cudnn", "triton_split", "fused")
@@ -458,6 +464,112 @@ def _backward_slots(ctx, do, _dlse, _dlse_depth):
 moda_attn_fwd_slots.register_autograd(_backward_slots, setup_context=_setup_slots_context)
 
 
+# ----------------------------------------------------------------------------- slot lists with gradient sums
+
+
+def _attn_fwd_slots_summed_impl(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    depth_k: list[Tensor],
+    depth_v: list[Tensor],
+    causal: bool,
+    scale: float,
+    q_depth: Tensor | None,
+    sum_k: list[Tensor],
+    sum_v: list[Tensor],
+    first_unread: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_attn_fwd_slots_impl`; the backward adds the slots' gradients into ``sum_k, sum_v``
+    (one per slot, see :class:`SlotGradSums`) and returns the sums of slots ``first_unread`` on."""
+    return _attn_fwd_slots_impl(q, k, v, depth_k, depth_v, causal, scale, q_depth)
+
+
+moda_attn_fwd_slots_summed = torch.library.custom_op(
+    "moda::attn_fwd_slots_summed", _attn_fwd_slots_summed_impl, mutates_args=()
+)
+
+
+@moda_attn_fwd_slots_summed.register_fake
+def _(q, k, v, depth_k, depth_v, causal, scale, q_depth, sum_k, sum_v, first_unread):
+    return _fake_fwd_outputs(q)
+
+
+def _attn_bwd_slots_summed_impl(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    depth_k: list[Tensor],
+    depth_v: list[Tensor],
+    o: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    q_depth: Tensor | None,
+    sum_k: list[Tensor],
+    sum_v: list[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``dq, dk, dv, d(q_depth)`` (empty when ``q_depth`` is None); every slot's gradient is added
+    into its sum in place, by the depth kernel itself where it runs apart from the sequence part."""
+    S = len(depth_k)
+    keys, values = slot_list(depth_k), slot_list(depth_v)
+    if _seq_path(q, q_depth is not None) == "fused":  # the fused kernel writes a [B,T,S,Hk,d] gradient
+        fresh_k = _slot_major(depth_k[0].new_zeros((S, *depth_k[0].shape)))
+        fresh_v = torch.zeros_like(fresh_k)
+        dq, dk, dv, dq_depth = _attn_bwd_into(do, q, k, v, keys, values, o, lse, S, causal, scale, fresh_k, fresh_v,
+                                              False, q_depth)  # fmt: skip
+        for s in range(S):
+            sum_k[s].add_(fresh_k[:, :, s])
+            sum_v[s].add_(fresh_v[:, :, s])
+    else:
+        dq, dk, dv, dq_depth = _attn_bwd_into(do, q, k, v, keys, values, o, lse, S, causal, scale, slot_list(sum_k),
+                                              slot_list(sum_v), True, q_depth)  # fmt: skip
+    return dq, dk, dv, q.new_empty(0) if dq_depth is None else dq_depth
+
+
+moda_attn_bwd_slots_summed = torch.library.custom_op(
+    "moda::attn_bwd_slots_summed", _attn_bwd_slots_summed_impl, mutates_args=("sum_k", "sum_v")
+)
+
+
+@moda_attn_bwd_slots_summed.register_fake
+def _(do, q, k, v, depth_k, depth_v, o, lse, causal, scale, q_depth, sum_k, sum_v):
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        q.new_empty(0) if q_depth is None else torch.empty_like(q_depth),
+    )
+
+
+def _setup_summed_context(ctx, inputs, output):
+    q, k, v, depth_k, depth_v, causal, scale, q_depth, sum_k, sum_v, first_unread = inputs
+    _setup_slots_context(ctx, (q, k, v, depth_k, depth_v, causal, scale, q_depth), output)
+    # attributes, not saved tensors: every reader mutates the sums, which would trip autograd's
+    # check that a saved tensor is unchanged when its backward runs
+    ctx.sums, ctx.first_unread = (sum_k, sum_v), first_unread
+
+
+def _backward_summed(ctx, do, _dlse, _dlse_depth):
+    q, k, v, o, lse, q_depth, depth_k, depth_v = _saved_slots(ctx)
+    if do is None:
+        do = torch.zeros_like(o)
+    sum_k, sum_v = ctx.sums
+    dq, dk, dv, dq_depth = torch.ops.moda.attn_bwd_slots_summed(
+        do, q, k, v, depth_k, depth_v, o, lse, ctx.causal, ctx.scale, q_depth, sum_k, sum_v
+    )
+    S, first = ctx.num_slots, ctx.first_unread
+    # a slot's sum is complete once its first reader (the last one backward reaches) has added to it
+    grads_k = [sum_k[s] if s >= first else None for s in range(S)]
+    grads_v = [sum_v[s] if s >= first else None for s in range(S)]
+    no_grads = [None] * S
+    return dq, dk, dv, grads_k, grads_v, None, None, None if q_depth is None else dq_depth, no_grads, no_grads, None
+
+
+moda_attn_fwd_slots_summed.register_autograd(_backward_summed, setup_context=_setup_summed_context)
+
+
 class _EagerAttn(torch.autograd.Function):
     """The op's forward and backward called directly, for plain eager calls.
 
@@ -557,6 +669,18 @@ def _bwd_flop(do_shape, q_shape, *args, out_shape=None, **kwargs) -> int:
 @register_flop_formula(torch.ops.moda.attn_fwd_slots)
 def _fwd_slots_flop(q_shape, k_shape, v_shape, dk_shapes, dv_shapes, causal, *args, out_shape=None, **kwargs) -> int:
     return _attn_flops(q_shape, len(dk_shapes), causal)
+
+
+@register_flop_formula(torch.ops.moda.attn_fwd_slots_summed)
+def _fwd_slots_summed_flop(q_shape, k_shape, v_shape, dk_shapes, dv_shapes, causal, *args, out_shape=None,
+                           **kwargs) -> int:  # fmt: skip
+    return _attn_flops(q_shape, len(dk_shapes), causal)
+
+
+@register_flop_formula(torch.ops.moda.attn_bwd_slots_summed)
+def _bwd_slots_summed_flop(do_shape, q_shape, k_shape, v_shape, dk_shapes, dv_shapes, o_shape, lse_shape, causal,
+                           *args, out_shape=None, **kwargs) -> int:  # fmt: skip
+    return _attn_flops(q_shape, len(dk_shapes), causal) * 5 // 2
 
 
 @register_flop_formula(torch.ops.moda.attn_bwd_slots)
@@ -756,6 +880,9 @@ def _moda_attn_slots(
     q_depth: Tensor | None, depth_grad_into: GradInto | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``moda_attn`` for checked, non-empty slot lists: ``o`` and ``lse, lse_depth [B, Hq, T]``."""
+    if isinstance(depth_grad_into, SlotGradSums):
+        sums = _checked_slot_sums(depth_grad_into, depth_k)
+        return torch.ops.moda.attn_fwd_slots_summed(q, k, v, depth_k, depth_v, causal, scale, q_depth, *sums)
     if _through_custom_op():
         if depth_grad_into is not None:
             depth_k, depth_v = add_grad_into(depth_k, depth_v, depth_grad_into)
@@ -763,6 +890,23 @@ def _moda_attn_slots(
     if depth_grad_into is not None and not callable(depth_grad_into):
         check_grad_into(depth_grad_into, depth_k)  # fail now, not in backward
     return _EagerAttnSlots.apply(q, k, v, q_depth, causal, scale, depth_grad_into, len(depth_k), *depth_k, *depth_v)
+
+
+def _checked_slot_sums(sums: SlotGradSums, depth_k: list[Tensor]) -> tuple[list[Tensor], list[Tensor], int]:
+    """``sums`` as the summed op's arguments, after checking that they can hold ``depth_k``'s gradients."""
+    S, like = len(depth_k), depth_k[0]
+    if len(sums.keys) != S or len(sums.values) != S or not 0 <= sums.first_unread <= S:
+        raise ValueError(
+            f"moda_attn: SlotGradSums must hold one key and one value sum per slot ({S}) and 0 <= first_unread "
+            f"<= {S}; got {len(sums.keys)} and {len(sums.values)} sums, first_unread={sums.first_unread}."
+        )
+    for t in (*sums.keys, *sums.values):
+        if t.shape != like.shape or t.dtype != like.dtype or t.device != like.device or not t.is_contiguous():
+            raise ValueError(
+                f"moda_attn: every SlotGradSums tensor must be contiguous and match the slots ({list(like.shape)}, "
+                f"{like.dtype}, {like.device}); got {list(t.shape)}, {t.dtype}, {t.device}."
+            )
+    return list(sums.keys), list(sums.values), sums.first_unread
 
 
 __all__ = ["moda_attn", "set_overlap", "set_seq_backend"]

@@ -9,7 +9,8 @@ Paths without that fusion (the reference, the registered op under ``torch.compil
 
 ``depth_grad_into`` is the pair of tensors, or a function returning it that is called in
 backward: the buffer then need not exist during the forward pass, whose end (the logits) is
-where a training step's memory usually peaks.
+where a training step's memory usually peaks. For slot lists it may also be a
+:class:`SlotGradSums`, one sum per slot, the form a compiled graph can mutate in place.
 
 With the depth stream given as lists of ``S`` slots ``[B, T, Hk, d]``, the pair is still two
 ``[B, T, S, Hk, d]`` tensors (slot ``s`` of the list adds into ``[:, :, s]``); slot-major memory
@@ -19,12 +20,29 @@ With the depth stream given as lists of ``S`` slots ``[B, T, Hk, d]``, the pair 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
+from typing import NamedTuple, Union
 
 import torch
 from torch import Tensor
 
-GradInto = Union[tuple[Tensor, Tensor], Callable[[], tuple[Tensor, Tensor]]]
+class SlotGradSums(NamedTuple):
+    """Per-slot gradient sums of a depth stream given as lists, for the compiled graph.
+
+    Under ``torch.compile`` a stream's slots are plain tensors and autograd would sum each slot's
+    gradients over its readers; the compiler then keeps every reader's slot gradients until the
+    slot's writer needs their sum, memory that grows with depth squared (docs/model.md). With
+    these sums each read's backward adds its slot gradients into ``keys[s]``, ``values[s]``
+    (one zero-filled tensor per slot, shaped like it), and the read that came first, and so runs
+    last in backward, hands the slots it was first to read (``first_unread`` on) their finished
+    sums as their gradients.
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    first_unread: int
+
+
+GradInto = Union[tuple[Tensor, Tensor], Callable[[], tuple[Tensor, Tensor]], SlotGradSums]
 
 
 DepthKeys = Union[Tensor, Sequence[Tensor]]  # the depth stream's keys: [B, T, S, Hk, d], or S slots [B, T, Hk, d]
