@@ -215,18 +215,22 @@ def test_empty_lists_are_no_depth_stream():
 # ----------------------------------------------------------------------------- torch.compile, FLOPs, fake tensors
 
 
-def test_flop_counter_counts_the_slots_ops():
+@pytest.mark.parametrize("sums", [False, True], ids=["autograd sums", "slot sums"])
+def test_flop_counter_counts_the_slots_ops(sums):
     from torch.utils.flop_counter import FlopCounterMode
 
     from moda_kernels.moda_attn import moda_attn
+    from moda_kernels.moda_attn.grad_into import SlotGradSums
 
     q, k, v, slots_k, slots_v, _, _ = _inputs(1, 9, 4, 2, 16, 3, torch.float32)
     q.requires_grad_()
+    into = SlotGradSums([torch.zeros_like(t) for t in slots_k], [torch.zeros_like(t) for t in slots_v], 0) if sums else None
     with FlopCounterMode(display=False) as counter:
-        moda_attn(q, k, v, slots_k, slots_v).sum().backward()
+        moda_attn(q, k, v, slots_k, slots_v, depth_grad_into=into).sum().backward()
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     fwd = 4 * 1 * 4 * 16 * (9 * 10 // 2 + 9 * 3)
-    assert counts == {"moda.attn_fwd_slots": fwd, "moda.attn_bwd_slots": fwd * 5 // 2}
+    name = "moda.attn_{}_slots_summed" if sums else "moda.attn_{}_slots"
+    assert counts == {name.format("fwd"): fwd, name.format("bwd"): fwd * 5 // 2}
 
 
 def test_fake_tensor_shapes_of_the_slots_ops():
