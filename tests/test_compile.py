@@ -162,16 +162,22 @@ class InterpretedTriton(MoDATritonBackend):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernels in the interpreter")
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_the_fused_backend_compiled_sums_slot_gradients_in_place_and_equals_eager(checkpointing):
+@pytest.mark.parametrize(
+    "checkpointing,options",
+    [(False, dict()), (True, dict()), (False, dict(norm="post", depth_keys="reader")), (False, dict(ffn_kv=False))],
+    ids=["plain", "checkpointing", "post-norm reader keys", "attention slots only"],
+)
+def test_the_fused_backend_compiled_sums_slot_gradients_in_place_and_equals_eager(checkpointing, options):
     """Compiled, the fused backend's slot-list stream hands every read the per-slot gradient sums (the
     form whose backward memory stays linear in depth, tests/kernels/test_slot_lists_interpret.py);
-    eager, it uses the gradient buffer. Both give the same gradients, with activation checkpointing too."""
+    eager, it uses the gradient buffer. Both give the same gradients, with activation checkpointing too,
+    with reader keys (a depth query of its own: the split path, which adds through the kernel's
+    gradient table) and with attention slots only (one slot per layer)."""
     torch.manual_seed(0)
     InterpretedTriton.calls_with_sums = 0
     model = MoDATransformer(MoDAConfig(vocab_size=VOCAB, n_layers=3, max_seq_len=16, d_model=64, n_heads=2,
                                        n_kv_heads=2, attention="_interpreted_triton",
-                                       activation_checkpointing=checkpointing))  # fmt: skip
+                                       activation_checkpointing=checkpointing, **options))  # fmt: skip
     idx = torch.randint(0, VOCAB, (2, 9))
 
     def loss_and_grads(network):
