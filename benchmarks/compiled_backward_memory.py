@@ -110,16 +110,14 @@ def backward_peak_bytes(layers: int, sums: bool, compiled: bool, *, B: int, T: i
     x = torch.randn(B, T, width, device=device, dtype=dtype, generator=g).requires_grad_()
     torch._dynamo.reset()
     chain = torch.compile(reading_chain, fullgraph=True) if compiled else reading_chain
-    if device == "cpu":
-        with _compiled_cpu_buffers_dispatched():
-            chain(weights, x, sums, kv_heads).float().square().sum().backward()  # compilation
-            loss = chain(weights, x, sums, kv_heads).float().square().sum()
+    with _compiled_cpu_buffers_dispatched() if device == "cpu" else contextlib.nullcontext():
+        chain(weights, x, sums, kv_heads).float().square().sum().backward()  # compilation, autotuning, the allocator
+        loss = chain(weights, x, sums, kv_heads).float().square().sum()
+        if device == "cpu":
             counter = CreatedBytes()
             with counter:
                 loss.backward()
-        return counter.peak
-    chain(weights, x, sums, kv_heads).float().square().sum().backward()  # compilation, autotuning, the allocator
-    loss = chain(weights, x, sums, kv_heads).float().square().sum()
+            return counter.peak
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

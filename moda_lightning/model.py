@@ -186,12 +186,11 @@ class MoDAAttention(nn.Module):
         if num_depth and self.reader_keys and isinstance(self.k_norm, QKNorm):
             # this layer's key-norm gain on the unit-RMS slots, carried by the query of the depth logits
             extra["q_depth"] = q * self.k_norm.gain_per_head(self.n_heads).to(q.dtype)
-        takes_sums = isinstance(depth, DepthSlots) or not torch.compiler.is_compiling()  # a buffer runs eagerly
-        if num_depth and getattr(self.backend, "takes_depth_grad_into", False) and takes_sums:
-            # the backward kernel adds this read's slot gradients straight into the stream's sums
-            grad_into = depth.grad_buffers(num_depth)
-            if grad_into is not None:
-                extra["depth_grad_into"] = grad_into
+        # The backward kernel adds this read's slot gradients straight into the stream's gradient
+        # buffer or per-slot sums; a buffer stream's methods run eagerly, so not inside a compiled graph.
+        eager_or_slots = isinstance(depth, DepthSlots) or not torch.compiler.is_compiling()
+        if num_depth and getattr(self.backend, "takes_depth_grad_into", False) and eager_or_slots:
+            extra["depth_grad_into"] = depth.grad_buffers(num_depth)
         if key_mask is not None:
             extra["key_mask"] = key_mask
         o = self.backend(q, seq_k, seq_v, depth_k, depth_v, num_depth=num_depth, **extra)
