@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -28,7 +29,8 @@ from benchmarks._step import median_step_ms, training_step, unfuse_norm_rope
 GROUPS = [
     ("moda depth kernels", r"_depth|moda"),
     ("cudnn attention", r"cudnn|fmha|flash|sdpa|attention"),
-    ("matmul", r"gemm|sm90_xmma|cutlass|nvjet|matmul"),
+    ("matmul", r"gemm|sm90_xmma|cutlass|nvjet|matmul|triton_tem_"),
+    ("inductor fused", r"^triton_(poi|red|per)_"),  # torch.compile's own kernels, several ops each
     ("copy / cat / clone", r"copy|cat|Copy|clone|contiguous"),
     ("fill / zeros", r"fill|zero"),
     ("optimizer", r"adam|Adam|multi_tensor|foreach"),
@@ -49,6 +51,37 @@ def group_of(name: str) -> str:
         if re.search(pattern, name):
             return group
     return "other"
+
+
+def profiled_times(
+    step: Callable[[], None], steps: int, trace: str | None = None
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Run ``step`` ``steps`` times under torch.profiler. Returns the GPU kernels (name -> [ms per
+    step, calls]) and the host time of MoDA-related ops (name -> ms per step, inclusive); writes a
+    Chrome trace to ``trace`` if given."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    cpu_ops: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name][0] += event.device_time_total / 1000 / steps
+            kernels[event.name][1] += 1
+        elif event.name.startswith(("moda::", "aten::_scaled_dot", "DepthStream", "_WriteSlot", "_ReadSlots", "autograd::")):
+            cpu_ops[event.name] += event.cpu_time_total / 1000 / steps
+    return dict(kernels), dict(cpu_ops)
+
+
+def kernel_groups(kernels: dict[str, list[float]]) -> dict[str, float]:
+    """Milliseconds per step of each kernel group (:data:`GROUPS`, else "other")."""
+    groups: dict[str, float] = defaultdict(float)
+    for name, (ms, _) in kernels.items():
+        groups[group_of(name)] += ms
+    return dict(groups)
 
 
 def profile_backend(args, attention: str) -> dict[str, float]:
@@ -74,24 +107,8 @@ def profile_backend(args, attention: str) -> dict[str, float]:
     # cudaMalloc/cudaFree in a step cost host time and synchronise: the caching allocator should reuse
     device_calls = {k: (after.get(k, 0) - before.get(k, 0)) / 5 for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.profiled_steps):
-            step()
-        torch.cuda.synchronize()
-    if args.trace:
-        prof.export_chrome_trace(f"{args.trace}/trace_{attention}.json")
-
-    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    cpu_ops: dict[str, float] = defaultdict(float)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name][0] += event.device_time_total / 1000 / args.profiled_steps
-            kernels[event.name][1] += 1
-        elif event.name.startswith(("moda::", "aten::_scaled_dot", "DepthStream", "_WriteSlot", "_ReadSlots", "autograd::")):
-            cpu_ops[event.name] += event.cpu_time_total / 1000 / args.profiled_steps
-    groups: dict[str, float] = defaultdict(float)
-    for name, (ms, _) in kernels.items():
-        groups[group_of(name)] += ms
+    kernels, cpu_ops = profiled_times(step, args.profiled_steps, args.trace and f"{args.trace}/trace_{attention}.json")
+    groups = kernel_groups(kernels)
     busy = sum(groups.values())
     print(f"\n## {attention}: step {step_ms:.1f} ms (CUDA events), GPU kernel time {busy:.1f} ms per step")
     print("allocator per step: " + ", ".join(f"{k} {v:.1f}" for k, v in device_calls.items()))

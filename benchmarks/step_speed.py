@@ -5,6 +5,7 @@
     PYTHONPATH=kernels:. python benchmarks/step_speed.py --shapes 700M --modes eager graphed   # a part of the table
     PYTHONPATH=kernels:. python benchmarks/step_speed.py --fit-steps 300 # also `moda fit` table6_24l end to end
     PYTHONPATH=kernels:. python benchmarks/step_speed.py --fit-steps 300 --fit-only --modes eager graphed
+    PYTHONPATH=kernels:. python benchmarks/step_speed.py --quick --modes graphed --profile 15   # where the time goes
 
 Options compared: ``eager``; ``compiled`` (``torch.compile`` of the whole network);
 ``graphed`` (``torch.compile(mode="reduce-overhead")``: the compiled forward and backward
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._step import median_step_ms, training_step
+from benchmarks.profile_step import kernel_groups, profiled_times
 from moda_lightning.config import MoDAConfig
 from moda_lightning.model import MoDATransformer
 
@@ -53,8 +55,11 @@ def first_loss(network, tokens: torch.Tensor) -> float:
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).item()
 
 
-def measure(fields: dict, attention: str, mode: str, batch: int, steps: int) -> tuple[float, float, float] | str:
-    """(median step ms, peak GiB, |loss - eager loss|) of one option, or 'OOM'."""
+def measure(
+    fields: dict, attention: str, mode: str, batch: int, steps: int, profiled: dict | None = None
+) -> tuple[float, float, float] | str:
+    """(median step ms, peak GiB, |loss - eager loss|) of one option, or 'OOM'. With ``profiled``,
+    also profiles two more steps and stores their GPU kernels under ``(attention, mode, batch)``."""
     torch.cuda.empty_cache()
     model = network = step = None
     try:
@@ -80,7 +85,11 @@ def measure(fields: dict, attention: str, mode: str, batch: int, steps: int) -> 
             step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        return median_step_ms(step, steps), torch.cuda.max_memory_allocated() / 2**30, loss_error
+        step_ms = median_step_ms(step, steps)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        if profiled is not None:
+            profiled[(attention, mode, batch)] = profiled_times(step, 2)[0]
+        return step_ms, peak, loss_error
     except torch.OutOfMemoryError:
         return "OOM"
     finally:
@@ -90,7 +99,7 @@ def measure(fields: dict, attention: str, mode: str, batch: int, steps: int) -> 
         torch.cuda.empty_cache()
 
 
-def step_table(shapes: list[str], modes: list[str], steps: int) -> None:
+def step_table(shapes: list[str], modes: list[str], steps: int, profiled: dict | None = None) -> None:
     print("\n| shape | micro-batch | option | baseline ms | MoDA ms | ratio | baseline GiB | MoDA GiB | memory ratio | loss check |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for shape in shapes:
@@ -98,8 +107,8 @@ def step_table(shapes: list[str], modes: list[str], steps: int) -> None:
         for batch in batches:
             best = {}
             for mode in modes:
-                base = measure(fields, "sdpa", mode, batch, steps)
-                moda = measure(fields, "moda_triton", mode, batch, steps)
+                base = measure(fields, "sdpa", mode, batch, steps, profiled)
+                moda = measure(fields, "moda_triton", mode, batch, steps, profiled)
                 if isinstance(base, str) or isinstance(moda, str):
                     print(f"| {shape} | {batch} | {mode} | {base if isinstance(base, str) else f'{base[0]:.1f}'} | "
                           f"{moda if isinstance(moda, str) else f'{moda[0]:.1f}'} | | | | | |")  # fmt: skip
@@ -115,6 +124,29 @@ def step_table(shapes: list[str], modes: list[str], steps: int) -> None:
                 (base_mode, base), (moda_mode, moda) = best["sdpa"], best["moda"]
                 print(f"| {shape} | {batch} | best each ({base_mode} / {moda_mode}) | {base[0]:.1f} | {moda[0]:.1f} | "
                       f"{moda[0] / base[0]:.3f} | {base[1]:.2f} | {moda[1]:.2f} | {moda[1] / base[1]:.3f} | |")  # fmt: skip
+
+
+def profile_table(profiled: dict, top: int) -> None:
+    """Per option: GPU milliseconds per step by kernel group, baseline beside MoDA, then MoDA's top kernels."""
+    for (batch_mode, rows) in _by_option(profiled).items():
+        mode, batch = batch_mode
+        base, moda = (kernel_groups(rows.get(arm, {})) for arm in ("sdpa", "moda_triton"))
+        print(f"\nGPU kernel time per step, {mode}, micro-batch {batch} (torch.profiler, 2 steps)")
+        print("| kernel group | baseline ms | MoDA ms | extra ms |\n|---|---|---|---|")
+        for group in sorted(set(base) | set(moda), key=lambda g: -moda.get(g, 0.0)):
+            b, m = base.get(group, 0.0), moda.get(group, 0.0)
+            print(f"| {group} | {b:.2f} | {m:.2f} | {m - b:+.2f} |")
+        print(f"| all kernels | {sum(base.values()):.2f} | {sum(moda.values()):.2f} | {sum(moda.values()) - sum(base.values()):+.2f} |")
+        print(f"MoDA's top {top} kernels: ms per step, calls per step, name")
+        for name, (ms, calls) in sorted(rows.get("moda_triton", {}).items(), key=lambda kv: -kv[1][0])[:top]:
+            print(f"  {ms:7.2f} {calls // 2:5d}  {name[:110]}")
+
+
+def _by_option(profiled: dict) -> dict[tuple[str, int], dict[str, dict]]:
+    options: dict[tuple[str, int], dict[str, dict]] = {}
+    for (attention, mode, batch), kernels in profiled.items():
+        options.setdefault((mode, batch), {})[attention] = kernels
+    return options
 
 
 def fit_flags(overlays: list[str], mode: str, steps: int, save_dir: Path) -> list[str]:
@@ -164,10 +196,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per option")
     parser.add_argument("--fit-steps", type=int, default=0, help="also time `moda fit` end to end for this many steps")
     parser.add_argument("--fit-only", action="store_true", help="with --fit-steps: only the `moda fit` table")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="also profile each option: GPU time per kernel group and MoDA's TOP kernels")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     if not args.fit_only:
-        step_table(["table6_24l"] if args.quick else args.shapes, args.modes, args.steps)
+        profiled = {} if args.profile else None
+        step_table(["table6_24l"] if args.quick else args.shapes, args.modes, args.steps, profiled)
+        if profiled:
+            profile_table(profiled, args.profile)
     if args.fit_steps:
         fit_table(args.fit_steps, args.modes)
 
