@@ -56,10 +56,11 @@ def first_loss(network, tokens: torch.Tensor) -> float:
 
 
 def measure(
-    fields: dict, attention: str, mode: str, batch: int, steps: int, profiled: dict | None = None
-) -> tuple[float, float, float] | str:
-    """(median step ms, peak GiB, |loss - eager loss|) of one option, or 'OOM'. With ``profiled``,
-    also profiles two more steps and stores their GPU kernels under ``(attention, mode, batch)``."""
+    fields: dict, attention: str, mode: str, batch: int, steps: int, profile: bool = False
+) -> tuple[float, float, float, dict] | str:
+    """(median step ms, peak GiB, |loss - eager loss|, GPU kernels) of one option, or 'OOM'. The
+    kernels (name -> [ms per step, calls]) come from two more, profiled steps with ``profile``, else
+    are empty."""
     torch.cuda.empty_cache()
     model = network = step = None
     try:
@@ -87,9 +88,8 @@ def measure(
         torch.cuda.reset_peak_memory_stats()
         step_ms = median_step_ms(step, steps)
         peak = torch.cuda.max_memory_allocated() / 2**30
-        if profiled is not None:
-            profiled[(attention, mode, batch)] = profiled_times(step, 2)[0]
-        return step_ms, peak, loss_error
+        kernels = profiled_times(step, 2)[0] if profile else {}
+        return step_ms, peak, loss_error, kernels
     except torch.OutOfMemoryError:
         return "OOM"
     finally:
@@ -99,7 +99,7 @@ def measure(
         torch.cuda.empty_cache()
 
 
-def step_table(shapes: list[str], modes: list[str], steps: int, profiled: dict | None = None) -> None:
+def step_table(shapes: list[str], modes: list[str], steps: int, profile_top: int = 0) -> None:
     print("\n| shape | micro-batch | option | baseline ms | MoDA ms | ratio | baseline GiB | MoDA GiB | memory ratio | loss check |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for shape in shapes:
@@ -107,8 +107,8 @@ def step_table(shapes: list[str], modes: list[str], steps: int, profiled: dict |
         for batch in batches:
             best = {}
             for mode in modes:
-                base = measure(fields, "sdpa", mode, batch, steps, profiled)
-                moda = measure(fields, "moda_triton", mode, batch, steps, profiled)
+                base = measure(fields, "sdpa", mode, batch, steps, profile_top > 0)
+                moda = measure(fields, "moda_triton", mode, batch, steps, profile_top > 0)
                 if isinstance(base, str) or isinstance(moda, str):
                     print(f"| {shape} | {batch} | {mode} | {base if isinstance(base, str) else f'{base[0]:.1f}'} | "
                           f"{moda if isinstance(moda, str) else f'{moda[0]:.1f}'} | | | | | |")  # fmt: skip
@@ -117,6 +117,8 @@ def step_table(shapes: list[str], modes: list[str], steps: int, profiled: dict |
                 check = "ok" if worst_error < 2e-2 else f"FAILED ({worst_error:.3g})"
                 print(f"| {shape} | {batch} | {mode} | {base[0]:.1f} | {moda[0]:.1f} | {moda[0] / base[0]:.3f} | "
                       f"{base[1]:.2f} | {moda[1]:.2f} | {moda[1] / base[1]:.3f} | {check} |")  # fmt: skip
+                if profile_top:  # right away: a run cut short by a time limit keeps what it measured
+                    print_profile(f"{shape}, micro-batch {batch}, {mode}", base[3], moda[3], profile_top)
                 for arm, result in (("sdpa", base), ("moda", moda)):
                     if arm not in best or result[0] < best[arm][1][0]:
                         best[arm] = (mode, result)
@@ -126,27 +128,19 @@ def step_table(shapes: list[str], modes: list[str], steps: int, profiled: dict |
                       f"{moda[0] / base[0]:.3f} | {base[1]:.2f} | {moda[1]:.2f} | {moda[1] / base[1]:.3f} | |")  # fmt: skip
 
 
-def profile_table(profiled: dict, top: int) -> None:
-    """Per option: GPU milliseconds per step by kernel group, baseline beside MoDA, then MoDA's top kernels."""
-    for (batch_mode, rows) in _by_option(profiled).items():
-        mode, batch = batch_mode
-        base, moda = (kernel_groups(rows.get(arm, {})) for arm in ("sdpa", "moda_triton"))
-        print(f"\nGPU kernel time per step, {mode}, micro-batch {batch} (torch.profiler, 2 steps)")
-        print("| kernel group | baseline ms | MoDA ms | extra ms |\n|---|---|---|---|")
-        for group in sorted(set(base) | set(moda), key=lambda g: -moda.get(g, 0.0)):
-            b, m = base.get(group, 0.0), moda.get(group, 0.0)
-            print(f"| {group} | {b:.2f} | {m:.2f} | {m - b:+.2f} |")
-        print(f"| all kernels | {sum(base.values()):.2f} | {sum(moda.values()):.2f} | {sum(moda.values()) - sum(base.values()):+.2f} |")
-        print(f"MoDA's top {top} kernels: ms per step, calls per step, name")
-        for name, (ms, calls) in sorted(rows.get("moda_triton", {}).items(), key=lambda kv: -kv[1][0])[:top]:
-            print(f"  {ms:7.2f} {calls // 2:5d}  {name[:110]}")
-
-
-def _by_option(profiled: dict) -> dict[tuple[str, int], dict[str, dict]]:
-    options: dict[tuple[str, int], dict[str, dict]] = {}
-    for (attention, mode, batch), kernels in profiled.items():
-        options.setdefault((mode, batch), {})[attention] = kernels
-    return options
+def print_profile(option: str, base_kernels: dict, moda_kernels: dict, top: int) -> None:
+    """GPU milliseconds per step by kernel group, baseline beside MoDA, then MoDA's ``top`` kernels."""
+    base, moda = kernel_groups(base_kernels), kernel_groups(moda_kernels)
+    print(f"\nGPU kernel time per step, {option} (torch.profiler, 2 steps)")
+    print("| kernel group | baseline ms | MoDA ms | extra ms |\n|---|---|---|---|")
+    for group in sorted(set(base) | set(moda), key=lambda g: -moda.get(g, 0.0)):
+        print(f"| {group} | {base.get(group, 0.0):.2f} | {moda.get(group, 0.0):.2f} | {moda.get(group, 0.0) - base.get(group, 0.0):+.2f} |")
+    total_base, total_moda = sum(base.values()), sum(moda.values())
+    print(f"| all kernels | {total_base:.2f} | {total_moda:.2f} | {total_moda - total_base:+.2f} |")
+    print(f"MoDA's top {top} kernels: ms per step, calls per step, name")
+    for name, (ms, calls) in sorted(moda_kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {ms:7.2f} {calls // 2:5d}  {name[:110]}")
+    print()
 
 
 def fit_flags(overlays: list[str], mode: str, steps: int, save_dir: Path) -> list[str]:
@@ -201,10 +195,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     if not args.fit_only:
-        profiled = {} if args.profile else None
-        step_table(["table6_24l"] if args.quick else args.shapes, args.modes, args.steps, profiled)
-        if profiled:
-            profile_table(profiled, args.profile)
+        step_table(["table6_24l"] if args.quick else args.shapes, args.modes, args.steps, args.profile)
     if args.fit_steps:
         fit_table(args.fit_steps, args.modes)
 
