@@ -13,6 +13,9 @@ replayed as CUDA graphs, so no host gap). A step is forward, backward and a fuse
 bf16 autocast on random tokens (``benchmarks/_step.py``); its time is the median over the timed
 steps (CUDA events), its memory the peak allocated. Before timing, each option's first-step loss
 is checked against eager's on the same weights and tokens, so a fast wrong graph cannot pass.
+The ``floor`` column is the ratio MoDA would reach if all it added were the depth stream's
+least bytes (every slot read forward and backward, its gradient read and written) at the copy
+rate measured at the start of the same run.
 
 ``--fit-steps N`` trains ``configs/table6_24l.yaml`` (MoDA) and its baseline overlay with the
 shipped GPU config for N steps each on the built-in corpus and reports the median tokens/s that
@@ -34,6 +37,7 @@ import torch
 from benchmarks._step import median_step_ms, training_step
 from benchmarks.profile_step import kernel_groups, profiled_times
 from moda_lightning.config import MoDAConfig
+from moda_lightning.flops import depth_slots_read
 from moda_lightning.model import MoDATransformer
 
 BASELINE = dict(depth_kv=False, ffn_kv=False, attn_kv_proj=False, last_layer_depth_proj=False)  # configs/variants/baseline.yaml
@@ -47,6 +51,29 @@ SHAPES = {
         (16,),
     ),
 }  # fmt: skip
+
+
+def depth_traffic_gb(fields: dict, batch: int) -> float:
+    """Bytes (GB) the depth stream moves in one MoDA training step at the least: every (reader, slot)
+    pair reads the slot's key and value in the forward and again in the backward, and adds to their
+    gradients (a read and a write each): 8 slot transfers of ``batch * T * Hk * d`` bf16 values."""
+    cfg = MoDAConfig(attention="moda_triton", **fields)
+    pairs = sum(depth_slots_read(cfg))
+    slot_bytes = batch * cfg.max_seq_len * cfg.n_kv_heads * cfg.head_dim * 2
+    return pairs * 8 * slot_bytes / 1e9
+
+
+def copy_rate_tb_s() -> float:
+    """This GPU's device-to-device copy rate (bytes read plus written), TB/s: the rate the depth
+    stream's bytes are held against."""
+    source = torch.empty(2**31, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    ms = median_step_ms(lambda: target.copy_(source), 10)
+    del source, target
+    torch.cuda.empty_cache()
+    return 2 * 2**31 / (ms / 1e3) / 1e12
 
 
 def first_loss(network, tokens: torch.Tensor) -> float:
@@ -100,22 +127,31 @@ def measure(
 
 
 def step_table(shapes: list[str], modes: list[str], steps: int, profile_top: int = 0) -> None:
-    print("\n| shape | micro-batch | option | baseline ms | MoDA ms | ratio | baseline GiB | MoDA GiB | memory ratio | loss check |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    """The step table. Its ``floor`` is the ratio MoDA would reach if everything it adds but the depth
+    stream's bytes (:func:`depth_traffic_gb`, at the copy rate measured here) were free."""
+    rate = copy_rate_tb_s()
+    print(f"copy rate {rate:.2f} TB/s; depth traffic per MoDA step: " + ", ".join(
+        f"{shape} micro-batch {batch} {depth_traffic_gb(SHAPES[shape][0], batch):.1f} GB "
+        f"({depth_traffic_gb(SHAPES[shape][0], batch) / rate:.1f} ms)"
+        for shape in shapes for batch in SHAPES[shape][1]))  # fmt: skip
+    print("\n| shape | micro-batch | option | baseline ms | MoDA ms | ratio | floor | baseline GiB | MoDA GiB | memory ratio | loss check |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in shapes:
         fields, batches = SHAPES[shape]
         for batch in batches:
+            depth_ms = depth_traffic_gb(fields, batch) / rate
             best = {}
             for mode in modes:
                 base = measure(fields, "sdpa", mode, batch, steps, profile_top > 0)
                 moda = measure(fields, "moda_triton", mode, batch, steps, profile_top > 0)
                 if isinstance(base, str) or isinstance(moda, str):
                     print(f"| {shape} | {batch} | {mode} | {base if isinstance(base, str) else f'{base[0]:.1f}'} | "
-                          f"{moda if isinstance(moda, str) else f'{moda[0]:.1f}'} | | | | | |")  # fmt: skip
+                          f"{moda if isinstance(moda, str) else f'{moda[0]:.1f}'} | | | | | | |")  # fmt: skip
                     continue
                 worst_error = max(base[2], moda[2])
                 check = "ok" if worst_error < 2e-2 else f"FAILED ({worst_error:.3g})"
-                print(f"| {shape} | {batch} | {mode} | {base[0]:.1f} | {moda[0]:.1f} | {moda[0] / base[0]:.3f} | "
+                floor = (base[0] + depth_ms) / base[0]
+                print(f"| {shape} | {batch} | {mode} | {base[0]:.1f} | {moda[0]:.1f} | {moda[0] / base[0]:.3f} | {floor:.3f} | "
                       f"{base[1]:.2f} | {moda[1]:.2f} | {moda[1] / base[1]:.3f} | {check} |")  # fmt: skip
                 if profile_top:  # right away: a run cut short by a time limit keeps what it measured
                     print_profile(f"{shape}, micro-batch {batch}, {mode}", base[3], moda[3], profile_top)
@@ -125,7 +161,8 @@ def step_table(shapes: list[str], modes: list[str], steps: int, profile_top: int
             if len(best) == 2:
                 (base_mode, base), (moda_mode, moda) = best["sdpa"], best["moda"]
                 print(f"| {shape} | {batch} | best each ({base_mode} / {moda_mode}) | {base[0]:.1f} | {moda[0]:.1f} | "
-                      f"{moda[0] / base[0]:.3f} | {base[1]:.2f} | {moda[1]:.2f} | {moda[1] / base[1]:.3f} | |")  # fmt: skip
+                      f"{moda[0] / base[0]:.3f} | {(base[0] + depth_ms) / base[0]:.3f} | {base[1]:.2f} | {moda[1]:.2f} | "
+                      f"{moda[1] / base[1]:.3f} | |")  # fmt: skip
 
 
 def print_profile(option: str, base_kernels: dict, moda_kernels: dict, top: int) -> None:

@@ -64,6 +64,19 @@ def test_step_speed_shapes_are_valid_configs_for_both_arms():
         assert not baseline.reads_depth and moda.reads_depth
 
 
+def test_step_speed_depth_floor_counts_every_read_of_every_slot():
+    """The depth bytes the step table's floor is held against: table6_24l (24 layers, 2 slots per
+    layer) has 0 + 2 + ... + 46 = 552 (reader, slot) pairs, each moving 8 bf16 slots of
+    16 x 2048 tokens x 2 KV heads x 64 channels; without FFN slots, 276 pairs."""
+    from benchmarks.step_speed import SHAPES, depth_traffic_gb
+
+    fields, _ = SHAPES["table6_24l"]
+    slot_bytes = 16 * 2048 * 2 * 64 * 2
+    assert depth_traffic_gb(fields, 16) == pytest.approx(552 * 8 * slot_bytes / 1e9)
+    assert depth_traffic_gb({**fields, "ffn_kv": False}, 16) == pytest.approx(276 * 8 * slot_bytes / 1e9)
+    assert depth_traffic_gb(fields, 8) == pytest.approx(depth_traffic_gb(fields, 16) / 2)
+
+
 def test_decode_speed_cache_check_passes_a_right_cache_and_fails_a_wrong_one(monkeypatch: pytest.MonkeyPatch):
     """The benchmark's guard against a fast wrong cache: a right cache (fp32 reference op) is far
     inside its tolerance; a cache that loses the last cached key of every step is far outside it."""
