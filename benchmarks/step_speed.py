@@ -56,11 +56,13 @@ SHAPES = {
 def depth_traffic_gb(fields: dict, batch: int) -> float:
     """Bytes (GB) the depth stream moves in one MoDA training step at the least: every (reader, slot)
     pair reads the slot's key and value in the forward and again in the backward, and adds to their
-    gradients (a read and a write each): 8 slot transfers of ``batch * T * Hk * d`` bf16 values."""
+    gradients (a read and a write each; a slot's first gradient is only written): 8 transfers per
+    pair, 2 fewer per slot, of ``batch * T * Hk * d`` bf16 values each."""
     cfg = MoDAConfig(attention="moda_triton", **fields)
     pairs = sum(depth_slots_read(cfg))
+    slots = (cfg.n_layers - 1) * cfg.slots_per_layer
     slot_bytes = batch * cfg.max_seq_len * cfg.n_kv_heads * cfg.head_dim * 2
-    return pairs * 8 * slot_bytes / 1e9
+    return (pairs * 8 - slots * 2) * slot_bytes / 1e9
 
 
 def copy_rate_tb_s() -> float:
