@@ -50,7 +50,8 @@ class Shape:
 
 
 # The paper's Table 2 shapes and neighbours varying G and L (B=1, d=64, Hk=8), the training shape
-# of configs/moda_700m.yaml (B=8, T=4096, Hq=16, L=36 depth slots) and a control without depth.
+# of configs/moda_700m.yaml (B=8, T=4096, Hq=16, L=36 depth slots), a control without depth, and
+# the deepest layer of configs/table6_24l.yaml (B=16, T=2048, 6/2 heads, 46 slots; G=3 pads to 4).
 GRID = [
     Shape(1, 4096, 64, 8, 64),
     Shape(1, 16384, 64, 8, 64),
@@ -62,6 +63,7 @@ GRID = [
     Shape(1, 16384, 64, 8, 256),
     Shape(8, 4096, 16, 8, 36),
     Shape(1, 16384, 64, 8, 0),  # num_depth = 0 must cost what SDPA costs
+    Shape(16, 2048, 6, 2, 46),
 ]
 QUICK = [Shape(1, 4096, 64, 8, 64), Shape(8, 4096, 16, 8, 36), Shape(1, 4096, 64, 8, 0)]
 
