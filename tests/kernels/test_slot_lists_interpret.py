@@ -107,6 +107,29 @@ def test_slot_table_matches_reference(S, dtype):
     assert slot_list(slots).aligned == (S <= 5)
 
 
+def test_slot_tables_are_kept_by_address(monkeypatch: pytest.MonkeyPatch):
+    """A read of slots already read (the backward's, or a later step's at the same addresses) gets the
+    kept table and launches nothing; other slots, or the same ones in another order, get their own
+    right table; at most TABLES_KEPT tables are kept, the least recently used dropped."""
+    from moda_kernels.moda_attn import slot_table
+
+    monkeypatch.setattr(slot_table, "_kept_tables", type(slot_table._kept_tables)())
+    monkeypatch.setattr(slot_table, "TABLES_KEPT", 3)
+    launches = []
+    built = slot_table._built_table
+    monkeypatch.setattr(slot_table, "_built_table", lambda slots: launches.append(len(slots)) or built(slots))
+
+    slots = _scattered_slots(17, torch.float32)
+    table = slot_table.slot_offsets(slots)
+    assert slot_table.slot_offsets(list(slots)) is table and launches == [17]
+    for other in (slots[:5], slots[::-1], [torch.randn_like(slots[0]), *slots[1:]]):
+        assert torch.equal(slot_table.slot_offsets(other), slot_table.slot_offsets_reference(other))
+    assert launches == [17, 5, 17, 17] and len(slot_table._kept_tables) == 3
+    slot_table.slot_offsets(slots)  # dropped as the least recently used: built again, still right
+    assert launches[-1] == 17 and len(launches) == 5
+    assert torch.equal(slot_table.slot_offsets(slots), slot_table.slot_offsets_reference(slots))
+
+
 # ----------------------------------------------------------------------------- list form = tensor form = reference
 
 CASES = [

@@ -17,6 +17,7 @@ recorded table stays right.
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,7 +77,32 @@ def slot_offsets(slots: Sequence[Tensor]) -> Tensor:
 
     Built on the device by ``ceil(S / SLOTS_PER_LAUNCH)`` launches, without a host-to-device copy
     (safe under CUDA graph capture, no host synchronisation). The slots must share one dtype.
+
+    A table is a function of the slots' addresses alone, so tables are kept by address
+    (:data:`TABLES_KEPT`, least recently used dropped): the backward's reads, and every later step
+    whose slots the allocator places where it placed them before, launch nothing. Not while a
+    CUDA graph is being captured: the graph must own its tables, and a kept table it read could be
+    dropped and its memory reused while the graph still replays.
     """
+    first = slots[0]
+    capturing = first.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (first.device, first.element_size(), *(t.data_ptr() for t in slots))
+    if not capturing and (kept := _kept_tables.get(key)) is not None:
+        _kept_tables.move_to_end(key)
+        return kept
+    table = _built_table(slots)
+    if not capturing:
+        _kept_tables[key] = table
+        if len(_kept_tables) > TABLES_KEPT:
+            _kept_tables.popitem(last=False)
+    return table
+
+
+TABLES_KEPT = 1024  # a step reads a few tables per layer; int64 [S] each, a few hundred bytes
+_kept_tables: OrderedDict[tuple, Tensor] = OrderedDict()
+
+
+def _built_table(slots: Sequence[Tensor]) -> Tensor:
     first = slots[0]
     table = torch.empty(len(slots), dtype=torch.int64, device=first.device)
     for start in range(0, len(slots), SLOTS_PER_LAUNCH):
