@@ -153,8 +153,9 @@ def slot_list(slots: Sequence[Tensor]) -> SlotList:
     """The kernels' view of ``slots`` (one dtype and one set of strides, checked: the kernels read every
     slot with slot 0's strides). Costs ``ceil(S / SLOTS_PER_LAUNCH)`` tiny launches."""
     first = slots[0]
+    layout = (first.shape, first.stride(), first.dtype)
     for s, t in enumerate(slots):
-        if t.stride() != first.stride() or t.dtype != first.dtype or t.shape != first.shape:
+        if (t.shape, t.stride(), t.dtype) != layout:  # one tuple compare: this runs per slot on every read
             raise ValueError(
                 f"moda_attn: every depth slot must have slot 0's shape, dtype and strides ({list(first.shape)}, "
                 f"{first.dtype}, {first.stride()}); slot {s} has {list(t.shape)}, {t.dtype}, {t.stride()}."
