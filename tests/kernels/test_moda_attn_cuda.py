@@ -437,6 +437,31 @@ def test_slot_lists_torch_compile_fullgraph(own_query):
         torch.testing.assert_close(a.grad, r.grad, msg=lambda m, i=i: f"input {i}: {m}")
 
 
+def test_slot_tables_are_kept_per_stream_and_never_in_a_capture():
+    """A kept offset table serves the stream that built it; another stream builds its own; a CUDA
+    graph capture builds its own and keeps nothing, and its table replays right."""
+    from moda_kernels.moda_attn import slot_table
+
+    slots = [torch.randn(2, 8, 2, 64, device="cuda") for _ in range(5)]
+    table = slot_table.slot_offsets(slots)
+    assert slot_table.slot_offsets(slots) is table
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        other = slot_table.slot_offsets(slots)
+    torch.cuda.current_stream().wait_stream(side)
+    assert other is not table and torch.equal(other, table)
+    kept = [(key, id(t)) for key, t in slot_table._kept_tables.items()]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = slot_table.slot_offsets(slots)
+    assert captured is not table and captured is not other
+    assert [(key, id(t)) for key, t in slot_table._kept_tables.items()] == kept  # nothing kept or moved
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, slot_table.slot_offsets_reference(slots))
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_slot_lists_under_cuda_graph_capture(path):
     """Forward and backward of the list form captured in one CUDA graph, replayed on new values in the same

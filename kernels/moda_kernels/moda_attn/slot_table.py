@@ -80,13 +80,16 @@ def slot_offsets(slots: Sequence[Tensor]) -> Tensor:
 
     A table is a function of the slots' addresses alone, so tables are kept by address
     (:data:`TABLES_KEPT`, least recently used dropped): the backward's reads, and every later step
-    whose slots the allocator places where it placed them before, launch nothing. Not while a
-    CUDA graph is being captured: the graph must own its tables, and a kept table it read could be
+    whose slots the allocator places where it placed them before, launch nothing. A kept table
+    serves only the stream that built it: stream order then guarantees it is written before it
+    is read and still read by no kernel when the allocator reuses its memory. Not while a CUDA
+    graph is being captured: the graph must own its tables, and a kept table it read could be
     dropped and its memory reused while the graph still replays.
     """
     first = slots[0]
     capturing = first.is_cuda and torch.cuda.is_current_stream_capturing()
-    key = (first.device, first.element_size(), *(t.data_ptr() for t in slots))
+    stream = torch.cuda.current_stream(first.device).stream_id if first.is_cuda else None
+    key = (first.device, stream, first.element_size(), *(t.data_ptr() for t in slots))
     if not capturing and (kept := _kept_tables.get(key)) is not None:
         _kept_tables.move_to_end(key)
         return kept
