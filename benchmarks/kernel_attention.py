@@ -166,12 +166,17 @@ def time_impl(f, inputs, do):
     return fwd, bench_ms(fwd_bwd)
 
 
-def measure_ceilings() -> tuple[float, float]:
-    """(bytes/s of a device copy counting read + write, bf16 matmul FLOP/s), measured here."""
+def copy_bytes_per_s() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy, counting read + write: the byte ceiling, measured here."""
     x = torch.empty(2**30 // 2, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)
     ms = bench_ms(lambda: y.copy_(x))
-    bw = 2 * x.numel() * 2 / (ms * 1e-3)
+    return 2 * x.numel() * 2 / (ms * 1e-3)
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(bytes/s of a device copy counting read + write, bf16 matmul FLOP/s), measured here."""
+    bw = copy_bytes_per_s()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = bench_ms(lambda: a @ b)

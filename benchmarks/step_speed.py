@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._step import median_step_ms, training_step
+from benchmarks.kernel_attention import copy_bytes_per_s
 from benchmarks.profile_step import kernel_groups, profiled_times
 from moda_lightning.config import MoDAConfig
 from moda_lightning.flops import depth_slots_read
@@ -63,19 +64,6 @@ def depth_traffic_gb(fields: dict, batch: int) -> float:
     slots = (cfg.n_layers - 1) * cfg.slots_per_layer
     slot_bytes = batch * cfg.max_seq_len * cfg.n_kv_heads * cfg.head_dim * 2
     return (pairs * 8 - slots * 2) * slot_bytes / 1e9
-
-
-def copy_rate_tb_s() -> float:
-    """This GPU's device-to-device copy rate (bytes read plus written), TB/s: the rate the depth
-    stream's bytes are held against."""
-    source = torch.empty(2**31, dtype=torch.uint8, device="cuda")
-    target = torch.empty_like(source)
-    for _ in range(3):
-        target.copy_(source)
-    ms = median_step_ms(lambda: target.copy_(source), 10)
-    del source, target
-    torch.cuda.empty_cache()
-    return 2 * 2**31 / (ms / 1e3) / 1e12
 
 
 def first_loss(network, tokens: torch.Tensor) -> float:
@@ -131,17 +119,20 @@ def measure(
 def step_table(shapes: list[str], modes: list[str], steps: int, profile_top: int = 0) -> None:
     """The step table. Its ``floor`` is the ratio MoDA would reach if everything it adds but the depth
     stream's bytes (:func:`depth_traffic_gb`, at the copy rate measured here) were free."""
-    rate = copy_rate_tb_s()
+    rate = copy_bytes_per_s() / 1e12  # TB/s
+    traffic = {(shape, batch): depth_traffic_gb(SHAPES[shape][0], batch) for shape in shapes for batch in SHAPES[shape][1]}
     print(f"copy rate {rate:.2f} TB/s; depth traffic per MoDA step: " + ", ".join(
-        f"{shape} micro-batch {batch} {depth_traffic_gb(SHAPES[shape][0], batch):.1f} GB "
-        f"({depth_traffic_gb(SHAPES[shape][0], batch) / rate:.1f} ms)"
-        for shape in shapes for batch in SHAPES[shape][1]))  # fmt: skip
+        f"{shape} micro-batch {batch} {gb:.1f} GB ({gb / rate:.1f} ms)" for (shape, batch), gb in traffic.items()))  # fmt: skip
     print("\n| shape | micro-batch | option | baseline ms | MoDA ms | ratio | floor | baseline GiB | MoDA GiB | memory ratio | loss check |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in shapes:
         fields, batches = SHAPES[shape]
         for batch in batches:
-            depth_ms = depth_traffic_gb(fields, batch) / rate
+            depth_ms = traffic[shape, batch] / rate
+
+            def floor(base_ms: float) -> float:
+                return (base_ms + depth_ms) / base_ms
+
             best = {}
             for mode in modes:
                 base = measure(fields, "sdpa", mode, batch, steps, profile_top > 0)
@@ -152,8 +143,7 @@ def step_table(shapes: list[str], modes: list[str], steps: int, profile_top: int
                     continue
                 worst_error = max(base[2], moda[2])
                 check = "ok" if worst_error < 2e-2 else f"FAILED ({worst_error:.3g})"
-                floor = (base[0] + depth_ms) / base[0]
-                print(f"| {shape} | {batch} | {mode} | {base[0]:.1f} | {moda[0]:.1f} | {moda[0] / base[0]:.3f} | {floor:.3f} | "
+                print(f"| {shape} | {batch} | {mode} | {base[0]:.1f} | {moda[0]:.1f} | {moda[0] / base[0]:.3f} | {floor(base[0]):.3f} | "
                       f"{base[1]:.2f} | {moda[1]:.2f} | {moda[1] / base[1]:.3f} | {check} |")  # fmt: skip
                 if profile_top:  # right away: a run cut short by a time limit keeps what it measured
                     print_profile(f"{shape}, micro-batch {batch}, {mode}", base[3], moda[3], profile_top)
@@ -163,7 +153,7 @@ def step_table(shapes: list[str], modes: list[str], steps: int, profile_top: int
             if len(best) == 2:
                 (base_mode, base), (moda_mode, moda) = best["sdpa"], best["moda"]
                 print(f"| {shape} | {batch} | best each ({base_mode} / {moda_mode}) | {base[0]:.1f} | {moda[0]:.1f} | "
-                      f"{moda[0] / base[0]:.3f} | {(base[0] + depth_ms) / base[0]:.3f} | {base[1]:.2f} | {moda[1]:.2f} | "
+                      f"{moda[0] / base[0]:.3f} | {floor(base[0]):.3f} | {base[1]:.2f} | {moda[1]:.2f} | "
                       f"{moda[1] / base[1]:.3f} | |")  # fmt: skip
 
 
