@@ -4,7 +4,7 @@
     PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --quick    # three small shapes
     PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --impls moda,moda_fused,sdpa_cudnn --json out.json
     PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --quick --breakdown   # cuDNN and depth kernels timed apart
-    PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --quick --depth-configs 16x64,32x64,16x128   # depth tiles
+    PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --quick --depth-configs 16x64,32x64,16x128w2   # depth tiles
 
 Prints, per shape and implementation, forward and forward+backward milliseconds (median of
 ``triton.testing.do_bench``), TFLOP/s (causal FLOPs actually needed, ``4*B*Hq*d*(T(T+1)/2+T*L)``
@@ -214,19 +214,21 @@ def breakdown(shapes: list[Shape]) -> None:
 
 
 def tune_depth(shapes: list[Shape], configs: list[str]) -> None:
-    """Time the cuDNN + depth-kernel path with several depth tile shapes (MODA_DEPTH_ROWS/COLS)."""
+    """Time the cuDNN + depth-kernel path with several depth tiles (MODA_DEPTH_ROWS/COLS/WARPS)."""
     import os
 
     for s in shapes:
         inputs = make_inputs(s)
         do = torch.randn(s.B, s.T, s.Hq, s.d, device="cuda", dtype=torch.bfloat16)
         f = impl_fns(s)["moda"]
-        for cfg in configs:  # ROWSxCOLS, with a trailing "t" for the token-block-fast grid
+        for cfg in configs:  # ROWSxCOLS[wWARPS], with a trailing "t" for the token-block-fast grid
             os.environ["MODA_DEPTH_HK_FAST"] = "0" if cfg.endswith("t") else "1"
-            os.environ["MODA_DEPTH_ROWS"], os.environ["MODA_DEPTH_COLS"] = cfg.rstrip("t").split("x")
+            tile, _, warps = cfg.rstrip("t").partition("w")
+            os.environ["MODA_DEPTH_ROWS"], os.environ["MODA_DEPTH_COLS"] = tile.split("x")
+            os.environ["MODA_DEPTH_WARPS"] = warps or "4"
             fwd, fb = time_impl(f, inputs, do)
             print(f"{s.name:<28} depth tile {cfg:>8}: fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms", flush=True)
-        for key in ("MODA_DEPTH_ROWS", "MODA_DEPTH_COLS", "MODA_DEPTH_HK_FAST"):
+        for key in ("MODA_DEPTH_ROWS", "MODA_DEPTH_COLS", "MODA_DEPTH_WARPS", "MODA_DEPTH_HK_FAST"):
             os.environ.pop(key)
 
 

@@ -398,7 +398,8 @@ def depth_config(G: int, interpret: bool) -> dict[str, int]:
     rows = max(rows, G_PAD)
     block_t = rows // G_PAD
     sc = max(cols // block_t, 1) if not interpret else 2
-    return dict(G_PAD=G_PAD, BLOCK_T=block_t, SC=sc, num_warps=4, num_stages=1 if interpret else 3)
+    warps = int(os.environ.get("MODA_DEPTH_WARPS", 4))
+    return dict(G_PAD=G_PAD, BLOCK_T=block_t, SC=sc, num_warps=warps, num_stages=1 if interpret else 3)
 
 
 def depth_grid(cfg: dict[str, int], T: int, B: int, Hk: int) -> tuple[tuple[int, int], bool]:
