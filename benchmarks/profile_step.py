@@ -25,9 +25,10 @@ from moda_lightning.model import MoDATransformer
 
 from benchmarks._step import median_step_ms, training_step, unfuse_norm_rope
 
+DEPTH_GROUP = "moda depth kernels"
 # Kernel-name patterns, first match wins; the order matters (a cuDNN attention kernel is not a matmul).
 GROUPS = [
-    ("moda depth kernels", r"_depth|moda"),
+    (DEPTH_GROUP, r"_depth|moda"),
     ("cudnn attention", r"cudnn|fmha|flash|sdpa|attention"),
     ("matmul", r"gemm|sm90_xmma|cutlass|nvjet|matmul|triton_tem_"),
     ("inductor fused", r"^triton_(poi|red|per)_"),  # torch.compile's own kernels, several ops each

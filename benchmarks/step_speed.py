@@ -36,7 +36,7 @@ import torch
 
 from benchmarks._step import median_step_ms, training_step
 from benchmarks.kernel_attention import copy_bytes_per_s
-from benchmarks.profile_step import kernel_groups, profiled_times
+from benchmarks.profile_step import DEPTH_GROUP, kernel_groups, profiled_times
 from moda_lightning.config import MoDAConfig
 from moda_lightning.flops import depth_slots_read
 from moda_lightning.model import MoDATransformer
@@ -64,6 +64,18 @@ def depth_traffic_gb(fields: dict, batch: int) -> float:
     slots = (cfg.n_layers - 1) * cfg.slots_per_layer
     slot_bytes = batch * cfg.max_seq_len * cfg.n_kv_heads * cfg.head_dim * 2
     return (pairs * 8 - slots * 2) * slot_bytes / 1e9
+
+
+def depth_kernel_traffic_gb(fields: dict, batch: int) -> float:
+    """Bytes (GB) the depth kernels move in one step: the depth stream's (:func:`depth_traffic_gb`)
+    and, since they run apart from the sequence attention, each reading layer's query rows again:
+    the forward reads ``q`` and reads and writes ``o`` (the merge), the backward reads ``q``, ``o``
+    and ``do`` and reads and writes ``dq``: 8 transfers of ``batch * T * Hq * d`` bf16 values per
+    reading layer (the fp32 log-sum-exps, 1/d of that, left out)."""
+    cfg = MoDAConfig(attention="moda_triton", **fields)
+    readers = sum(1 for slots in depth_slots_read(cfg) if slots > 0)
+    row_bytes = batch * cfg.max_seq_len * cfg.n_heads * cfg.head_dim * 2
+    return depth_traffic_gb(fields, batch) + readers * 8 * row_bytes / 1e9
 
 
 def first_loss(network, tokens: torch.Tensor) -> float:
@@ -147,6 +159,11 @@ def step_table(shapes: list[str], modes: list[str], steps: int, profile_top: int
                       f"{base[1]:.2f} | {moda[1]:.2f} | {moda[1] / base[1]:.3f} | {check} |")  # fmt: skip
                 if profile_top:  # right away: a run cut short by a time limit keeps what it measured
                     print_profile(f"{shape}, micro-batch {batch}, {mode}", base[3], moda[3], profile_top)
+                    kernel_gb = depth_kernel_traffic_gb(fields, batch)
+                    kernel_ms = kernel_groups(moda[3]).get(DEPTH_GROUP, 0.0)
+                    if kernel_ms:
+                        print(f"depth kernels: {kernel_gb:.1f} GB in {kernel_ms:.2f} ms, {kernel_gb / kernel_ms:.2f} TB/s "
+                              f"({kernel_gb / kernel_ms / rate:.0%} of the copy rate)\n")  # fmt: skip
                 for arm, result in (("sdpa", base), ("moda", moda)):
                     if arm not in best or result[0] < best[arm][1][0]:
                         best[arm] = (mode, result)

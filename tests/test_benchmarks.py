@@ -68,14 +68,18 @@ def test_step_speed_depth_floor_counts_every_read_of_every_slot():
     """The depth bytes the step table's floor is held against: table6_24l (24 layers, 2 slots per
     layer) has 0 + 2 + ... + 46 = 552 (reader, slot) pairs, each moving 8 bf16 slots of
     16 x 2048 tokens x 2 KV heads x 64 channels, less the read of each of the 46 slots' first
-    gradient sum; without FFN slots, 276 pairs and 23 slots."""
-    from benchmarks.step_speed import SHAPES, depth_traffic_gb
+    gradient sum; without FFN slots, 276 pairs and 23 slots. The depth kernels move more: they
+    also read each reading layer's query rows."""
+    from benchmarks.step_speed import SHAPES, depth_kernel_traffic_gb, depth_traffic_gb
 
     fields, _ = SHAPES["table6_24l"]
     slot_bytes = 16 * 2048 * 2 * 64 * 2
     assert depth_traffic_gb(fields, 16) == pytest.approx((552 * 8 - 46 * 2) * slot_bytes / 1e9)
     assert depth_traffic_gb({**fields, "ffn_kv": False}, 16) == pytest.approx((276 * 8 - 23 * 2) * slot_bytes / 1e9)
     assert depth_traffic_gb(fields, 8) == pytest.approx(depth_traffic_gb(fields, 16) / 2)
+    # the depth kernels also read each of the 23 reading layers' query rows (6 heads) 8 times
+    row_bytes = 16 * 2048 * 6 * 64 * 2
+    assert depth_kernel_traffic_gb(fields, 16) == pytest.approx(depth_traffic_gb(fields, 16) + 23 * 8 * row_bytes / 1e9)
 
 
 def test_decode_speed_cache_check_passes_a_right_cache_and_fails_a_wrong_one(monkeypatch: pytest.MonkeyPatch):
