@@ -120,3 +120,24 @@ def test_step_speed_fit_runs_parse_as_moda_fit_commands(mode, tmp_path):
         assert model["compile"] is (MODES[mode] is not None)
         assert mode == "eager" or model["compile_mode"] == MODES[mode]
         assert model["attention"] == ("sdpa" if overlays else "moda_triton")
+
+
+def test_step_table_holds_each_row_against_its_floor_and_rates_the_depth_kernels(monkeypatch, capsys):
+    """The step table on fake measurements: the ratio, the floor (baseline plus the depth bytes at the
+    measured copy rate) and, with the profile, the depth kernels' byte rate against the copy rate."""
+    import benchmarks.step_speed as step_speed
+
+    def fake_measure(fields, attention, mode, batch, steps, profile=False):
+        moda = attention != "sdpa"
+        kernels = {"gemm": [50.0, 400]} | ({"moda_depth_fwd_kernel": [5.0, 46], "moda_depth_bwd_kernel": [15.0, 46]} if moda else {})
+        return (130.0 if moda else 104.0, 19.5 if moda else 19.0, 1e-3, kernels)
+
+    monkeypatch.setattr(step_speed, "copy_bytes_per_s", lambda: 3.0e12)
+    monkeypatch.setattr(step_speed, "measure", fake_measure)
+    step_speed.step_table(["table6_24l"], ["graphed"], steps=5, profile_top=2)
+    out = capsys.readouterr().out
+    fields, _ = step_speed.SHAPES["table6_24l"]
+    floor = (104.0 + step_speed.depth_traffic_gb(fields, 16) / 3.0) / 104.0
+    assert f"| table6_24l | 16 | graphed | 104.0 | 130.0 | 1.250 | {floor:.3f} | 19.00 | 19.50 | 1.026 | ok |" in out
+    kernel_gb = step_speed.depth_kernel_traffic_gb(fields, 16)
+    assert f"depth kernels: {kernel_gb:.1f} GB in 20.00 ms, {kernel_gb / 20:.2f} TB/s ({kernel_gb / 20 / 3:.0%} of the copy rate)" in out
