@@ -437,21 +437,21 @@ def test_slot_lists_torch_compile_fullgraph(own_query):
         torch.testing.assert_close(a.grad, r.grad, msg=lambda m, i=i: f"input {i}: {m}")
 
 
-def test_slot_tables_are_kept_per_stream_and_never_in_a_capture():
-    """A kept offset table serves the stream that built it; another stream builds its own; a CUDA
-    graph capture builds its own and keeps nothing, and its table replays right."""
+def test_slot_tables_are_kept_on_the_default_stream_only():
+    """The default stream keeps its offset tables; another stream and a CUDA graph capture build their
+    own and keep nothing, and the captured table replays right."""
     from moda_kernels.moda_attn import slot_table
 
     slots = [torch.randn(2, 8, 2, 64, device="cuda") for _ in range(5)]
     table = slot_table.slot_offsets(slots)
     assert slot_table.slot_offsets(slots) is table
+    kept = [(key, id(t)) for key, t in slot_table._kept_tables.items()]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         other = slot_table.slot_offsets(slots)
     torch.cuda.current_stream().wait_stream(side)
     assert other is not table and torch.equal(other, table)
-    kept = [(key, id(t)) for key, t in slot_table._kept_tables.items()]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = slot_table.slot_offsets(slots)
@@ -460,6 +460,41 @@ def test_slot_tables_are_kept_per_stream_and_never_in_a_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, slot_table.slot_offsets_reference(slots))
+
+
+def test_slot_lists_under_compiled_cuda_graphs_keep_nothing_in_the_graph_pool():
+    """``torch.compile(mode="reduce-overhead")`` warms its graphs up and records them on its own
+    stream, allocating in the graphs' private pool, whose live blocks it checks against what it
+    knows of: a table kept from there would fail that check (or be overwritten by a replay).
+    Replays on new values equal eager, and the compiled calls keep no table."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    from moda_kernels.moda_attn import moda_attn, slot_table
+
+    def f(q, k, v, dk0, dk1, dk2, dv0, dv1, dv2):
+        return moda_attn(q, k, v, [dk0, dk1 * 0.5, dk2], [dv0, dv1, dv2 + 1]) * 2
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphed = torch.compile(f, mode="reduce-overhead")
+    with inductor_config.patch({"triton.slow_path_cudagraph_asserts": True}):  # the pool check (on by default)
+        for seed in range(4):  # warm-up, recording, then replays
+            inputs, do = _slot_list_inputs(1, 257, 8, 2, 64, 3, torch.bfloat16, seed=seed)
+            args = [x.detach().clone().requires_grad_() for x in (*inputs[:3], *inputs[3], *inputs[4])]
+            kept = list(slot_table._kept_tables)
+            o = graphed(*args)
+            grads = torch.autograd.grad(o, args, do)
+            torch.cuda.synchronize()
+            assert list(slot_table._kept_tables) == kept, f"call {seed}: the compiled call kept a table"
+            ref_args = [x.detach().clone().requires_grad_() for x in args]
+            ref = f(*ref_args)
+            ref_grads = torch.autograd.grad(ref, ref_args, do)
+            torch.testing.assert_close(o, ref)
+            for i, (g, r) in enumerate(zip(grads, ref_grads)):
+                torch.testing.assert_close(g, r, msg=lambda m, i=i: f"call {seed}, input {i}: {m}")
+    assert counters["inductor"]["cudagraph_skips"] == 0  # the calls above did run as CUDA graphs
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("path", PATHS)

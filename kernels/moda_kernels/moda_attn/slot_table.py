@@ -80,24 +80,24 @@ def slot_offsets(slots: Sequence[Tensor]) -> Tensor:
 
     A table is a function of the slots' addresses alone, so tables are kept by address
     (:data:`TABLES_KEPT`, least recently used dropped): the backward's reads, and every later step
-    whose slots the allocator places where it placed them before, launch nothing. A kept table
-    serves only the stream that built it: stream order then guarantees it is written before it
-    is read and still read by no kernel when the allocator reuses its memory. Not while a CUDA
-    graph is being captured: the graph must own its tables, and a kept table it read could be
-    dropped and its memory reused while the graph still replays.
+    whose slots the allocator places where it placed them before, launch nothing. Only tables
+    built on the device's default stream are kept, where training runs unless told otherwise:
+    stream order then guarantees a kept table is written before it is read and read by no kernel
+    when the allocator reuses its memory. Other streams are where CUDA graphs are made: a capture
+    must own its tables (a kept one could be dropped and its memory reused while the graph still
+    replays), and ``torch.compile``'s CUDA graphs warm up on their own stream with allocations
+    going to the graphs' private pool, which must hold nothing the graphs do not know of.
     """
     first = slots[0]
-    capturing = first.is_cuda and torch.cuda.is_current_stream_capturing()
-    stream = torch.cuda.current_stream(first.device).stream_id if first.is_cuda else None
-    key = (first.device, stream, first.element_size(), *(t.data_ptr() for t in slots))
-    if not capturing and (kept := _kept_tables.get(key)) is not None:
+    if first.is_cuda and torch.cuda.current_stream(first.device) != torch.cuda.default_stream(first.device):
+        return _built_table(slots)
+    key = (first.device, first.element_size(), *(t.data_ptr() for t in slots))
+    if (kept := _kept_tables.get(key)) is not None:
         _kept_tables.move_to_end(key)
         return kept
-    table = _built_table(slots)
-    if not capturing:
-        _kept_tables[key] = table
-        if len(_kept_tables) > TABLES_KEPT:
-            _kept_tables.popitem(last=False)
+    table = _kept_tables[key] = _built_table(slots)
+    if len(_kept_tables) > TABLES_KEPT:
+        _kept_tables.popitem(last=False)
     return table
 
 
