@@ -141,6 +141,7 @@ def step_table(shapes: list[str], modes: list[str], steps: int, profile_top: int
         fields, batches = SHAPES[shape]
         for batch in batches:
             depth_ms = traffic[shape, batch] / rate
+            kernel_gb = depth_kernel_traffic_gb(fields, batch)
 
             def floor(base_ms: float) -> float:
                 return (base_ms + depth_ms) / base_ms
@@ -158,9 +159,8 @@ def step_table(shapes: list[str], modes: list[str], steps: int, profile_top: int
                 print(f"| {shape} | {batch} | {mode} | {base[0]:.1f} | {moda[0]:.1f} | {moda[0] / base[0]:.3f} | {floor(base[0]):.3f} | "
                       f"{base[1]:.2f} | {moda[1]:.2f} | {moda[1] / base[1]:.3f} | {check} |")  # fmt: skip
                 if profile_top:  # right away: a run cut short by a time limit keeps what it measured
-                    print_profile(f"{shape}, micro-batch {batch}, {mode}", base[3], moda[3], profile_top)
-                    kernel_gb = depth_kernel_traffic_gb(fields, batch)
-                    kernel_ms = kernel_groups(moda[3]).get(DEPTH_GROUP, 0.0)
+                    moda_groups = print_profile(f"{shape}, micro-batch {batch}, {mode}", base[3], moda[3], profile_top)
+                    kernel_ms = moda_groups.get(DEPTH_GROUP, 0.0)
                     if kernel_ms:
                         print(f"depth kernels: {kernel_gb:.1f} GB in {kernel_ms:.2f} ms, {kernel_gb / kernel_ms:.2f} TB/s "
                               f"({kernel_gb / kernel_ms / rate:.0%} of the copy rate)\n")  # fmt: skip
@@ -174,8 +174,9 @@ def step_table(shapes: list[str], modes: list[str], steps: int, profile_top: int
                       f"{moda[1] / base[1]:.3f} | |")  # fmt: skip
 
 
-def print_profile(option: str, base_kernels: dict, moda_kernels: dict, top: int) -> None:
-    """GPU milliseconds per step by kernel group, baseline beside MoDA, then MoDA's ``top`` kernels."""
+def print_profile(option: str, base_kernels: dict, moda_kernels: dict, top: int) -> dict[str, float]:
+    """GPU milliseconds per step by kernel group, baseline beside MoDA, then MoDA's ``top`` kernels.
+    Returns MoDA's milliseconds per group."""
     base, moda = kernel_groups(base_kernels), kernel_groups(moda_kernels)
     print(f"\nGPU kernel time per step, {option} (torch.profiler, 2 steps)")
     print("| kernel group | baseline ms | MoDA ms | extra ms |\n|---|---|---|---|")
@@ -187,6 +188,7 @@ def print_profile(option: str, base_kernels: dict, moda_kernels: dict, top: int)
     for name, (ms, calls) in sorted(moda_kernels.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"  {ms:7.2f} {calls // 2:5d}  {name[:110]}")
     print()
+    return moda
 
 
 def fit_flags(overlays: list[str], mode: str, steps: int, save_dir: Path) -> list[str]:

@@ -155,7 +155,7 @@ class SlotList:
 def slot_list(slots: Sequence[Tensor]) -> SlotList:
     """The kernels' view of ``slots`` (one dtype and one set of strides, checked: the kernels read every
     slot with slot 0's strides). Costs ``ceil(S / SLOTS_PER_LAUNCH)`` tiny launches the first time
-    these slots are read on this stream (:func:`slot_offsets`)."""
+    these slots are read on the default stream, and on every read on another (:func:`slot_offsets`)."""
     first = slots[0]
     layout = (first.shape, first.stride(), first.dtype)
     for s, t in enumerate(slots):
