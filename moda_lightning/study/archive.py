@@ -6,6 +6,9 @@ MB each, and a finished run is never resumed). The events keep every scalar and 
 each image and histogram tag only the last entry: a depth-statistics run logs three figures per
 probe, which would make its event file a hundred times larger than its scalars. A study pointed at
 the archive (``--out``) sees these runs as done, and its report reads them.
+
+A run that failed leaves only its ``fit.log`` there, which says why: the study sees that run as
+not started, and running it again appends to the same log.
 """
 
 from __future__ import annotations
@@ -63,3 +66,10 @@ def archive_run(run_dir: Path, dest: Path) -> None:
             shutil.copy2(run_dir / name, dest / name)
     for events in sorted(run_dir.glob("events.out.tfevents.*")):
         compact_events(events, dest / events.name)
+
+
+def archive_failed_log(run_dir: Path, dest: Path) -> None:
+    """Copy a failed run's ``fit.log`` (what it printed before it stopped) to ``dest``."""
+    if (run_dir / "fit.log").is_file():
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run_dir / "fit.log", dest / "fit.log")

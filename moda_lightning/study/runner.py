@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from moda_lightning.study.archive import archive_run
+from moda_lightning.study.archive import archive_failed_log, archive_run
 from moda_lightning.study.report import write_report
 from moda_lightning.study.results import RESULT_FILE, RunResult, latest_step, summarize
 from moda_lightning.cli import resolved_fit_config
@@ -111,9 +112,10 @@ def execute(
         _log(hint)
     running: dict[str, tuple[Run, subprocess.Popen, str | None, float]] = {}
     failed: list[str] = []
-    done_count, started = sum(run_state(r) == "done" for r in runs), time.time()
+    done_count, t_start = sum(run_state(r) == "done" for r in runs), time.time()
     total = done_count + len(todo)  # what this call will have finished
-    last_progress = time.time()
+    last_progress = last_sample = time.time()
+    started: list[str] = []
     queue = list(todo)
     while queue or running:
         while queue and free:
@@ -127,14 +129,21 @@ def execute(
             proc = subprocess.Popen(fit_command(run), stdout=log, stderr=subprocess.STDOUT, env=env)
             log.close()
             running[run.name] = (run, proc, slot, time.time())
-            _record_gpu_sharing(running)
+            started.append(run.name)
             _record_device(run.dir, gpu_index.get(slot))
             _log(f"{verb} {run.name}" + (f" on GPU {slot}" if slot is not None else "") + f" ({run.max_steps} steps)")
+        if started:
+            _record_gpu_sharing(running, started)
+            started = []
         time.sleep(1.0)
+        if time.time() - last_sample >= SHARING_SAMPLE_S:
+            last_sample = time.time()
+            _record_gpu_sharing(running)
         for name, (run, proc, slot, t0) in list(running.items()):
             code = proc.poll()
             if code is None:
                 continue
+            sharing = _sharing_now(running)[name]
             del running[name]
             free.append(slot)
             try:
@@ -154,30 +163,67 @@ def execute(
                 _log(f"finished {name} in {time.time() - t0:.0f} s ({done_count}/{total} done)")
             except ValueError as err:
                 failed.append(name)
-                _log(f"FAILED {name}: {err}; see {run.dir / 'fit.log'}")
+                _log(f"FAILED {name}: {err}; see {run.dir / 'fit.log'}" + _memory_hint(run.dir, sharing, spec))
         if running and time.time() - last_progress >= progress_every_s:
             last_progress = time.time()
             parts = [f"{n} step {latest_step(r.dir)}/{r.max_steps}" for n, (r, *_ignored) in running.items()]
-            _log(f"{done_count}/{total} done, {time.time() - started:.0f} s; running: " + ", ".join(parts))
+            _log(f"{done_count}/{total} done, {time.time() - t_start:.0f} s; running: " + ", ".join(parts))
     return failed
 
 
 GPU_SHARING_FILE = "gpu_sharing"
+SHARING_SAMPLE_S = 10.0  # how often each running run's sharing is sampled
 
 
 def _recorded_gpu_sharing(run_dir: Path) -> int | None:
+    """How many runs shared the run's GPU while it trained: the upper median of its samples. A median,
+    not the most ever seen: a run that started beside runs which failed within seconds trained
+    alone, and its tokens/s must be compared with other lone runs'. The upper one, so a run shared
+    for half its time counts as shared."""
     path = run_dir / GPU_SHARING_FILE
-    return int(path.read_text()) if path.is_file() else None
+    samples = sorted(int(n) for n in path.read_text().split()) if path.is_file() else []
+    return samples[len(samples) // 2] if samples else None
 
 
-def _record_gpu_sharing(running: dict[str, tuple[Run, subprocess.Popen, str | None, float]]) -> None:
-    """Raise each running run's record of how many runs share its GPU to the count now. The record
-    is a file in the run folder, so a run resumed by a later call keeps its earlier pieces' count."""
+def _sharing_now(running: dict[str, tuple[Run, subprocess.Popen, str | None, float]]) -> dict[str, int]:
+    """Each running run's count of runs on its GPU, itself included (on a CPU-only machine, slot
+    None, the runs share the CPU alike)."""
     per_slot = collections.Counter(slot for _, _, slot, _ in running.values())
-    for run, _, slot, _ in running.values():
-        count = per_slot[slot]  # on a CPU-only machine (slot None) the runs share the CPU alike
-        if count > (_recorded_gpu_sharing(run.dir) or 0):
-            (run.dir / GPU_SHARING_FILE).write_text(f"{count}\n")
+    return {name: per_slot[slot] for name, (_, _, slot, _) in running.items()}
+
+
+def _record_gpu_sharing(
+    running: dict[str, tuple[Run, subprocess.Popen, str | None, float]], names: list[str] | None = None
+) -> None:
+    """Add a sample of the sharing now to the record of each running run (of ``names`` only, if given:
+    the runs just started). The record is a file in the run folder, so a run resumed by a later
+    call adds to its earlier pieces' samples."""
+    for name, count in _sharing_now(running).items():
+        if names is None or name in names:
+            with open(running[name][0].dir / GPU_SHARING_FILE, "a") as f:
+                f.write(f"{count}\n")
+
+
+OUT_OF_MEMORY = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def _memory_hint(run_dir: Path, sharing: int, spec: StudySpec) -> str:
+    """The failure line's advice when a run's log ends in a GPU out-of-memory error: runs that fit
+    one GPU's memory together, or fewer per GPU."""
+    log = run_dir / "fit.log"
+    if not log.is_file():
+        return ""
+    with open(log, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 64_000))  # the error is at the end of a possibly long log
+        tail = f.read().decode(errors="replace")
+    if not any(marker in tail for marker in OUT_OF_MEMORY):
+        return ""
+    if sharing > 1:
+        return (
+            f"; it ran out of GPU memory while {sharing} runs shared its GPU: run fewer at once "
+            f"(`--runs-per-gpu {sharing - 1}`, or runs_per_gpu in {spec.path}) and run the same command again"
+        )
+    return "; it ran out of GPU memory alone on its GPU: lower --data.batch_size and raise --trainer.accumulate_grad_batches as much (the same tokens per step)"
 
 
 DEVICE_FILE = "device"
@@ -249,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         "every finished run",
     )
     parser.add_argument(
+        "--runs-per-gpu",
+        type=int,
+        metavar="N",
+        help="runs going at once on each GPU, instead of the study file's runs_per_gpu (e.g. fewer on a GPU with less memory)",
+    )
+    parser.add_argument(
         "--archive",
         metavar="DIR",
         help="afterwards, copy the finished runs' small record (no checkpoints, last figure of each kind) and the "
@@ -258,9 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in extra if not a.startswith("--") or a.startswith("--config")]
     if bad:
         parser.error(f"unrecognized arguments {bad}; extra arguments must be `moda fit` flags such as --data.files=...")
+    if args.runs_per_gpu is not None and args.runs_per_gpu < 1:
+        parser.error(f"--runs-per-gpu must be at least 1, not {args.runs_per_gpu}")
     spec = load_study(args.config)
     if extra:
-        spec = StudySpec(**{**spec.__dict__, "args": (*spec.args, *extra)})
+        spec = dataclasses.replace(spec, args=(*spec.args, *extra))
+    if args.runs_per_gpu is not None:
+        spec = dataclasses.replace(spec, runs_per_gpu=args.runs_per_gpu)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
     unknown = sorted(set(arms or ()) - {a.name for a in spec.arms})
     if unknown:
@@ -279,13 +335,16 @@ def main(argv: list[str] | None = None) -> int:
     if results:
         md, png = write_report(spec, results, missing, out_dir)
         _log(f"wrote {md} and {png}")
-    if args.archive and results:
+    if args.archive:
         archive_dir = Path(args.archive)
         for run in runs:
             if run_state(run) == "done":
                 archive_run(run.dir, archive_dir / run.dir.relative_to(out_dir))
-        md, png = write_report(spec, results, missing, archive_dir)
-        _log(f"archived {len(results)} finished run(s) and the report to {archive_dir}")
+            elif run.name in failed:
+                archive_failed_log(run.dir, archive_dir / run.dir.relative_to(out_dir))
+        if results:
+            md, png = write_report(spec, results, missing, archive_dir)
+        _log(f"archived {len(results)} finished run(s), the logs of {len(failed)} failed one(s) and the report to {archive_dir}")
     if failed:
         _log(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and run the same command again")
         return 1

@@ -68,6 +68,21 @@ def _set_path(path: str) -> None:
     set_overlap(path.endswith("_overlap"))
 
 
+CUDNN_GRADIENTS = {"dq", "dk", "dv"}
+
+
+def assert_same(path: str, name: str, a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Bitwise equality, except for the sequence gradients on the cuDNN paths. cuDNN's attention
+    backward (its default, non-deterministic algorithm) sums them in an order that follows how its
+    blocks are scheduled, so their last bits can change from call to call while other work runs on
+    the GPU: the overlap path's side stream, or another process (seen under CUDA MPS). Those are
+    held to bf16 rounding instead; the float64 reference check bounds them as well."""
+    if path.startswith("cudnn") and name in CUDNN_GRADIENTS:
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {what}: {m}")
+    else:
+        assert torch.equal(a, b), f"{name}: {what}"
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -144,7 +159,7 @@ def test_q_depth_with_depth_grad_into(path):
     assert xs[3].grad is None and xs[4].grad is None
     got = [x.grad for x in (*xs[:3], xs[5])]
     for name, g, ref in zip(["dq", "dk", "dv", "dq_depth"], got, [*plain[3:6], plain[8]]):
-        assert torch.equal(g, ref), name
+        assert_same(path, name, g, ref, "differs with depth_grad_into")
     for total, ref in zip(into, plain[6:8]):
         assert torch.equal(total, ref)
 
@@ -179,8 +194,8 @@ def test_no_depth_matches_sdpa():
 
 @pytest.mark.parametrize("path", PATHS)
 def test_deterministic(path):
-    """Forward and backward: repeated runs are bitwise equal (no atomics in the Triton kernels;
-    cuDNN's backward was also bitwise repeatable in this check)."""
+    """Forward and backward: repeated runs are bitwise equal (no atomics in the Triton kernels);
+    cuDNN's sequence gradients within rounding (:func:`assert_same`)."""
     from moda_kernels.moda_attn import moda_attn
 
     inputs, do = _inputs(1, 1000, 16, 2, 64, 16, torch.bfloat16)
@@ -191,7 +206,7 @@ def test_deterministic(path):
         _set_path("auto")
     for other in runs[1:]:
         for name, a, b in zip(NAMES, runs[0], other):
-            assert torch.equal(a, b), f"{name} differs between runs"
+            assert_same(path, name, a, b, "differs between runs")
 
 
 def test_torch_compile_fullgraph():
@@ -227,8 +242,8 @@ def test_depth_grad_into_adds_the_depth_gradients(path):
     finally:
         _set_path("auto")
     assert xs[3].grad is None and xs[4].grad is None
-    for got, ref in zip([x.grad for x in xs[:3]], plain[3:6]):
-        assert torch.equal(got, ref)
+    for name, got, ref in zip(["dq", "dk", "dv"], [x.grad for x in xs[:3]], plain[3:6]):
+        assert_same(path, name, got, ref, "differs with depth_grad_into")
     for total, ref in zip(into, plain[6:]):
         assert torch.equal(total, ref)
 
@@ -343,7 +358,8 @@ def _slot_case_id(c):
 @pytest.mark.parametrize("case", SLOT_CASES, ids=_slot_case_id)
 def test_slot_lists_match_tensor_form(case, path, unaligned):
     """bf16, every path: the list form passes the float64 reference check, and with aligned slots gives the
-    tensor form's results bitwise (the same kernels, the slots addressed through the offset table).
+    tensor form's results bitwise (the same kernels, the slots addressed through the offset table; cuDNN's
+    sequence gradients within rounding, :func:`assert_same`).
 
     Unaligned slots are read with narrower loads, whose register layout can change the order of the
     fused kernel's in-register sums: there only the reference check applies.
@@ -364,7 +380,7 @@ def test_slot_lists_match_tensor_form(case, path, unaligned):
         _set_path("auto")
     if not unaligned:
         for name, a, b in zip(NAMES, got, expected):
-            assert torch.equal(a, b), f"{name}: list form differs from the tensor form"
+            assert_same(path, name, a, b, "list form differs from the tensor form")
     check_against_reference(got, _stacked(inputs), do, floor=1e-3, causal=causal)
 
 
@@ -380,7 +396,7 @@ def test_slot_lists_with_q_depth(path):
     finally:
         _set_path("auto")
     for name, a, b in zip(NAMES_Q_DEPTH, got, expected):
-        assert torch.equal(a, b), f"{name}: list form differs from the tensor form"
+        assert_same(path, name, a, b, "list form differs from the tensor form")
     check_against_reference(got, _stacked(inputs), do, floor=1e-3)
 
 
@@ -401,7 +417,7 @@ def test_slot_lists_with_depth_grad_into(path):
         _set_path("auto")
     assert all(x.grad is None for x in xs[3:])
     for name, x, ref in zip(["dq", "dk", "dv"], xs[:3], plain[3:6]):
-        assert torch.equal(x.grad, ref), name
+        assert_same(path, name, x.grad, ref, "differs with depth_grad_into")
     for total, ref in zip(into, plain[6:8]):
         assert torch.equal(total, ref)
 
@@ -535,5 +551,6 @@ def test_slot_lists_under_cuda_graph_capture(path):
         eager = [o, *torch.autograd.grad(o, xs, fresh_do)]
     finally:
         _set_path("auto")
-    for i, (a, b) in enumerate(zip(captured, eager)):
-        assert torch.equal(a, b), f"result {i}: graph replay differs from eager"
+    names = ["o", "dq", "dk", "dv", *(f"d_depth_{s}" for s in range(2 * S))]
+    for name, a, b in zip(names, captured, eager):
+        assert_same(path, name, a, b, "graph replay differs from eager")

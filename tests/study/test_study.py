@@ -291,3 +291,73 @@ def test_runs_go_to_the_gpus_this_process_may_use(monkeypatch):
     assert runner.visible_gpus(None) == ["0", "1"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert runner._slots(spec) == [None, None], "no GPU: the runs share the CPU"
+
+
+def test_recorded_sharing_is_what_a_run_trained_under(tmp_path):
+    from moda_lightning.study.runner import GPU_SHARING_FILE, _recorded_gpu_sharing
+
+    record = tmp_path / GPU_SHARING_FILE
+    assert _recorded_gpu_sharing(tmp_path) is None
+    record.write_text("3\n")  # one sample: also how earlier studies recorded the most runs seen
+    assert _recorded_gpu_sharing(tmp_path) == 3
+    record.write_text("3\n3\n1\n1\n1\n")  # started beside two runs that soon ended
+    assert _recorded_gpu_sharing(tmp_path) == 1
+    record.write_text("1\n2\n")  # shared half the time: counts as shared
+    assert _recorded_gpu_sharing(tmp_path) == 2
+
+
+def test_a_run_out_of_gpu_memory_beside_others_says_to_run_fewer_at_once(tmp_path, monkeypatch, capsys):
+    """Two runs share a device; one dies out of memory at once. Its failure line says to run fewer at
+    once, and the survivor, alone for most of its time, records that it trained alone."""
+    from moda_lightning.study import runner
+    from moda_lightning.study.spec import plan_runs
+
+    spec = load_study(write_study(tmp_path, seeds=[0]))
+    runs = plan_runs(spec, tmp_path / "out")
+    programs = {
+        "base/seed0": "import sys; print('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB'); sys.exit(1)",
+        "moda/seed0": "import time; time.sleep(3)",
+    }
+    monkeypatch.setattr(runner, "fit_command", lambda run: [sys.executable, "-c", programs[run.name]])
+    monkeypatch.setattr(runner, "_prepare_data", lambda run: None)
+    monkeypatch.setattr(runner, "SHARING_SAMPLE_S", 0.25)
+    summarized = {}
+
+    def fake_summarize(run_dir, arm, seed, *rest):
+        summarized[f"{arm}/seed{seed}"] = rest[-2]  # the recorded sharing
+        return SimpleNamespace(save=lambda folder: None)
+
+    monkeypatch.setattr(runner, "summarize", fake_summarize)
+    assert runner.execute(spec, runs) == ["base/seed0"]
+    out = capsys.readouterr().out
+    failure = next(line for line in out.splitlines() if "FAILED base/seed0" in line)
+    assert "ran out of GPU memory while 2 runs shared its GPU" in failure and "--runs-per-gpu 1" in failure
+    assert summarized == {"moda/seed0": 1}
+    samples = (tmp_path / "out" / "moda" / "seed0" / runner.GPU_SHARING_FILE).read_text().split()
+    assert samples[0] == "2" and samples[-1] == "1"
+
+
+def test_runs_per_gpu_can_be_set_for_one_call(tmp_path, monkeypatch):
+    from moda_lightning.study import runner
+
+    study = write_study(tmp_path)  # runs_per_gpu: 2
+    seen = []
+    monkeypatch.setattr(runner, "execute", lambda spec, runs, **kw: seen.append(spec.runs_per_gpu) or [])
+    assert runner.main(["--config", str(study), "--out", str(tmp_path / "out"), "--runs-per-gpu", "1"]) == 0
+    assert runner.main(["--config", str(study), "--out", str(tmp_path / "out")]) == 0
+    assert seen == [1, 2]
+    bad = moda_study(tmp_path, "--runs-per-gpu", "0", "--dry-run")
+    assert bad.returncode == 2 and "--runs-per-gpu must be at least 1" in bad.stderr
+
+
+def test_the_archive_keeps_the_log_of_a_failed_run(tmp_path, monkeypatch):
+    from moda_lightning.study import runner
+
+    study = write_study(tmp_path, seeds=[0])
+    monkeypatch.setattr(runner, "fit_command", lambda run: [sys.executable, "-c", "raise SystemExit('bad luck: ' + 'x' * 3)"])
+    monkeypatch.setattr(runner, "_prepare_data", lambda run: None)
+    archive = tmp_path / "archive"
+    assert runner.main(["--config", str(study), "--out", str(tmp_path / "out"), "--archive", str(archive)]) == 1
+    for arm in ("base", "moda"):
+        assert "bad luck: xxx" in (archive / arm / "seed0" / "fit.log").read_text()
+    assert [p.name for p in (archive / "base" / "seed0").iterdir()] == ["fit.log"]
