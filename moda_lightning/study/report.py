@@ -42,6 +42,7 @@ class ArmSummary:
     params: float | None
     flops_per_token: float | None
     tokens: int
+    peak_memory_gib: float | None = None  # the most any of its runs reserved on its GPU
 
     @property
     def mean(self) -> float:
@@ -98,6 +99,7 @@ def summarize_arms(spec: StudySpec, results: list[RunResult]) -> list[ArmSummary
                 params=runs[0].params,
                 flops_per_token=runs[0].flops_per_token,
                 tokens=runs[0].tokens,
+                peak_memory_gib=max((r.peak_memory_gib for r in runs if r.peak_memory_gib is not None), default=None),
             )
         )
     return out
@@ -144,16 +146,18 @@ def markdown(spec: StudySpec, results: list[RunResult], missing: list[str]) -> s
         "sample sd over seeds. tokens/s is the median training throughput of a run, averaged over the arm's "
         "runs that shared their GPU least, on the GPU model most of those used (in brackets: how many runs "
         "trained on that GPU at once, the GPU, and how many runs the average takes); compare it only between "
-        "arms with the same sharing and GPU.",
+        "arms with the same sharing and GPU. GPU memory is the most any of the arm's runs reserved (— where "
+        "its runs did not record it).",
         "",
-        "| arm | seeds | val loss | sd | val ppl | tokens/s | params | train FLOPs/token |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | seeds | val loss | sd | val ppl | tokens/s | params | train FLOPs/token | GPU memory |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for a in arms:
         lines.append(
             f"| {a.name} | {len(a.seeds)} | {a.mean:.4f} | {_num(a.sd, '.4f')} | {math.exp(a.mean):.2f} | "
             f"{_throughput(a)} | {_num(None if a.params is None else a.params / 1e6, '.2f')}M | "
-            f"{_num(None if a.flops_per_token is None else a.flops_per_token / 1e9, '.4g')} G |"
+            f"{_num(None if a.flops_per_token is None else a.flops_per_token / 1e9, '.4g')} G | "
+            f"{'—' if a.peak_memory_gib is None else f'{a.peak_memory_gib:.1f} GiB'} |"
         )
     diffs = paired_differences(spec, results)
     if diffs:

@@ -11,6 +11,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moda_lightning.callbacks.gpu_memory import PEAK_MEMORY_TAG
+
 RESULT_FILE = "result.json"
 
 
@@ -31,8 +33,8 @@ class RunResult:
     tokens_per_sec: float | None
     params: float
     flops_per_token: float
-    # Most runs that ever trained on this run's GPU at once, itself included (None: not recorded).
-    # Throughput is only comparable between runs that shared their GPU alike.
+    # How many runs trained on this run's GPU at once, itself included, for most of its time (None:
+    # not recorded). Throughput is only comparable between runs that shared their GPU alike.
     gpu_sharing: int | None = None
     # The GPU model the run trained on (several, comma-separated, if its pieces moved between
     # machines; None: not recorded or a CPU). Throughput is only comparable on the same model.
@@ -40,6 +42,9 @@ class RunResult:
     # The last depth probe's softmax mass on the depth slots, per layer (None where a layer reads
     # none): "all" slots, and split into the attention and FFN slots; None for a run without depth.
     depth_mass: dict[str, list[float | None]] | None = None
+    # The most GPU memory the run's process reserved (GiB; None: a CPU run, or not logged), which
+    # says how many such runs fit one GPU together.
+    peak_memory_gib: float | None = None
 
     @property
     def final_loss(self) -> float:
@@ -112,6 +117,7 @@ def summarize(
         gpu_sharing=gpu_sharing,
         device=device,
         depth_mass=final_depth_mass(scalars),
+        peak_memory_gib=max((value for _, value in scalars.get(PEAK_MEMORY_TAG, [])), default=None),
         **model_cost(run_dir),
     )
 

@@ -106,6 +106,8 @@ def execute(
         return []
     free = _slots(spec)  # first: a study file asking for GPUs that are not here fails before any work
     gpu_index = {gpu: i for i, gpu in enumerate(dict.fromkeys(s for s in free if s is not None))}
+    if gpu_index and (problem := memory_problem(spec, runs, todo, min(map(_gpu_memory_gib, gpu_index.values())))) is not None:
+        raise ValueError(problem)
     # Tokenizer and token cache are built once here, not raced by parallel runs.
     _prepare_data(todo[0])
     if (hint := sharing_hint(free, len(todo))) is not None:
@@ -202,6 +204,39 @@ def _record_gpu_sharing(
         if names is None or name in names:
             with open(running[name][0].dir / GPU_SHARING_FILE, "a") as f:
                 f.write(f"{count}\n")
+
+
+MEMORY_MARGIN_GIB = 1.0  # per run, for what its process holds outside PyTorch's allocator (CUDA context, workspaces)
+
+
+def _gpu_memory_gib(index: int) -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(index).total_memory / 2**30
+
+
+def memory_problem(spec: StudySpec, runs: list[Run], todo: list[Run], gpu_gib: float) -> str | None:
+    """One line when the runs about to share a GPU would not fit its memory, judged by the most memory
+    each arm's finished runs recorded (plus :data:`MEMORY_MARGIN_GIB` each); None when they fit or
+    nothing is known. Checked before any run starts: otherwise a run that does not fit fails minutes
+    into the study, after the data was prepared, and the others have already started."""
+    peaks: dict[str, float] = {}
+    for run in runs:
+        if run_state(run) == "done" and (peak := RunResult.load(run.dir).peak_memory_gib) is not None:
+            peaks[run.arm] = max(peaks.get(run.arm, 0.0), peak)
+    need = sorted((peaks[r.arm] + MEMORY_MARGIN_GIB for r in todo if r.arm in peaks), reverse=True)
+    together = min(spec.runs_per_gpu, len(todo))
+    if together < 2 or sum(need[:together]) <= gpu_gib:
+        return None
+    fits = 1
+    while fits < together and sum(need[: fits + 1]) <= gpu_gib:
+        fits += 1
+    known = ", ".join(f"{arm} {peak:.1f} GiB" for arm, peak in sorted(peaks.items()))
+    return (
+        f"study: {together} runs at once would need about {sum(need[:together]):.0f} GiB of GPU memory, and this GPU "
+        f"has {gpu_gib:.0f} GiB (the most each arm's finished runs reserved: {known}; plus {MEMORY_MARGIN_GIB:.0f} GiB a "
+        f"run); run {fits} at a time with --runs-per-gpu {fits}"
+    )
 
 
 OUT_OF_MEMORY = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED")

@@ -361,3 +361,42 @@ def test_the_archive_keeps_the_log_of_a_failed_run(tmp_path, monkeypatch):
     for arm in ("base", "moda"):
         assert "bad luck: xxx" in (archive / arm / "seed0" / "fit.log").read_text()
     assert [p.name for p in (archive / "base" / "seed0").iterdir()] == ["fit.log"]
+
+
+def test_runs_that_would_not_fit_one_gpu_together_are_refused_before_any_work(tmp_path):
+    """The most memory each arm's finished runs reserved, plus a margin each, against the GPU's memory."""
+    from moda_lightning.study.runner import MEMORY_MARGIN_GIB, memory_problem
+    from moda_lightning.study.spec import plan_runs
+
+    spec = load_study(write_study(tmp_path, seeds=[0, 1], runs_per_gpu=3))
+    runs = plan_runs(spec, tmp_path / "out")
+    done = {r.name: r for r in runs}
+    for name, peak in (("base/seed0", 30.0), ("moda/seed0", 38.0)):
+        done[name].dir.mkdir(parents=True)
+        RunResult("x", 0, 1, 1, [1], [1.0], None, 1.0, 1.0, peak_memory_gib=peak).save(done[name].dir)
+    todo = [done["base/seed1"], done["moda/seed1"]]
+    need = 30.0 + 38.0 + 2 * MEMORY_MARGIN_GIB  # 70 GiB
+    assert memory_problem(spec, runs, todo, gpu_gib=need) is None
+    line = memory_problem(spec, runs, todo, gpu_gib=need - 1)
+    assert line is not None and "\n" not in line
+    assert "2 runs at once would need about 70 GiB" in line and "--runs-per-gpu 1" in line
+    assert "base 30.0 GiB, moda 38.0 GiB" in line
+    assert memory_problem(spec, runs, todo[:1], gpu_gib=10.0) is None, "a run alone is never refused"
+    spec_one = load_study(write_study(tmp_path, seeds=[0, 1], runs_per_gpu=1))
+    assert memory_problem(spec_one, runs, todo, gpu_gib=10.0) is None
+
+
+def test_peak_gpu_memory_is_logged_on_a_gpu_only(monkeypatch):
+    import torch
+
+    from moda_lightning.callbacks import PeakGPUMemory
+    from moda_lightning.callbacks.gpu_memory import PEAK_MEMORY_TAG
+
+    logged = []
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda *a, **kw: logged.append((a, kw)))
+    PeakGPUMemory().on_train_batch_end(None, module, None, None, 0)
+    assert logged == []
+    module.device = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 3 * 2**30)
+    PeakGPUMemory().on_train_batch_end(None, module, None, None, 0)
+    assert logged == [((PEAK_MEMORY_TAG, 3.0), {"on_step": True, "on_epoch": False})]
