@@ -243,6 +243,10 @@ class MoDACLI(LightningCLI):
             self._check_before_fit()
         except (ValueError, RuntimeError, OSError) as err:
             raise SetupError(err) from err
+        if self.trainer.logger is None:
+            # `--trainer.logger=false` leaves the learning rate nowhere to go; Lightning's monitor
+            # would stop the run at its start rather than log nothing.
+            self.trainer.callbacks[:] = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         interrupt = next((c for c in self.trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
         if interrupt is None:
             interrupt = SaveOnInterrupt(self.command_line)

@@ -155,3 +155,12 @@ def test_a_written_one_is_one_batch_not_all_of_them(tmp_path, monkeypatch):
     assert cli.trainer.limit_train_batches == 1 and isinstance(cli.trainer.limit_train_batches, int)
     assert cli.trainer.limit_val_batches == 1 and isinstance(cli.trainer.limit_val_batches, int)
     assert cli.trainer.limit_test_batches == 1.0 and isinstance(cli.trainer.limit_test_batches, float)
+
+
+def test_training_without_a_logger_runs(tmp_path, monkeypatch):
+    """`--trainer.logger=false` trains and checkpoints; the learning-rate monitor, with nowhere to log,
+    stands aside instead of stopping the run."""
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *TINY, f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.logger=false", "--trainer.max_steps=2",
+          "--trainer.val_check_interval=2"])  # fmt: skip
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "runs").exists()
