@@ -6,7 +6,8 @@
 # depth-key reading. The corpus is the Python sources of installed packages (torch, transformers,
 # sympy); pass --data.files=... for your own.
 #
-# Time: up to 3 runs share the GPU at a time (runs_per_gpu in the study file); 18 runs of 100M tokens
+# Time: up to 3 runs share the GPU at a time (runs_per_gpu in the study file; they need about 120 GB
+# together, so on an 80 GB GPU pass --runs-per-gpu 1); 18 runs of 100M tokens
 # each, about 8 GPU-minutes per baseline run and 11 per MoDA run on an H200 (docs/quality.md).
 # Finished runs are skipped and interrupted ones resume,
 # so the same command continues the study; the report is runs/studies/table6_24l/study.md.

@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                 archive_failed_log(run.dir, archive_dir / run.dir.relative_to(out_dir))
         if results:
             md, png = write_report(spec, results, missing, archive_dir)
-        _log(f"archived {len(results)} finished run(s), the logs of {len(failed)} failed one(s) and the report to {archive_dir}")
+        failed_logs = f", the logs of {len(failed)} failed run(s)" if failed else ""
+        _log(f"archived {len(results)} finished run(s){failed_logs}" + (" and the report" if results else "") + f" to {archive_dir}")
     if failed:
         _log(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and run the same command again")
         return 1
