@@ -17,13 +17,19 @@ PEAK_MEMORY_TAG = "train/device/peak_memory_gib"
 
 
 class PeakGPUMemory(L.Callback):
-    """Logs :data:`PEAK_MEMORY_TAG` with the training metrics (every ``log_every_n_steps``); nothing on a
-    CPU. Under several processes each logs its own GPU's figure and rank 0's is written, with no
-    collective per step."""
+    """Logs :data:`PEAK_MEMORY_TAG` at the trainer's logging steps (``log_every_n_steps``); nothing on
+    a CPU or without a logger. Each process reads its own GPU and the loggers write rank 0's."""
+
+    def __init__(self) -> None:
+        self._logged_step = -1  # with gradient accumulation, several batches end at one step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if pl_module.device.type != "cuda":
+        step = trainer.global_step
+        if pl_module.device.type != "cuda" or not trainer.loggers or step % trainer.log_every_n_steps or step == self._logged_step:
             return
-        # Reading the allocator's counters is host-side bookkeeping: no synchronisation with the GPU.
+        self._logged_step = step
+        # The allocator's counters are host-side bookkeeping, and the loggers take a float: nothing
+        # here touches the GPU or waits for it (``self.log`` would copy the value to the device).
         peak = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
-        pl_module.log(PEAK_MEMORY_TAG, peak, on_step=True, on_epoch=False)
+        for logger in trainer.loggers:
+            logger.log_metrics({PEAK_MEMORY_TAG: peak}, step=step)

@@ -386,17 +386,25 @@ def test_runs_that_would_not_fit_one_gpu_together_are_refused_before_any_work(tm
     assert memory_problem(spec_one, runs, todo, gpu_gib=10.0) is None
 
 
-def test_peak_gpu_memory_is_logged_on_a_gpu_only(monkeypatch):
+def test_peak_gpu_memory_is_logged_on_a_gpu_at_the_logging_steps(monkeypatch):
     import torch
 
     from moda_lightning.callbacks import PeakGPUMemory
     from moda_lightning.callbacks.gpu_memory import PEAK_MEMORY_TAG
 
     logged = []
-    module = SimpleNamespace(device=torch.device("cpu"), log=lambda *a, **kw: logged.append((a, kw)))
-    PeakGPUMemory().on_train_batch_end(None, module, None, None, 0)
-    assert logged == []
-    module.device = torch.device("cuda", 0)
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    trainer = SimpleNamespace(loggers=[logger], global_step=20, log_every_n_steps=10)
+    module = SimpleNamespace(device=torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 3 * 2**30)
-    PeakGPUMemory().on_train_batch_end(None, module, None, None, 0)
-    assert logged == [((PEAK_MEMORY_TAG, 3.0), {"on_step": True, "on_epoch": False})]
+    PeakGPUMemory().on_train_batch_end(trainer, module, None, None, 0)
+    assert logged == [], "a CPU run has no GPU memory to report"
+    module.device = torch.device("cuda", 0)
+    callback = PeakGPUMemory()
+    for step in (20, 20, 21, 30):  # two batches end at step 20 (gradient accumulation): one entry
+        trainer.global_step = step
+        callback.on_train_batch_end(trainer, module, None, None, 0)
+    assert logged == [(20, {PEAK_MEMORY_TAG: 3.0}), (30, {PEAK_MEMORY_TAG: 3.0})]
+    trainer.loggers = []
+    PeakGPUMemory().on_train_batch_end(trainer, module, None, None, 0)
+    assert len(logged) == 2
