@@ -126,6 +126,11 @@ class MoDACLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand:  # a run, not only a parse
+            try:
+                check_machine(config)
+            except (ValueError, RuntimeError) as err:
+                raise SetupError(err) from err
         if config.trainer.precision is None:
             on_gpu = torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
             config.trainer.precision = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
@@ -308,6 +313,28 @@ class MoDACLI(LightningCLI):
             )
         # Fail before training, not in the first step, when the backend cannot run on the chosen device.
         self.model.model.backend.check_device(self.trainer.strategy.root_device.type)
+
+
+def check_machine(config: Any) -> None:
+    """Refuse a trainer accelerator or an attention backend this machine cannot run, before anything
+    is built: the data module trains its tokenizer and tokenizes the corpus when it is built (minutes
+    on a large corpus), and would do so only for the run to stop at the model or the trainer.
+
+    Raises:
+        RuntimeError: Saying what cannot run here and which flags run the config on this machine.
+    """
+    from moda_lightning.attention import backend_class
+
+    accelerator = str(config.trainer.accelerator)
+    attention = (config.get("model") or {}).get("attention")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        portable = " --model.attention=moda_torch" if attention == "moda_triton" else ""
+        raise RuntimeError(
+            f"this config trains on a GPU (trainer.accelerator={accelerator}) and no CUDA GPU is visible here; "
+            f"to train on this machine's CPU add --trainer.accelerator=cpu{portable}"
+        )
+    if attention:
+        backend_class(attention)().check_available()
 
 
 class SetupError(Exception):

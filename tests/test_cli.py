@@ -164,3 +164,17 @@ def test_training_without_a_logger_runs(tmp_path, monkeypatch):
     main(["fit", *TINY, f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.logger=false", "--trainer.max_steps=2",
           "--trainer.val_check_interval=2"])  # fmt: skip
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_gpu_config_on_a_cpu_is_refused_before_the_data_is_built(tmp_path, monkeypatch):
+    """One line naming the flags that run it here, and no tokenizer trained or corpus tokenized first."""
+    monkeypatch.chdir(tmp_path)
+    gpu_config = str(Path(__file__).parents[1] / "configs" / "table6_24l.yaml")
+    cache = f"--data.cache_dir={tmp_path / 'cache'}"
+    with pytest.raises(RuntimeError, match=r"no CUDA GPU is visible here; to train on this machine's CPU add "
+                                           r"--trainer.accelerator=cpu --model.attention=moda_torch$"):  # fmt: skip
+        main(["fit", "--config", gpu_config, cache])
+    with pytest.raises(RuntimeError, match=r"'moda_triton' needs a CUDA GPU.*--model.attention=moda_torch"):
+        main(["fit", "--config", gpu_config, cache, "--trainer.accelerator=cpu"])
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
