@@ -128,7 +128,7 @@ class MoDACLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self.subcommand:  # a run, not only a parse
             try:
-                check_machine(config)
+                check_before_building(config)
             except (ValueError, RuntimeError) as err:
                 raise SetupError(err) from err
         if config.trainer.precision is None:
@@ -305,28 +305,30 @@ class MoDACLI(LightningCLI):
             # Checksum, finite weights, flags the checkpoint would override, tokenizer: before any step.
             check_resume(ckpt_path, self.model, self.datamodule, explicit_flags_from_argv(self.command_line))
             self._say_what_the_checkpoint_set()
-        seq_len, max_len = self.datamodule.seq_len, self.model.config.max_seq_len
-        if seq_len > max_len:
-            raise ValueError(
-                f"--data.seq_len={seq_len} is longer than the model's max_seq_len={max_len}; "
-                f"lower --data.seq_len or raise --model.max_seq_len to at least {seq_len}."
-            )
+        # Again with the built objects: a data module of the user's own may set its length itself.
+        check_sequence_length(self.datamodule.seq_len, self.model.config.max_seq_len)
         # Fail before training, not in the first step, when the backend cannot run on the chosen device.
         self.model.model.backend.check_device(self.trainer.strategy.root_device.type)
 
 
-def check_machine(config: Any) -> None:
-    """Refuse a trainer accelerator or an attention backend this machine cannot run, before anything
-    is built: the data module trains its tokenizer and tokenizes the corpus when it is built (minutes
-    on a large corpus), and would do so only for the run to stop at the model or the trainer.
+def check_before_building(config: Any) -> None:
+    """Refuse what the config alone shows cannot run, before anything is built: the data module trains
+    its tokenizer and tokenizes the corpus when it is built (minutes on a large corpus), and the run
+    would only then stop at the model, the trainer or the first batch. Checked here: the model's
+    architecture and training settings, a sequence longer than the model's, and a trainer accelerator
+    or attention backend this machine lacks.
 
     Raises:
-        RuntimeError: Saying what cannot run here and which flags run the config on this machine.
+        ValueError: For a bad setting, with every problem the checks found.
+        RuntimeError: For what this machine cannot run, with the flags that run the config here.
     """
     from moda_lightning.attention import backend_class
+    from moda_lightning.config import MoDAConfig
+    from moda_lightning.lightning_module import check_training_args
 
+    model = dict(config.get("model") or {})
+    attention = model.get("attention")
     accelerator = str(config.trainer.accelerator)
-    attention = (config.get("model") or {}).get("attention")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         portable = " --model.attention=moda_torch" if attention == "moda_triton" else ""
         raise RuntimeError(
@@ -335,6 +337,22 @@ def check_machine(config: Any) -> None:
         )
     if attention:
         backend_class(attention)().check_available()
+    MoDAConfig.from_mapping(model, vocab_size=1)  # the tokenizer sets the vocabulary, once built
+    training = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "z_loss")
+    if all(k in model for k in training):
+        check_training_args(*(model[k] for k in training))
+    seq_len = (config.get("data") or {}).get("seq_len")
+    if seq_len is not None and model.get("max_seq_len") is not None:
+        check_sequence_length(seq_len, model["max_seq_len"])
+
+
+def check_sequence_length(seq_len: int, max_seq_len: int) -> None:
+    """Refuse training windows longer than the model's positions reach."""
+    if seq_len > max_seq_len:
+        raise ValueError(
+            f"--data.seq_len={seq_len} is longer than the model's max_seq_len={max_seq_len}; "
+            f"lower --data.seq_len or raise --model.max_seq_len to at least {seq_len}."
+        )
 
 
 class SetupError(Exception):

@@ -87,6 +87,8 @@ def test_bad_config_fails_before_training(tmp_path, monkeypatch, args, error, ma
     with pytest.raises(error, match=match):
         main(["fit", *base, f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.max_steps=1", *args])
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+    # A setting the config alone shows wrong stops before the data module trains a tokenizer.
+    assert not (tmp_path / "cache").exists() or "--data.files" in args[0]
 
 
 def test_resuming_with_another_tokenizer_is_refused(tmp_path, monkeypatch):
