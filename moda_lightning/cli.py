@@ -322,7 +322,7 @@ def check_before_building(config: Any) -> None:
         ValueError: For a bad setting, with every problem the checks found.
         RuntimeError: For what this machine cannot run, with the flags that run the config here.
     """
-    from moda_lightning.attention import backend_class
+    from moda_lightning.attention import build_backend
     from moda_lightning.config import MoDAConfig
     from moda_lightning.lightning_module import check_training_args
 
@@ -336,11 +336,11 @@ def check_before_building(config: Any) -> None:
             f"to train on this machine's CPU add --trainer.accelerator=cpu{portable}"
         )
     if attention:
-        backend_class(attention)().check_available()
+        build_backend(attention)  # its own check that it can run here
     MoDAConfig.from_mapping(model, vocab_size=1)  # the tokenizer sets the vocabulary, once built
     training = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "z_loss")
     if all(k in model for k in training):
-        check_training_args(*(model[k] for k in training))
+        check_training_args(**{k: model[k] for k in training})
     seq_len = (config.get("data") or {}).get("seq_len")
     if seq_len is not None and model.get("max_seq_len") is not None:
         check_sequence_length(seq_len, model["max_seq_len"])
