@@ -4,7 +4,7 @@
     PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --quick    # three small shapes
     PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --impls moda,moda_fused,sdpa_cudnn --json out.json
     PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --quick --breakdown   # cuDNN and depth kernels timed apart
-    PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --quick --depth-configs 16x64,32x64,16x128w2   # depth tiles
+    PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --quick --depth-configs 16x64,32x64,16x128w2s4   # depth tiles
 
 Prints, per shape and implementation, forward and forward+backward milliseconds (median of
 ``triton.testing.do_bench``), TFLOP/s (causal FLOPs actually needed, ``4*B*Hq*d*(T(T+1)/2+T*L)``
@@ -213,23 +213,34 @@ def breakdown(shapes: list[Shape]) -> None:
         torch.cuda.empty_cache()
 
 
-def tune_depth(shapes: list[Shape], configs: list[str]) -> None:
-    """Time the cuDNN + depth-kernel path with several depth tiles (MODA_DEPTH_ROWS/COLS/WARPS)."""
+DEPTH_TILE_VARS = ("MODA_DEPTH_ROWS", "MODA_DEPTH_COLS", "MODA_DEPTH_WARPS", "MODA_DEPTH_STAGES", "MODA_DEPTH_HK_FAST")
+
+
+def depth_tile(spec: str) -> dict[str, str]:
+    """``ROWSxCOLS[wWARPS][sSTAGES][t]`` (``t``: the token-block-fast grid) as the depth kernels' variables."""
+    import re
+
+    match = re.fullmatch(r"(\d+)x(\d+)(?:w(\d+))?(?:s(\d+))?(t?)", spec)
+    if match is None:
+        raise ValueError(f"depth tile {spec!r} is not ROWSxCOLS[wWARPS][sSTAGES][t], e.g. 16x64, 16x128w8s4 or 32x64t")
+    rows, cols, warps, stages, token_fast = match.groups()
+    return dict(zip(DEPTH_TILE_VARS, (rows, cols, warps or "4", stages or "3", "0" if token_fast else "1")))
+
+
+def tune_depth(shapes: list[Shape], tiles: dict[str, dict[str, str]]) -> None:
+    """Time the cuDNN + depth-kernel path with several depth tiles (name -> :func:`depth_tile` variables)."""
     import os
 
     for s in shapes:
         inputs = make_inputs(s)
         do = torch.randn(s.B, s.T, s.Hq, s.d, device="cuda", dtype=torch.bfloat16)
         f = impl_fns(s)["moda"]
-        for cfg in configs:  # ROWSxCOLS[wWARPS], with a trailing "t" for the token-block-fast grid
-            os.environ["MODA_DEPTH_HK_FAST"] = "0" if cfg.endswith("t") else "1"
-            tile, _, warps = cfg.rstrip("t").partition("w")
-            os.environ["MODA_DEPTH_ROWS"], os.environ["MODA_DEPTH_COLS"] = tile.split("x")
-            os.environ["MODA_DEPTH_WARPS"] = warps or "4"
+        for name, env in tiles.items():
+            os.environ.update(env)
             fwd, fb = time_impl(f, inputs, do)
-            print(f"{s.name:<28} depth tile {cfg:>8}: fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms", flush=True)
-        for key in ("MODA_DEPTH_ROWS", "MODA_DEPTH_COLS", "MODA_DEPTH_WARPS", "MODA_DEPTH_HK_FAST"):
-            os.environ.pop(key)
+            print(f"{s.name:<28} depth tile {name:>10}: fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms", flush=True)
+    for key in DEPTH_TILE_VARS:
+        os.environ.pop(key, None)
 
 
 def main() -> None:
@@ -239,8 +250,12 @@ def main() -> None:
     p.add_argument("--shapes", default="", help="indices into the grid, e.g. 0,3,8")
     p.add_argument("--json", default="", help="write all numbers to this file")
     p.add_argument("--breakdown", action="store_true", help="time cuDNN and the depth kernels separately")
-    p.add_argument("--depth-configs", default="", help="tune the depth kernels: ROWSxCOLS,... (times 'moda' only)")
+    p.add_argument("--depth-configs", default="", help="tune the depth kernels: ROWSxCOLS[wWARPS][sSTAGES][t],... (times 'moda' only)")
     args = p.parse_args()
+    try:  # a mistyped tile fails here, before any GPU work
+        tiles = {spec: depth_tile(spec) for spec in args.depth_configs.split(",") if spec}
+    except ValueError as err:
+        p.error(f"--depth-configs: {err}")
     torch.manual_seed(0)
     shapes = QUICK if args.quick else GRID
     if args.shapes:
@@ -253,8 +268,8 @@ def main() -> None:
     if args.breakdown:
         breakdown(shapes)
         return
-    if args.depth_configs:
-        tune_depth(shapes, args.depth_configs.split(","))
+    if tiles:
+        tune_depth(shapes, tiles)
         return
     rows = []
     for s in shapes:

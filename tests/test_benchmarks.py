@@ -141,3 +141,24 @@ def test_step_table_holds_each_row_against_its_floor_and_rates_the_depth_kernels
     assert f"| table6_24l | 16 | graphed | 104.0 | 130.0 | 1.250 | {floor:.3f} | 19.00 | 19.50 | 1.026 | ok |" in out
     kernel_gb = step_speed.depth_kernel_traffic_gb(fields, 16)
     assert f"depth kernels: {kernel_gb:.1f} GB in 20.00 ms, {kernel_gb / 20:.2f} TB/s ({kernel_gb / 20 / 3:.0%} of the copy rate)" in out
+
+
+def test_kernel_attention_depth_tiles_parse_and_a_mistyped_one_fails_before_any_gpu_work():
+    from benchmarks.kernel_attention import depth_tile
+
+    assert depth_tile("16x64") == {
+        "MODA_DEPTH_ROWS": "16", "MODA_DEPTH_COLS": "64", "MODA_DEPTH_WARPS": "4",
+        "MODA_DEPTH_STAGES": "3", "MODA_DEPTH_HK_FAST": "1",
+    }  # fmt: skip
+    assert depth_tile("32x128w8s4t") == {
+        "MODA_DEPTH_ROWS": "32", "MODA_DEPTH_COLS": "128", "MODA_DEPTH_WARPS": "8",
+        "MODA_DEPTH_STAGES": "4", "MODA_DEPTH_HK_FAST": "0",
+    }  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/kernel_attention.py", "--depth-configs", "16x64,16by128"],
+        cwd=ROOT, env={**env, "PYTHONPATH": f"kernels{os.pathsep}."}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--depth-configs: depth tile '16by128' is not ROWSxCOLS[wWARPS][sSTAGES][t]" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -399,7 +399,8 @@ def depth_config(G: int, interpret: bool) -> dict[str, int]:
     block_t = rows // G_PAD
     sc = max(cols // block_t, 1) if not interpret else 2
     warps = int(os.environ.get("MODA_DEPTH_WARPS", 4))
-    return dict(G_PAD=G_PAD, BLOCK_T=block_t, SC=sc, num_warps=warps, num_stages=1 if interpret else 3)
+    stages = int(os.environ.get("MODA_DEPTH_STAGES", 3))
+    return dict(G_PAD=G_PAD, BLOCK_T=block_t, SC=sc, num_warps=warps, num_stages=1 if interpret else stages)
 
 
 def depth_grid(cfg: dict[str, int], T: int, B: int, Hk: int) -> tuple[tuple[int, int], bool]:
