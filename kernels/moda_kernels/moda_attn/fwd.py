@@ -390,23 +390,42 @@ def moda_merge(o: torch.Tensor, lse: torch.Tensor, o_depth: torch.Tensor, lse_de
     moda_merge_kernel[(triton.cdiv(n_rows, BLOCK_R),)](o, lse, o_depth, lse_depth, T, Hq, n_rows, D=d, BLOCK_R=BLOCK_R)
 
 
+def _read_depth_tile() -> dict[str, int]:
+    """The depth tile, with the tuning overrides ``MODA_DEPTH_ROWS/COLS/WARPS/STAGES/HK_FAST``
+    (``benchmarks/kernel_attention.py --depth-configs``)."""
+    env = os.environ.get
+    return dict(
+        rows=int(env("MODA_DEPTH_ROWS", 16)),
+        cols=int(env("MODA_DEPTH_COLS", 64)),
+        warps=int(env("MODA_DEPTH_WARPS", 4)),
+        stages=int(env("MODA_DEPTH_STAGES", 3)),
+        hk_fast=int(env("MODA_DEPTH_HK_FAST", "1") == "1"),
+    )
+
+
+_depth_tile = _read_depth_tile()  # read once: depth_config and depth_grid run at every depth-kernel launch
+
+
+def reload_depth_tile() -> None:
+    """Read the ``MODA_DEPTH_*`` overrides again, after a tuning run changed them."""
+    global _depth_tile
+    _depth_tile = _read_depth_tile()
+
+
 def depth_config(G: int, interpret: bool) -> dict[str, int]:
     """Row tile of the depth kernels: small, since the masked product wastes a factor ``BLOCK_T``."""
     G_PAD = _next_pow2(G)
-    rows = int(os.environ.get("MODA_DEPTH_ROWS", 16))
-    cols = int(os.environ.get("MODA_DEPTH_COLS", 64))
-    rows = max(rows, G_PAD)
+    rows = max(_depth_tile["rows"], G_PAD)
     block_t = rows // G_PAD
-    sc = max(cols // block_t, 1) if not interpret else 2
-    warps = int(os.environ.get("MODA_DEPTH_WARPS", 4))
-    stages = int(os.environ.get("MODA_DEPTH_STAGES", 3))
-    return dict(G_PAD=G_PAD, BLOCK_T=block_t, SC=sc, num_warps=warps, num_stages=1 if interpret else stages)
+    sc = max(_depth_tile["cols"] // block_t, 1) if not interpret else 2
+    stages = 1 if interpret else _depth_tile["stages"]
+    return dict(G_PAD=G_PAD, BLOCK_T=block_t, SC=sc, num_warps=_depth_tile["warps"], num_stages=stages)
 
 
 def depth_grid(cfg: dict[str, int], T: int, B: int, Hk: int) -> tuple[tuple[int, int], bool]:
     """Grid of the depth kernels; KV heads on the fast axis unless the token blocks overflow axis 1."""
     n_blocks = triton.cdiv(T, cfg["BLOCK_T"])
-    hk_fast = os.environ.get("MODA_DEPTH_HK_FAST", "1") == "1" and n_blocks <= 65535
+    hk_fast = bool(_depth_tile["hk_fast"]) and n_blocks <= 65535
     return ((B * Hk, n_blocks) if hk_fast else (n_blocks, B * Hk)), hk_fast
 
 
