@@ -213,38 +213,78 @@ def breakdown(shapes: list[Shape]) -> None:
         torch.cuda.empty_cache()
 
 
-DEPTH_TILE_VARS = ("MODA_DEPTH_ROWS", "MODA_DEPTH_COLS", "MODA_DEPTH_WARPS", "MODA_DEPTH_STAGES", "MODA_DEPTH_HK_FAST")
-
-
 def depth_tile(spec: str) -> dict[str, str]:
-    """``ROWSxCOLS[wWARPS][sSTAGES][t]`` (``t``: the token-block-fast grid) as the depth kernels' variables."""
+    """``ROWSxCOLS[wWARPS][sSTAGES][t]`` (``t``: the token-block-fast grid) as the depth kernels'
+    environment variables; warps and stages left out keep the kernels' defaults."""
     import re
+
+    from moda_kernels.moda_attn.fwd import DEPTH_TILE_DEFAULTS, DEPTH_TILE_VARS
 
     match = re.fullmatch(r"(\d+)x(\d+)(?:w(\d+))?(?:s(\d+))?(t?)", spec)
     if match is None:
         raise ValueError(f"depth tile {spec!r} is not ROWSxCOLS[wWARPS][sSTAGES][t], e.g. 16x64, 16x128w8s4 or 32x64t")
     rows, cols, warps, stages, token_fast = match.groups()
-    return dict(zip(DEPTH_TILE_VARS, (rows, cols, warps or "4", stages or "3", "0" if token_fast else "1")))
+    for name, value in (("rows", rows), ("columns", cols)):
+        n = int(value)
+        if n < 16 or n & (n - 1):  # the tensor-core products need 16 or more along each side
+            raise ValueError(f"depth tile {spec!r}: {name} must be a power of two of 16 or more, not {n}")
+    tile = dict(
+        rows=rows, cols=cols, warps=warps or DEPTH_TILE_DEFAULTS["warps"], stages=stages or DEPTH_TILE_DEFAULTS["stages"],
+        hk_fast="0" if token_fast else "1",
+    )  # fmt: skip
+    return {DEPTH_TILE_VARS[key]: str(value) for key, value in tile.items()}
+
+
+def outputs_and_grads(f, inputs, do) -> list[torch.Tensor]:
+    """``f``'s output and the gradients of every input, for ``do``."""
+    xs = [x.detach().requires_grad_() for x in inputs]
+    o = f(*xs)
+    return [o, *(g for g in torch.autograd.grad(o, xs, do, allow_unused=True) if g is not None)]
+
+
+def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """Largest ``max|got - want| / max|want|`` over paired tensors."""
+    return max(((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-30)).item() for g, w in zip(got, want))
 
 
 def tune_depth(shapes: list[Shape], tiles: dict[str, dict[str, str]]) -> None:
-    """Time the cuDNN + depth-kernel path with several depth tiles (name -> :func:`depth_tile` variables)."""
+    """Time the cuDNN + depth-kernel path with several depth tiles (name -> :func:`depth_tile` variables),
+    each checked first against the shipped tile's output and gradients."""
     import os
 
-    from moda_kernels.moda_attn.fwd import reload_depth_tile
+    from moda_kernels.moda_attn.fwd import DEPTH_TILE_VARS, reload_depth_tile
+
+    def use(env: dict[str, str]) -> None:
+        for var in DEPTH_TILE_VARS.values():
+            os.environ.pop(var, None)
+        os.environ.update(env)
+        reload_depth_tile()  # the kernels read the variables once, not at every launch
 
     for s in shapes:
         inputs = make_inputs(s)
         do = torch.randn(s.B, s.T, s.Hq, s.d, device="cuda", dtype=torch.bfloat16)
         f = impl_fns(s)["moda"]
+        use({})
+        shipped = outputs_and_grads(f, inputs, do)
         for name, env in tiles.items():
-            os.environ.update(env)
-            reload_depth_tile()  # the kernels read the variables once, not at every launch
-            fwd, fb = time_impl(f, inputs, do)
-            print(f"{s.name:<28} depth tile {name:>10}: fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms", flush=True)
-    for key in DEPTH_TILE_VARS:
-        os.environ.pop(key, None)
-    reload_depth_tile()
+            use(env)
+            try:
+                err = relative_error(outputs_and_grads(f, inputs, do), shipped)
+                fwd, fb = time_impl(f, inputs, do)
+            except Exception as exc:  # a tile the compiler rejects: report it and go on
+                print(f"{s.name:<28} depth tile {name:>10}: fails: {type(exc).__name__}: {str(exc).splitlines()[-1][:100]}")
+                continue
+            verdict = "" if err < TILE_TOLERANCE else "  DIFFERS from the shipped tile: not a valid timing"
+            print(f"{s.name:<28} depth tile {name:>10}: fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms  "
+                  f"max rel. diff to shipped {err:.1e}{verdict}", flush=True)  # fmt: skip
+        del inputs, do, shipped
+        torch.cuda.empty_cache()
+    use({})
+
+
+# Two correct tiles sum the same products in another order, so their bf16 outputs and gradients differ
+# by rounding (2**-8 of an entry per rounding); a wrong tile is off by the size of the entries.
+TILE_TOLERANCE = 3e-2
 
 
 def main() -> None:

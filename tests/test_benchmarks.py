@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
@@ -146,9 +147,11 @@ def test_step_table_holds_each_row_against_its_floor_and_rates_the_depth_kernels
 def test_kernel_attention_depth_tiles_parse_and_a_mistyped_one_fails_before_any_gpu_work():
     from benchmarks.kernel_attention import depth_tile
 
-    assert depth_tile("16x64") == {
-        "MODA_DEPTH_ROWS": "16", "MODA_DEPTH_COLS": "64", "MODA_DEPTH_WARPS": "4",
-        "MODA_DEPTH_STAGES": "3", "MODA_DEPTH_HK_FAST": "1",
+    from moda_kernels.moda_attn.fwd import DEPTH_TILE_DEFAULTS
+
+    assert depth_tile("16x64") == {  # warps and stages left out: the kernels' own
+        "MODA_DEPTH_ROWS": "16", "MODA_DEPTH_COLS": "64", "MODA_DEPTH_WARPS": str(DEPTH_TILE_DEFAULTS["warps"]),
+        "MODA_DEPTH_STAGES": str(DEPTH_TILE_DEFAULTS["stages"]), "MODA_DEPTH_HK_FAST": "1",
     }  # fmt: skip
     assert depth_tile("32x128w8s4t") == {
         "MODA_DEPTH_ROWS": "32", "MODA_DEPTH_COLS": "128", "MODA_DEPTH_WARPS": "8",
@@ -162,3 +165,22 @@ def test_kernel_attention_depth_tiles_parse_and_a_mistyped_one_fails_before_any_
     assert result.returncode == 2
     assert "--depth-configs: depth tile '16by128' is not ROWSxCOLS[wWARPS][sSTAGES][t]" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("spec", ["8x32w1", "16x8", "24x64"])
+def test_kernel_attention_rejects_a_depth_tile_the_kernels_cannot_build(spec):
+    from benchmarks.kernel_attention import depth_tile
+
+    with pytest.raises(ValueError, match="must be a power of two of 16 or more"):
+        depth_tile(spec)
+
+
+def test_kernel_attention_tile_check_tells_rounding_from_a_wrong_tile():
+    from benchmarks.kernel_attention import TILE_TOLERANCE, relative_error
+
+    torch.manual_seed(0)
+    want = [torch.randn(4, 33, 6, 64), torch.randn(4, 33, 2, 64)]
+    rounded = [w.bfloat16().float() for w in want]  # one bf16 rounding of every entry
+    assert relative_error(rounded, want) < TILE_TOLERANCE
+    wrong = [want[0], want[1].roll(1, dims=1)]  # one tensor's rows shifted by a token
+    assert relative_error(wrong, want) > 10 * TILE_TOLERANCE

@@ -2,7 +2,8 @@
 
 Arms are compared on the final validation loss. Because every arm runs the same seeds, and a seed
 fixes both the shared initial weights and the data order, the honest comparison is *paired*: the
-per-seed difference to the reference arm, with a t confidence interval over seeds.
+per-seed difference to the reference arm (and between the pairs of arms the study file names
+under ``comparisons``), with a t confidence interval over seeds.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class ArmSummary:
 
 @dataclass
 class PairedDifference:
-    """Final loss of an arm minus the reference's, seed by seed (negative: the arm is better)."""
+    """Final loss of an arm minus another's (the reference's unless named), seed by seed (negative: the arm is better)."""
 
     arm: str
     seeds: list[int]
@@ -105,16 +106,35 @@ def summarize_arms(spec: StudySpec, results: list[RunResult]) -> list[ArmSummary
     return out
 
 
+def paired_difference(results: list[RunResult], arm: str, other: str, label: str | None = None) -> PairedDifference | None:
+    """``arm`` minus ``other`` at every seed both finished; ``None`` where they share none."""
+    theirs = {r.seed: r.final_loss for r in results if r.arm == other}
+    runs = sorted((r for r in results if r.arm == arm and r.seed in theirs), key=lambda r: r.seed)
+    if not runs:
+        return None
+    return PairedDifference(label or arm, [r.seed for r in runs], [r.final_loss - theirs[r.seed] for r in runs])
+
+
 def paired_differences(spec: StudySpec, results: list[RunResult]) -> list[PairedDifference]:
-    ref = {r.seed: r.final_loss for r in results if r.arm == spec.reference}
-    out = []
-    for arm in spec.arms:
-        if arm.name == spec.reference:
-            continue
-        runs = sorted((r for r in results if r.arm == arm.name and r.seed in ref), key=lambda r: r.seed)
-        if runs:
-            out.append(PairedDifference(arm.name, [r.seed for r in runs], [r.final_loss - ref[r.seed] for r in runs]))
-    return out
+    """Every arm against the reference."""
+    diffs = (paired_difference(results, arm.name, spec.reference) for arm in spec.arms if arm.name != spec.reference)
+    return [d for d in diffs if d is not None]
+
+
+def named_comparisons(spec: StudySpec, results: list[RunResult]) -> list[PairedDifference]:
+    """The study file's ``comparisons``, labelled ``arm - other``."""
+    diffs = (paired_difference(results, a, b, f"{a} - {b}") for a, b in spec.comparisons)
+    return [d for d in diffs if d is not None]
+
+
+def _paired_rows(diffs: list[PairedDifference]) -> list[str]:
+    rows = []
+    for d in diffs:
+        ci = d.ci95
+        ci_text = "— (one pair)" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+        per_seed = ", ".join(f"{s}: {x:+.4f}" for s, x in zip(d.seeds, d.diffs))
+        rows.append(f"| {d.arm} | {len(d.diffs)} | {d.mean:+.4f} | {ci_text} | {per_seed} |")
+    return rows
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -168,12 +188,19 @@ def markdown(spec: StudySpec, results: list[RunResult], missing: list[str]) -> s
             "",
             "| arm | pairs | mean difference | 95% CI | per seed |",
             "|---|---|---|---|---|",
+            *_paired_rows(diffs),
         ]
-        for d in diffs:
-            ci = d.ci95
-            ci_text = "— (one pair)" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
-            per_seed = ", ".join(f"{s}: {x:+.4f}" for s, x in zip(d.seeds, d.diffs))
-            lines.append(f"| {d.arm} | {len(d.diffs)} | {d.mean:+.4f} | {ci_text} | {per_seed} |")
+    named = named_comparisons(spec, results)
+    if named:
+        lines += [
+            "",
+            "Paired differences the study file names (first arm minus second, same seed; negative = the first "
+            "has the lower loss), with a 95% t interval over seeds:",
+            "",
+            "| comparison | pairs | mean difference | 95% CI | per seed |",
+            "|---|---|---|---|---|",
+            *_paired_rows(named),
+        ]
     if missing:
         lines += ["", "Not finished yet: " + ", ".join(missing) + "."]
     lines += ["", "![validation loss](study.png)", ""]

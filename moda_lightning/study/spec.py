@@ -9,6 +9,7 @@ A study file is YAML (see ``studies/``)::
       baseline_post: {configs: [configs/variants/baseline.yaml, configs/variants/post_norm.yaml]}
       moda_post: {configs: [configs/variants/post_norm.yaml], args: [--model.ffn_kv=false]}
     reference: baseline_post              # paired differences are taken against this arm
+    comparisons: [moda_pre - baseline_pre]  # more paired differences, first arm minus second (optional)
     seeds: [0, 1, 2]
     tokens: 100_000_000                   # training tokens per run
     eval_every_tokens: 10_000_000         # validation at the same token counts in every run
@@ -28,7 +29,10 @@ import yaml
 
 from moda_lightning.cli import resolved_fit_config
 
-_KEYS = {"name", "configs", "args", "arms", "reference", "seeds", "tokens", "eval_every_tokens", "runs_per_gpu", "gpus"}
+_KEYS = {
+    "name", "configs", "args", "arms", "reference", "comparisons", "seeds", "tokens", "eval_every_tokens",
+    "runs_per_gpu", "gpus",
+}  # fmt: skip
 _ARM_KEYS = {"configs", "args"}
 
 
@@ -57,6 +61,8 @@ class StudySpec:
     gpus: int | None = None
     """GPUs to spread runs over (one run on one GPU at a time per slot); default: all visible."""
     path: str = ""
+    comparisons: tuple[tuple[str, str], ...] = ()
+    """Paired differences the report adds to those against ``reference``: (arm, minus this arm)."""
 
     def fit_args(self, arm: Arm) -> list[str]:
         """The ``moda fit`` arguments shared by every seed of ``arm`` (config files first)."""
@@ -109,6 +115,7 @@ def load_study(path: str | Path) -> StudySpec:
     reference = raw.get("reference", names[0] if names else "")
     if names and reference not in names:
         p.add(f"reference {reference!r} is not an arm; arms: {names}")
+    comparisons = _comparisons(raw.get("comparisons", []), names, p)
     seeds = raw.get("seeds", [0])
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         p.add(f"seeds must be a non-empty list of integers, got {seeds!r}")
@@ -140,6 +147,7 @@ def load_study(path: str | Path) -> StudySpec:
         runs_per_gpu=runs_per_gpu,
         gpus=gpus,
         path=str(path),
+        comparisons=comparisons,
     )
 
 
@@ -155,6 +163,25 @@ def _arms(raw: Any, p: _Problems) -> list[Arm]:
             continue
         arms.append(Arm(str(name), tuple(_strings(body, "configs", p, f"arm {name!r}")), tuple(_strings(body, "args", p, f"arm {name!r}"))))
     return arms
+
+
+def _comparisons(raw: Any, names: list[str], p: _Problems) -> tuple[tuple[str, str], ...]:
+    """``["arm_a - arm_b", ...]`` as pairs of arm names."""
+    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
+        p.add(f"comparisons must be a list of 'ARM - OTHER_ARM' strings, got {raw!r}")
+        return ()
+    pairs = []
+    for text in raw:
+        sides = [side.strip() for side in text.split(" - ")]
+        if len(sides) != 2 or not all(sides):
+            p.add(f"comparison {text!r} is not 'ARM - OTHER_ARM' (two arm names with ' - ' between)")
+        elif names and not set(sides) <= set(names):
+            p.add(f"comparison {text!r} names {sorted(set(sides) - set(names))}, not arms of the study; arms: {names}")
+        elif sides[0] == sides[1]:
+            p.add(f"comparison {text!r} compares an arm with itself")
+        else:
+            pairs.append((sides[0], sides[1]))
+    return tuple(pairs)
 
 
 def _strings(raw: dict, key: str, p: _Problems, where: str = "") -> list[str]:

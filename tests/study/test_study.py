@@ -178,6 +178,45 @@ def test_bad_study_file_is_one_error_line(tmp_path):
         load_study(tmp_path / "missing.yaml")
 
 
+def test_bad_comparisons_are_named_in_the_one_error_line(tmp_path):
+    write_study(tmp_path, comparisons=["moda - bsae", "moda-base", "moda - moda", "moda - base"])
+    with pytest.raises(ValueError) as err:
+        load_study(tmp_path / "tiny.yaml")
+    line = str(err.value)
+    assert "\n" not in line
+    assert "comparison 'moda - bsae' names ['bsae'], not arms of the study" in line
+    assert "comparison 'moda-base' is not 'ARM - OTHER_ARM'" in line
+    assert "comparison 'moda - moda' compares an arm with itself" in line
+    assert "'moda - base'" not in line
+    write_study(tmp_path, comparisons="moda - base")
+    with pytest.raises(ValueError, match="comparisons must be a list of 'ARM - OTHER_ARM' strings"):
+        load_study(tmp_path / "tiny.yaml")
+
+
+def test_report_adds_the_comparisons_the_study_file_names(tmp_path):
+    arms = {"base_post": {}, "moda_post": {}, "base_pre": {}, "moda_pre": {}}
+    write_study(tmp_path, arms=arms, reference="base_post", seeds=[0, 1, 2],
+                comparisons=["moda_pre - base_pre", "moda_pre - moda_post"])  # fmt: skip
+    spec = load_study(tmp_path / "tiny.yaml")
+    assert spec.comparisons == (("moda_pre", "base_pre"), ("moda_pre", "moda_post"))
+    loss = {("base_post", 0): 2.00, ("base_post", 1): 2.10, ("base_post", 2): 2.05,
+            ("moda_post", 0): 1.97, ("moda_post", 1): 2.08,  # seed 2 not finished
+            ("base_pre", 0): 2.20, ("base_pre", 1): 2.25, ("base_pre", 2): 2.30,
+            ("moda_pre", 0): 2.18, ("moda_pre", 1): 2.21, ("moda_pre", 2): 2.31}  # fmt: skip
+    results = [RunResult(arm, seed, 4, 64, [64], [value], None, 1.0, 1.0) for (arm, seed), value in loss.items()]
+    write_report(spec, results, ["moda_post/seed2"], tmp_path)
+    named = (tmp_path / "study.md").read_text().split("Paired differences the study file names")[1]
+    pre = [loss["moda_pre", s] - loss["base_pre", s] for s in (0, 1, 2)]
+    lo, hi = PairedDifference("x", [0, 1, 2], pre).ci95
+    assert (f"| moda_pre - base_pre | 3 | {sum(pre) / 3:+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
+            f"0: {pre[0]:+.4f}, 1: {pre[1]:+.4f}, 2: {pre[2]:+.4f} |") in named  # fmt: skip
+    # only the seeds both arms finished are paired
+    post = [loss["moda_pre", s] - loss["moda_post", s] for s in (0, 1)]
+    row = next(line for line in named.splitlines() if line.startswith("| moda_pre - moda_post |"))
+    assert row.startswith(f"| moda_pre - moda_post | 2 | {sum(post) / 2:+.4f} |")
+    assert row.endswith(f"| 0: {post[0]:+.4f}, 1: {post[1]:+.4f} |")
+
+
 def test_arms_with_different_tokens_per_step_are_refused(tmp_path):
     write_study(tmp_path, arms={"a": {"args": []}, "b": {"args": ["--data.batch_size=8"]}}, reference="a")
     result = moda_study(tmp_path, "--dry-run")
@@ -233,7 +272,7 @@ def test_report_shows_depth_mass_of_the_arms_that_read_depth(tmp_path):
         return RunResult(arm, seed, 4, 64, [64], [2.0 + seed], None, 1.0, 1.0, gpu_sharing=1, depth_mass=depth)
 
     spec = SimpleNamespace(name="t", path="t.yaml", arms=[SimpleNamespace(name="base"), SimpleNamespace(name="moda")],
-                           reference="base", runs_per_gpu=1, seeds=[0, 1])  # fmt: skip
+                           reference="base", comparisons=(), runs_per_gpu=1, seeds=[0, 1])  # fmt: skip
     results = [result("base", 0, None), result("base", 1, None),
                result("moda", 0, [None, 0.1, 0.4]), result("moda", 1, [None, 0.3, 0.2])]  # fmt: skip
     write_report(spec, results, [], tmp_path)

@@ -390,17 +390,20 @@ def moda_merge(o: torch.Tensor, lse: torch.Tensor, o_depth: torch.Tensor, lse_de
     moda_merge_kernel[(triton.cdiv(n_rows, BLOCK_R),)](o, lse, o_depth, lse_depth, T, Hq, n_rows, D=d, BLOCK_R=BLOCK_R)
 
 
+# 16 packed query rows x 32 (token, slot) key columns a step, 2 warps, 3 pipeline stages, KV heads on
+# the fast grid axis. Of the tiles timed on an H200 (docs/benchmarks.md), the fastest at the 700M
+# training shape (2 query heads per KV head) and within 1.2% of the fastest at table6_24l's (3, padded to 4).
+DEPTH_TILE_DEFAULTS = dict(rows=16, cols=32, warps=2, stages=3, hk_fast=1)
+# tuning overrides, read at import and by reload_depth_tile (benchmarks/kernel_attention.py --depth-configs)
+DEPTH_TILE_VARS = dict(
+    rows="MODA_DEPTH_ROWS", cols="MODA_DEPTH_COLS", warps="MODA_DEPTH_WARPS",
+    stages="MODA_DEPTH_STAGES", hk_fast="MODA_DEPTH_HK_FAST",
+)  # fmt: skip
+
+
 def _read_depth_tile() -> dict[str, int]:
-    """The depth tile, with the tuning overrides ``MODA_DEPTH_ROWS/COLS/WARPS/STAGES/HK_FAST``
-    (``benchmarks/kernel_attention.py --depth-configs``)."""
-    env = os.environ.get
-    return dict(
-        rows=int(env("MODA_DEPTH_ROWS", 16)),
-        cols=int(env("MODA_DEPTH_COLS", 64)),
-        warps=int(env("MODA_DEPTH_WARPS", 4)),
-        stages=int(env("MODA_DEPTH_STAGES", 3)),
-        hk_fast=int(env("MODA_DEPTH_HK_FAST", "1") == "1"),
-    )
+    """The depth tile: :data:`DEPTH_TILE_DEFAULTS` with the overrides of :data:`DEPTH_TILE_VARS` set."""
+    return {key: int(os.environ.get(var, DEPTH_TILE_DEFAULTS[key])) for key, var in DEPTH_TILE_VARS.items()}
 
 
 _depth_tile = _read_depth_tile()  # read once: depth_config and depth_grid run at every depth-kernel launch
@@ -425,7 +428,7 @@ def depth_config(G: int, interpret: bool) -> dict[str, int]:
 def depth_grid(cfg: dict[str, int], T: int, B: int, Hk: int) -> tuple[tuple[int, int], bool]:
     """Grid of the depth kernels; KV heads on the fast axis unless the token blocks overflow axis 1."""
     n_blocks = triton.cdiv(T, cfg["BLOCK_T"])
-    hk_fast = bool(_depth_tile["hk_fast"]) and n_blocks <= 65535
+    hk_fast = _depth_tile["hk_fast"] == 1 and n_blocks <= 65535
     return ((B * Hk, n_blocks) if hk_fast else (n_blocks, B * Hk)), hk_fast
 
 
