@@ -247,6 +247,11 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return max(((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-30)).item() for g, w in zip(got, want))
 
 
+# Two correct tiles sum the same products in another order, so their bf16 outputs and gradients differ
+# by rounding (2**-8 of an entry per rounding); a wrong tile is off by the size of the entries.
+TILE_TOLERANCE = 3e-2
+
+
 def tune_depth(shapes: list[Shape], tiles: dict[str, dict[str, str]]) -> None:
     """Time the cuDNN + depth-kernel path with several depth tiles (name -> :func:`depth_tile` variables),
     each checked first against the shipped tile's output and gradients."""
@@ -272,7 +277,8 @@ def tune_depth(shapes: list[Shape], tiles: dict[str, dict[str, str]]) -> None:
                 err = relative_error(outputs_and_grads(f, inputs, do), shipped)
                 fwd, fb = time_impl(f, inputs, do)
             except Exception as exc:  # a tile the compiler rejects: report it and go on
-                print(f"{s.name:<28} depth tile {name:>10}: fails: {type(exc).__name__}: {str(exc).splitlines()[-1][:100]}")
+                last_line = (str(exc).splitlines() or [""])[-1]
+                print(f"{s.name:<28} depth tile {name:>10}: fails: {type(exc).__name__}: {last_line[:100]}")
                 continue
             verdict = "" if err < TILE_TOLERANCE else "  DIFFERS from the shipped tile: not a valid timing"
             print(f"{s.name:<28} depth tile {name:>10}: fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms  "
@@ -280,11 +286,6 @@ def tune_depth(shapes: list[Shape], tiles: dict[str, dict[str, str]]) -> None:
         del inputs, do, shipped
         torch.cuda.empty_cache()
     use({})
-
-
-# Two correct tiles sum the same products in another order, so their bf16 outputs and gradients differ
-# by rounding (2**-8 of an entry per rounding); a wrong tile is off by the size of the entries.
-TILE_TOLERANCE = 3e-2
 
 
 def main() -> None:

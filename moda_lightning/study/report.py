@@ -56,7 +56,8 @@ class ArmSummary:
 
 @dataclass
 class PairedDifference:
-    """Final loss of an arm minus another's (the reference's unless named), seed by seed (negative: the arm is better)."""
+    """Final loss of an arm minus another's (the reference's unless named), seed by seed (negative: the
+    arm is better)."""
 
     arm: str
     seeds: list[int]
@@ -106,7 +107,9 @@ def summarize_arms(spec: StudySpec, results: list[RunResult]) -> list[ArmSummary
     return out
 
 
-def paired_difference(results: list[RunResult], arm: str, other: str, label: str | None = None) -> PairedDifference | None:
+def paired_difference(
+    results: list[RunResult], arm: str, other: str, label: str | None = None
+) -> PairedDifference | None:
     """``arm`` minus ``other`` at every seed both finished; ``None`` where they share none."""
     theirs = {r.seed: r.final_loss for r in results if r.arm == other}
     runs = sorted((r for r in results if r.arm == arm and r.seed in theirs), key=lambda r: r.seed)
