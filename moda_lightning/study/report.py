@@ -234,19 +234,39 @@ def _curves(runs: list[RunResult]) -> tuple[list[int], list[list[float]]]:
     return runs[0].val_tokens[:n], [list(p) for p in zip(*(r.val_loss[:n] for r in runs))]
 
 
+def _plot_paired(ax, first: list[RunResult], second: list[RunResult], colour: str, label: str) -> None:
+    """The curve of ``first`` minus ``second`` at the seeds both have, mean over those seeds, with a
+    95% t band where there are two or more."""
+    theirs = {r.seed: r for r in second}
+    pairs = [(r, theirs[r.seed]) for r in first if r.seed in theirs]
+    if not pairs:
+        return
+    n = min(min(len(a.val_loss), len(b.val_loss)) for a, b in pairs)
+    tokens = pairs[0][0].val_tokens[:n]
+    diffs = [[a.val_loss[j] - b.val_loss[j] for a, b in pairs] for j in range(n)]
+    d_mean = [statistics.fmean(d) for d in diffs]
+    ax.plot(tokens, d_mean, color=colour, label=f"{label} ({len(pairs)} pair{'s' if len(pairs) > 1 else ''})")
+    if len(pairs) > 1:
+        half = [t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d)) for d in diffs]
+        ax.fill_between(tokens, [m - h for m, h in zip(d_mean, half)], [m + h for m, h in zip(d_mean, half)],
+                        color=colour, alpha=0.2, linewidth=0)  # fmt: skip
+
+
 def figure(spec: StudySpec, results: list[RunResult]):
-    """Three panels against training tokens: validation loss per arm (mean over seeds, band from
-    min to max), the same zoomed on the last third, and each arm's paired difference to the
-    reference with its 95% interval over seeds (below zero: lower loss than the reference)."""
+    """Panels against training tokens: validation loss per arm (mean over seeds, band from min to
+    max), the same zoomed on the last third, each arm's paired difference to the reference with its
+    95% interval over seeds (below zero: lower loss than the reference), and, when the study file
+    names ``comparisons``, those paired differences."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(16, 4.5), layout="constrained")
-    full, zoom, paired = fig.subplots(1, 3)
+    by_arm = {arm.name: sorted((r for r in results if r.arm == arm.name), key=lambda r: r.seed) for arm in spec.arms}
+    named = [(a, b) for a, b in spec.comparisons if by_arm[a] and by_arm[b]]
+    fig = Figure(figsize=(21 if named else 16, 4.5), layout="constrained")
+    full, zoom, paired, *rest = fig.subplots(1, 4 if named else 3)
     zoom_lo, zoom_hi, zoom_start = math.inf, -math.inf, None
-    reference = {r.seed: r for r in results if r.arm == spec.reference}
     for i, arm in enumerate(spec.arms):
         colour = f"C{i % 10}"
-        runs = sorted((r for r in results if r.arm == arm.name), key=lambda r: r.seed)
+        runs = by_arm[arm.name]
         if not runs:
             continue
         tokens, points = _curves(runs)
@@ -260,33 +280,30 @@ def figure(spec: StudySpec, results: list[RunResult]):
         zoom_start = tokens[0] + 2 * (tokens[-1] - tokens[0]) / 3
         tail = [j for j, t in enumerate(tokens) if t >= zoom_start]
         zoom_lo, zoom_hi = min(zoom_lo, min(lo[j] for j in tail)), max(zoom_hi, max(hi[j] for j in tail))
-        pairs = [(r, reference[r.seed]) for r in runs if r.seed in reference and arm.name != spec.reference]
-        if pairs:
-            n = min(min(len(a.val_loss), len(b.val_loss)) for a, b in pairs)
-            diffs = [[a.val_loss[j] - b.val_loss[j] for a, b in pairs] for j in range(n)]
-            d_mean = [statistics.fmean(d) for d in diffs]
-            paired.plot(tokens[:n], d_mean, color=colour, label=f"{arm.name} ({len(pairs)} pairs)")
-            if len(pairs) > 1:
-                half = [t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d)) for d in diffs]
-                paired.fill_between(tokens[:n], [m - h for m, h in zip(d_mean, half)],
-                                    [m + h for m, h in zip(d_mean, half)], color=colour, alpha=0.2, linewidth=0)  # fmt: skip
+        if arm.name != spec.reference:
+            _plot_paired(paired, runs, by_arm[spec.reference], colour, arm.name)
     if zoom_start is not None:
         zoom.set_xlim(zoom_start, max(r.val_tokens[-1] for r in results) * 1.01)
     if zoom_lo < zoom_hi:
         pad = 0.05 * (zoom_hi - zoom_lo)
         zoom.set_ylim(zoom_lo - pad, zoom_hi + pad)
-    paired.axhline(0.0, color="black", linewidth=0.8)
     full.set_title(f"{spec.name}: validation loss (mean over seeds, band: min to max)", fontsize="medium")
     zoom.set_title("last third of training", fontsize="medium")
     paired.set_title(f"paired difference to {spec.reference} (band: 95% CI)", fontsize="medium")
-    for ax in (full, zoom, paired):
+    for j, (a, b) in enumerate(named):
+        _plot_paired(rest[0], by_arm[a], by_arm[b], f"C{j % 10}", f"{a} - {b}")
+    if rest:
+        rest[0].set_title("named comparisons: first minus second (band: 95% CI)", fontsize="medium")
+    for ax in (full, zoom, paired, *rest):
         ax.set_xlabel("training tokens")
         ax.grid(alpha=0.3)
+    for ax in (paired, *rest):
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_ylabel("loss difference (nats/token)")
+        if ax.lines[1:]:
+            ax.legend(fontsize="small")
     full.set_ylabel("validation loss (nats/token)")
-    paired.set_ylabel("loss difference (nats/token)")
     full.legend(fontsize="small")
-    if paired.lines[1:]:
-        paired.legend(fontsize="small")
     return fig
 
 
