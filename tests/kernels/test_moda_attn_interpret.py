@@ -8,6 +8,7 @@ On a CUDA machine these are skipped; ``test_moda_attn_cuda.py`` covers the compi
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -66,6 +67,25 @@ CASES = [
 ]
 
 
+@contextlib.contextmanager
+def depth_tile(**variables: str):
+    """The depth kernels with these ``MODA_DEPTH_*`` overrides, which they read once, at import."""
+    from moda_kernels.moda_attn.fwd import reload_depth_tile
+
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    reload_depth_tile()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        reload_depth_tile()
+
+
 def _case_id(c):
     B, T, Hq, Hk, d, S, L = c
     return f"B{B}-T{T}-Hq{Hq}-Hk{Hk}-L{L}-D{d}"
@@ -101,7 +121,7 @@ def test_no_depth_stream_is_plain_causal_attention():
 
 
 @pytest.mark.parametrize("seq", ["fused", "triton_split", "triton_split-token_grid"])
-def test_depth_read_in_place_from_strided_view(seq, monkeypatch):
+def test_depth_read_in_place_from_strided_view(seq):
     """Depth slots come from a slice of a larger buffer (non-contiguous) and only num_depth are read."""
     from moda_kernels.moda_attn import moda_attn
     from moda_kernels.moda_attn.function import set_seq_backend
@@ -112,11 +132,14 @@ def test_depth_read_in_place_from_strided_view(seq, monkeypatch):
     buf_poisoned = buf.clone()
     buf_poisoned[:, :, 3:] = float("nan")  # slots past num_depth=2 of both views
     dk_p, dv_p = buf_poisoned[:, :, :4, :2], buf_poisoned[:, :, 1:5, 2:]
-    if seq.endswith("-token_grid"):  # depth kernels with token blocks on the fast grid axis
-        monkeypatch.setenv("MODA_DEPTH_HK_FAST", "0")
+    token_grid = seq.endswith("-token_grid")  # depth kernels with token blocks on the fast grid axis
     set_seq_backend(seq.removesuffix("-token_grid"))
     try:
-        out = outputs_and_grads(moda_attn, [q, k, v, dk_p, dv_p], do, num_depth=2)
+        with depth_tile(**({"MODA_DEPTH_HK_FAST": "0"} if token_grid else {})):
+            from moda_kernels.moda_attn.fwd import depth_config, depth_grid
+
+            assert depth_grid(depth_config(2, True), 11, 1, 2)[1] is not token_grid  # the override took effect
+            out = outputs_and_grads(moda_attn, [q, k, v, dk_p, dv_p], do, num_depth=2)
     finally:
         set_seq_backend("auto")
     ref = outputs_and_grads(moda_attn_reference, [q, k, v, depth_k, depth_v], do, num_depth=2)
@@ -124,6 +147,26 @@ def test_depth_read_in_place_from_strided_view(seq, monkeypatch):
         if name == "d_depth_k":
             r = torch.cat([r[:, :, :2], torch.zeros_like(r[:, :, 2:])], dim=2)
         torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("cols", [None, "16", "64"], ids=["shipped", "cols16", "cols64"])
+@pytest.mark.parametrize("case", [(1, 19, 2, 2, 16, 13, 11), (1, 17, 6, 2, 16, 21, 19), (2, 9, 8, 2, 16, 7, 5)],
+                         ids=["G1", "G3", "G4"])  # fmt: skip
+def test_depth_kernels_with_the_gpu_tiles(case, cols, monkeypatch):
+    """The depth kernels with the (token, slot) columns a GPU step takes (``depth_config``'s GPU tile,
+    not the interpreter's two slots a step): partial token blocks and a last slot step that is cut."""
+    from moda_kernels.moda_attn import bwd, fwd
+
+    gpu_tile = fwd.depth_config
+    monkeypatch.setattr(fwd, "depth_config", lambda G, interpret: {**gpu_tile(G, False), "num_stages": 1})
+    monkeypatch.setattr(bwd, "depth_config", fwd.depth_config)
+    B, T, Hq, Hk, d, S, L = case
+    inputs, do = _inputs(B, T, Hq, Hk, d, S, torch.float32, seed=3)
+    with depth_tile(**({"MODA_DEPTH_COLS": cols} if cols else {})):
+        G = Hq // Hk
+        cfg = fwd.depth_config(G, True)
+        assert T % cfg["BLOCK_T"] and (cfg["SC"] == 1 or L % cfg["SC"]), cfg  # partial blocks both ways
+        _compare(inputs, do, num_depth=L, causal=True, dtype=torch.float32, seq="triton_split")
 
 
 def test_depth_kernels_merge_into_reference_sequence_part():
