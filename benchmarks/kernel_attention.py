@@ -255,37 +255,28 @@ TILE_TOLERANCE = 3e-2
 def tune_depth(shapes: list[Shape], tiles: dict[str, dict[str, str]]) -> None:
     """Time the cuDNN + depth-kernel path with several depth tiles (name -> :func:`depth_tile` variables),
     each checked first against the shipped tile's output and gradients."""
-    import os
-
-    from moda_kernels.moda_attn.fwd import DEPTH_TILE_VARS, reload_depth_tile
-
-    def use(env: dict[str, str]) -> None:
-        for var in DEPTH_TILE_VARS.values():
-            os.environ.pop(var, None)
-        os.environ.update(env)
-        reload_depth_tile()  # the kernels read the variables once, not at every launch
+    from moda_kernels.moda_attn.fwd import depth_tile_overrides
 
     for s in shapes:
         inputs = make_inputs(s)
         do = torch.randn(s.B, s.T, s.Hq, s.d, device="cuda", dtype=torch.bfloat16)
         f = impl_fns(s)["moda"]
-        use({})
-        shipped = outputs_and_grads(f, inputs, do)
+        with depth_tile_overrides({}):
+            shipped = outputs_and_grads(f, inputs, do)
         for name, env in tiles.items():
-            use(env)
-            try:
-                err = relative_error(outputs_and_grads(f, inputs, do), shipped)
-                fwd, fb = time_impl(f, inputs, do)
-            except Exception as exc:  # a tile the compiler rejects: report it and go on
-                last_line = (str(exc).splitlines() or [""])[-1]
-                print(f"{s.name:<28} depth tile {name:>10}: fails: {type(exc).__name__}: {last_line[:100]}")
-                continue
+            with depth_tile_overrides(env):
+                try:
+                    err = relative_error(outputs_and_grads(f, inputs, do), shipped)
+                    fwd, fb = time_impl(f, inputs, do)
+                except Exception as exc:  # a tile the compiler rejects: report it and go on
+                    last_line = (str(exc).splitlines() or [""])[-1]
+                    print(f"{s.name:<28} depth tile {name:>10}: fails: {type(exc).__name__}: {last_line[:100]}")
+                    continue
             verdict = "" if err < TILE_TOLERANCE else "  DIFFERS from the shipped tile: not a valid timing"
             print(f"{s.name:<28} depth tile {name:>10}: fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms  "
                   f"max rel. diff to shipped {err:.1e}{verdict}", flush=True)  # fmt: skip
         del inputs, do, shipped
         torch.cuda.empty_cache()
-    use({})
 
 
 def main() -> None:

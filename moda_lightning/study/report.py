@@ -107,15 +107,20 @@ def summarize_arms(spec: StudySpec, results: list[RunResult]) -> list[ArmSummary
     return out
 
 
+def _seed_pairs(first: list[RunResult], second: list[RunResult]) -> list[tuple[RunResult, RunResult]]:
+    """``(run of first, run of second)`` at every seed both have, by seed."""
+    theirs = {r.seed: r for r in second}
+    return sorted(((r, theirs[r.seed]) for r in first if r.seed in theirs), key=lambda pair: pair[0].seed)
+
+
 def paired_difference(
     results: list[RunResult], arm: str, other: str, label: str | None = None
 ) -> PairedDifference | None:
     """``arm`` minus ``other`` at every seed both finished; ``None`` where they share none."""
-    theirs = {r.seed: r.final_loss for r in results if r.arm == other}
-    runs = sorted((r for r in results if r.arm == arm and r.seed in theirs), key=lambda r: r.seed)
-    if not runs:
+    pairs = _seed_pairs([r for r in results if r.arm == arm], [r for r in results if r.arm == other])
+    if not pairs:
         return None
-    return PairedDifference(label or arm, [r.seed for r in runs], [r.final_loss - theirs[r.seed] for r in runs])
+    return PairedDifference(label or arm, [a.seed for a, _ in pairs], [a.final_loss - b.final_loss for a, b in pairs])
 
 
 def paired_differences(spec: StudySpec, results: list[RunResult]) -> list[PairedDifference]:
@@ -237,8 +242,7 @@ def _curves(runs: list[RunResult]) -> tuple[list[int], list[list[float]]]:
 def _plot_paired(ax, first: list[RunResult], second: list[RunResult], colour: str, label: str) -> None:
     """The curve of ``first`` minus ``second`` at the seeds both have, mean over those seeds, with a
     95% t band where there are two or more."""
-    theirs = {r.seed: r for r in second}
-    pairs = [(r, theirs[r.seed]) for r in first if r.seed in theirs]
+    pairs = _seed_pairs(first, second)
     if not pairs:
         return
     n = min(min(len(a.val_loss), len(b.val_loss)) for a, b in pairs)

@@ -8,7 +8,6 @@ On a CUDA machine these are skipped; ``test_moda_attn_cuda.py`` covers the compi
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -67,25 +66,6 @@ CASES = [
 ]
 
 
-@contextlib.contextmanager
-def depth_tile(**variables: str):
-    """The depth kernels with these ``MODA_DEPTH_*`` overrides, which they read once, at import."""
-    from moda_kernels.moda_attn.fwd import reload_depth_tile
-
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    reload_depth_tile()
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        reload_depth_tile()
-
-
 def _case_id(c):
     B, T, Hq, Hk, d, S, L = c
     return f"B{B}-T{T}-Hq{Hq}-Hk{Hk}-L{L}-D{d}"
@@ -135,8 +115,9 @@ def test_depth_read_in_place_from_strided_view(seq):
     token_grid = seq.endswith("-token_grid")  # depth kernels with token blocks on the fast grid axis
     set_seq_backend(seq.removesuffix("-token_grid"))
     try:
-        with depth_tile(**({"MODA_DEPTH_HK_FAST": "0"} if token_grid else {})):
-            from moda_kernels.moda_attn.fwd import depth_config, depth_grid
+        from moda_kernels.moda_attn.fwd import depth_config, depth_grid, depth_tile_overrides
+
+        with depth_tile_overrides({"MODA_DEPTH_HK_FAST": "0"} if token_grid else {}):
 
             assert depth_grid(depth_config(2, True), 11, 1, 2)[1] is not token_grid  # the override took effect
             out = outputs_and_grads(moda_attn, [q, k, v, dk_p, dv_p], do, num_depth=2)
@@ -162,7 +143,7 @@ def test_depth_kernels_with_the_gpu_tiles(case, cols, monkeypatch):
     monkeypatch.setattr(bwd, "depth_config", fwd.depth_config)
     B, T, Hq, Hk, d, S, L = case
     inputs, do = _inputs(B, T, Hq, Hk, d, S, torch.float32, seed=3)
-    with depth_tile(**({"MODA_DEPTH_COLS": cols} if cols else {})):
+    with fwd.depth_tile_overrides({"MODA_DEPTH_COLS": cols} if cols else {}):
         G = Hq // Hk
         cfg = fwd.depth_config(G, True)
         assert T % cfg["BLOCK_T"] and (cfg["SC"] == 1 or L % cfg["SC"]), cfg  # partial blocks both ways

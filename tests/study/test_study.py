@@ -212,6 +212,9 @@ def test_report_adds_the_comparisons_the_study_file_names(tmp_path):
             f"0: {pre[0]:+.4f}, 1: {pre[1]:+.4f}, 2: {pre[2]:+.4f} |") in named  # fmt: skip
     # only the seeds both arms finished are paired
     post = [loss["moda_pre", s] - loss["moda_post", s] for s in (0, 1)]
+    row = next(line for line in named.splitlines() if line.startswith("| moda_pre - moda_post |"))
+    assert row.startswith(f"| moda_pre - moda_post | 2 | {sum(post) / 2:+.4f} |")
+    assert row.endswith(f"| 0: {post[0]:+.4f}, 1: {post[1]:+.4f} |")
     # ... and plots them in a panel of their own, one curve per comparison
     named_panel = figure(spec, results).axes[3]
     assert [line.get_label() for line in named_panel.lines if not line.get_label().startswith("_")] == [
@@ -219,9 +222,6 @@ def test_report_adds_the_comparisons_the_study_file_names(tmp_path):
     ]  # fmt: skip
     last = named_panel.lines[0].get_ydata()[-1]
     assert last == pytest.approx(sum(pre) / 3)
-    row = next(line for line in named.splitlines() if line.startswith("| moda_pre - moda_post |"))
-    assert row.startswith(f"| moda_pre - moda_post | 2 | {sum(post) / 2:+.4f} |")
-    assert row.endswith(f"| 0: {post[0]:+.4f}, 1: {post[1]:+.4f} |")
 
 
 def test_arms_with_different_tokens_per_step_are_refused(tmp_path):

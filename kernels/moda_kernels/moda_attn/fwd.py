@@ -19,7 +19,9 @@ Two kernels:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -394,7 +396,7 @@ def moda_merge(o: torch.Tensor, lse: torch.Tensor, o_depth: torch.Tensor, lse_de
 # the fast grid axis. Of the tiles timed on an H200 (docs/benchmarks.md), the fastest at the 700M
 # training shape (2 query heads per KV head) and within 1.2% of the fastest at table6_24l's (3, padded to 4).
 DEPTH_TILE_DEFAULTS = dict(rows=16, cols=32, warps=2, stages=3, hk_fast=1)
-# tuning overrides, read at import and by reload_depth_tile (benchmarks/kernel_attention.py --depth-configs)
+# tuning overrides, read at import and by depth_tile_overrides (benchmarks/kernel_attention.py --depth-configs)
 DEPTH_TILE_VARS = dict(
     rows="MODA_DEPTH_ROWS", cols="MODA_DEPTH_COLS", warps="MODA_DEPTH_WARPS",
     stages="MODA_DEPTH_STAGES", hk_fast="MODA_DEPTH_HK_FAST",
@@ -409,10 +411,23 @@ def _read_depth_tile() -> dict[str, int]:
 _depth_tile = _read_depth_tile()  # read once: depth_config and depth_grid run at every depth-kernel launch
 
 
-def reload_depth_tile() -> None:
-    """Read the ``MODA_DEPTH_*`` overrides again, after a tuning run changed them."""
+@contextlib.contextmanager
+def depth_tile_overrides(variables: dict[str, str]) -> Iterator[None]:
+    """Inside the block the depth kernels use exactly these ``MODA_DEPTH_*`` overrides (the others
+    unset; ``{}``: the shipped tile); after it, the environment and the tile are as they were. For
+    tile tuning and tests, since the kernels read the variables once, at import."""
     global _depth_tile
+    saved = {var: os.environ.pop(var, None) for var in DEPTH_TILE_VARS.values()}
+    os.environ.update(variables)
     _depth_tile = _read_depth_tile()
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            os.environ.pop(var, None)
+            if value is not None:
+                os.environ[var] = value
+        _depth_tile = _read_depth_tile()
 
 
 def depth_config(G: int, interpret: bool) -> dict[str, int]:
