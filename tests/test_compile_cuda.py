@@ -69,3 +69,38 @@ def test_a_compiled_or_graphed_training_step_trains_as_the_eager_one(mode):
     assert len(other) == len(eager) == 12
     for step, (a, b) in enumerate(zip(eager, other)):
         assert abs(a - b) < 0.02 * abs(a), f"micro-batch {step}: eager {a:.4f}, {mode} {b:.4f}"
+
+
+def fit_with_validation(compile_mode: str | None, save_dir) -> tuple[list[float], dict[str, float]]:
+    """Validation losses and the depth probe's last mean mass of a tiny run with the GPU config's
+    callbacks: validation and the probe every 2 steps, both between replayed training steps."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from moda_lightning.callbacks import DepthAttentionStats, FlopsOverhead
+    from moda_lightning.study.results import read_scalars
+
+    L.seed_everything(0)
+    module = MoDALightningModule(**SHAPE, attention="moda_triton", lr=1e-3, warmup_steps=2,
+                                 compile=compile_mode is not None, compile_mode=compile_mode or "default")  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    train = [torch.randint(0, 256, (129,), generator=generator) for _ in range(4 * 6)]
+    val = [torch.randint(0, 256, (129,), generator=generator) for _ in range(4 * 2)]
+    logger = TensorBoardLogger(save_dir, name="", version=str(compile_mode))
+    callbacks = [DepthAttentionStats(every_n_steps=2, probe_batch_size=2), FlopsOverhead(window_size=2)]
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=6, gradient_clip_val=1.0,
+                        val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=logger,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=callbacks)  # fmt: skip
+    trainer.fit(module, DataLoader(train, batch_size=4), DataLoader(val, batch_size=4))
+    scalars = read_scalars(logger.log_dir)
+    return [v for _, v in scalars["val/loss"]], [v for _, v in scalars["depth_attn/mean_mass"]]
+
+
+def test_a_graphed_run_validates_and_probes_depth_as_the_eager_one(tmp_path):
+    eager_val, eager_mass = fit_with_validation(None, tmp_path)
+    graphed_val, graphed_mass = fit_with_validation("reduce-overhead", tmp_path)
+    assert len(graphed_val) == len(eager_val) == 3 and len(graphed_mass) == len(eager_mass) == 3
+    for step, (a, b) in enumerate(zip(eager_val, graphed_val)):
+        assert abs(a - b) < 0.02 * abs(a), f"validation {step}: eager {a:.4f}, graphed {b:.4f}"
+    for step, (a, b) in enumerate(zip(eager_mass, graphed_mass)):
+        assert abs(a - b) < 0.05, f"depth mass at probe {step}: eager {a:.4f}, graphed {b:.4f}"
