@@ -104,3 +104,35 @@ def test_a_graphed_run_validates_and_probes_depth_as_the_eager_one(tmp_path):
         assert abs(a - b) < 0.02 * abs(a), f"validation {step}: eager {a:.4f}, graphed {b:.4f}"
     for step, (a, b) in enumerate(zip(eager_mass, graphed_mass)):
         assert abs(a - b) < 0.05, f"depth mass at probe {step}: eager {a:.4f}, graphed {b:.4f}"
+
+
+def graphed_losses(max_steps: int, save_to=None, resume_from=None) -> list[float]:
+    """Per-step losses of a tiny CUDA-graphed run over 4 batches an epoch (unshuffled), saving a
+    checkpoint at its end to ``save_to`` or resuming from ``resume_from``."""
+    L.seed_everything(0)
+    module = MoDALightningModule(**SHAPE, attention="moda_triton", lr=1e-3, warmup_steps=2, compile=True,
+                                 compile_mode="reduce-overhead")  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 256, (129,), generator=generator) for _ in range(4 * 4)]
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=max_steps, gradient_clip_val=1.0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[Record()])  # fmt: skip
+    trainer.fit(module, DataLoader(data, batch_size=4), ckpt_path=resume_from)
+    if save_to is not None:
+        trainer.save_checkpoint(save_to)
+    return losses
+
+
+def test_a_graphed_run_resumed_from_its_checkpoint_trains_on_as_the_uninterrupted_one(tmp_path):
+    whole = graphed_losses(8)
+    first = graphed_losses(4, save_to=tmp_path / "epoch1.ckpt")
+    rest = graphed_losses(8, resume_from=tmp_path / "epoch1.ckpt")
+    assert len(whole) == 8 and len(first) == 4 and len(rest) == 4
+    for step, (a, b) in enumerate(zip(whole, first + rest)):
+        assert abs(a - b) < 0.02 * abs(a), f"step {step}: uninterrupted {a:.4f}, resumed {b:.4f}"
