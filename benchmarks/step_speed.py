@@ -196,7 +196,9 @@ def fit_flags(overlays: list[str], mode: str, steps: int, save_dir: Path) -> lis
     :data:`MODES` as ``--model.compile`` / ``--model.compile_mode``, ``steps`` steps, no validation."""
     configs = [arg for config in ["configs/table6_24l.yaml", *overlays] for arg in ("--config", config)]
     # eager says so too: the configs may ship compile=true
-    compiled = ["--model.compile=false"] if MODES[mode] is None else ["--model.compile=true", f"--model.compile_mode={MODES[mode]}"]
+    compiled = ["--model.compile=false"]
+    if MODES[mode] is not None:
+        compiled = ["--model.compile=true", f"--model.compile_mode={MODES[mode]}"]
     return [
         *configs, *compiled,
         f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
