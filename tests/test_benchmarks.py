@@ -130,7 +130,8 @@ def test_step_table_holds_each_row_against_its_floor_and_rates_the_depth_kernels
 
     def fake_measure(fields, attention, mode, batch, steps, profile=False):
         moda = attention != "sdpa"
-        kernels = {"gemm": [50.0, 400]} | ({"moda_depth_fwd_kernel": [5.0, 46], "moda_depth_bwd_kernel": [15.0, 46]} if moda else {})
+        kernels = {"gemm": [56.0, 460] if moda else [50.0, 400]}
+        kernels |= {"moda_depth_fwd_kernel": [5.0, 46], "moda_depth_bwd_kernel": [15.0, 46]} if moda else {}
         return (130.0 if moda else 104.0, 19.5 if moda else 19.0, 1e-3, kernels)
 
     monkeypatch.setattr(step_speed, "copy_bytes_per_s", lambda: 3.0e12)
@@ -142,6 +143,9 @@ def test_step_table_holds_each_row_against_its_floor_and_rates_the_depth_kernels
     assert f"| table6_24l | 16 | graphed | 104.0 | 130.0 | 1.250 | {floor:.3f} | 19.00 | 19.50 | 1.026 | ok |" in out
     kernel_gb = step_speed.depth_kernel_traffic_gb(fields, 16)
     assert f"depth kernels: {kernel_gb:.1f} GB in 20.00 ms, {kernel_gb / 20:.2f} TB/s ({kernel_gb / 20 / 3:.0%} of the copy rate)" in out
+    # the two largest additions: the backward depth kernel, then the baseline's kernel run more often
+    additions = out.split("largest additions over the baseline")[1].splitlines()[1:3]
+    assert [line.split() for line in additions] == [["+15.00", "+23", "moda_depth_bwd_kernel"], ["+6.00", "+30", "gemm"]]
 
 
 def test_kernel_attention_depth_tiles_parse_and_a_mistyped_one_fails_before_any_gpu_work():
