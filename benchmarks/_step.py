@@ -44,7 +44,8 @@ def median_step_ms(step: Callable[[], None], steps: int) -> float:
 
 
 def unfuse_norm_rope() -> None:
-    """Run the q/k RMSNorm and RoPE as separate torch ops: the before of ``moda_kernels.norm_rope``."""
+    """Run the q/k RMSNorm and RoPE, and the reader depth keys' norm, as separate torch ops: the before
+    of ``moda_kernels.norm_rope``."""
     import moda_lightning.model
 
     moda_lightning.model._has_triton = lambda: False  # norm_then_rope then takes the module path

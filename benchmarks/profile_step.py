@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--trace", default=None, help="folder for Chrome traces")
     parser.add_argument("--sync-check", action="store_true")
-    parser.add_argument("--unfused-norm-rope", action="store_true", help="q/k RMSNorm and RoPE as separate torch ops")
+    parser.add_argument("--unfused-norm-rope", action="store_true", help="the q/k and depth-key norms (and RoPE) as separate torch ops")
     args = parser.parse_args()
     if args.unfused_norm_rope:
         unfuse_norm_rope()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._step import median_step_ms, training_step
+from benchmarks._step import median_step_ms, training_step, unfuse_norm_rope
 from benchmarks.kernel_attention import copy_bytes_per_s
 from benchmarks.profile_step import DEPTH_GROUP, kernel_groups, profiled_times
 from moda_lightning.config import MoDAConfig
@@ -249,8 +249,13 @@ def main() -> None:
     parser.add_argument("--fit-only", action="store_true", help="with --fit-steps: only the `moda fit` table")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="also profile each option: GPU time per kernel group and MoDA's TOP kernels")
+    parser.add_argument("--unfused-norm-rope", action="store_true",
+                        help="the q/k and depth-key norms (and RoPE) as separate torch ops, eager (the before of their kernels)")
     args = parser.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.unfused_norm_rope:
+        unfuse_norm_rope()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}"
+          + (" (norms and RoPE unfused)" if args.unfused_norm_rope else ""))  # fmt: skip
     if not args.fit_only:
         step_table(["table6_24l"] if args.quick else args.shapes, args.modes, args.steps, args.profile)
     if args.fit_steps:

@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--only-700m", action="store_true", help="skip the width/depth/length sweep")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile at width 384")
     parser.add_argument(
-        "--unfused-norm-rope", action="store_true", help="q/k RMSNorm and RoPE as separate torch ops (the before of the fused kernel)"
+        "--unfused-norm-rope", action="store_true", help="the q/k and depth-key norms (and RoPE) as separate torch ops (the before of their kernels)"
     )
     args = parser.parse_args()
     if args.unfused_norm_rope:

@@ -72,6 +72,12 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _fused_norm_kernels_apply(x: Tensor) -> bool:
+    """Whether a per-head norm of ``x [B, T, H, d]`` may run as a ``moda_kernels.norm_rope`` kernel:
+    on CUDA, eagerly (``torch.compile`` fuses the plain ops itself), d a power of two, Triton installed."""
+    return x.is_cuda and x.shape[-1] & (x.shape[-1] - 1) == 0 and not torch.compiler.is_compiling() and _has_triton()
+
+
 def norm_then_rope(x: Tensor, norm: nn.Module, rope: RotaryEmbedding, positions: Tensor | None = None) -> Tensor:
     """``rope(norm(x))`` for per-head queries and keys ``[B, T, H, d]``.
 
@@ -84,11 +90,8 @@ def norm_then_rope(x: Tensor, norm: nn.Module, rope: RotaryEmbedding, positions:
         positions is None
         and isinstance(norm, RMSNorm)
         and not getattr(norm, "spans_heads", False)  # the kernel normalises one head at a time
-        and x.is_cuda
         and type(norm.weight) is nn.Parameter  # not a DTensor shard: the kernel reads plain memory
-        and x.shape[-1] & (x.shape[-1] - 1) == 0
-        and not torch.compiler.is_compiling()
-        and _has_triton()
+        and _fused_norm_kernels_apply(x)
     )
     if fused:
         from moda_kernels.norm_rope import norm_rope
@@ -110,7 +113,15 @@ def reader_slot_key(k: Tensor, config: MoDAConfig) -> Tensor:
     reader, so the writer stores it once, and each reader puts its own gain on its query instead
     (``q_depth``): no per-layer copy of the slots.
     """
-    return unit_rms(k, config.qk_norm_scope == "full", config.norm_eps) if config.qk_norm else k
+    if not config.qk_norm:
+        return k
+    spans_heads = config.qk_norm_scope == "full"
+    if not spans_heads and _fused_norm_kernels_apply(k):
+        from moda_kernels.norm_rope import unit_rms as unit_rms_kernel
+
+        # one kernel each way where casts, the norm and casts back took three (each slot, every step)
+        return unit_rms_kernel(k, config.norm_eps)
+    return unit_rms(k, spans_heads, config.norm_eps)
 
 
 class DepthKVProjection(nn.Module):

@@ -472,9 +472,11 @@ def test_transformers_copies_every_generated_file_and_finds_no_other_requirement
 
 
 def test_the_guard_the_folder_overrides_is_still_the_models():
-    # modeling_moda.py turns the fused norm+rope path off where moda_kernels is missing by replacing
+    # modeling_moda.py turns the fused norm kernels off where moda_kernels is missing by replacing
     # model._has_triton; if the model stops asking it, that override does nothing.
-    assert "_has_triton()" in inspect.getsource(moda_lightning.model.norm_then_rope)
+    assert "_has_triton()" in inspect.getsource(moda_lightning.model._fused_norm_kernels_apply)
+    for caller in (moda_lightning.model.norm_then_rope, moda_lightning.model.reader_slot_key):
+        assert "_fused_norm_kernels_apply(" in inspect.getsource(caller)
 
 
 def _rewrite(source: str, module: str = "moda_lightning.thing", submodules: tuple[str, ...] = ()) -> str:

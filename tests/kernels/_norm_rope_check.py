@@ -37,3 +37,18 @@ def check_norm_rope(fn, x, weight, cos, sin, dout, floor: float) -> None:
     ref_lowp = outputs_and_grads(norm_rope_reference, x, weight, cos, sin, dout)
     for name, a, r64, rl in zip(["out", "dx", "dweight"], got, ref64, ref_lowp):
         check_close(name, a, r64, rl, floor=floor)
+
+
+def check_unit_rms(fn, x, dout, floor: float) -> None:
+    """``fn(x, eps)``'s output and input gradient against the float64 reference."""
+    from moda_kernels.norm_rope import unit_rms_reference
+
+    def run(f, x, dout):
+        x = x.detach().clone().requires_grad_()
+        out = f(x, 1e-6)
+        out.backward(dout.to(out.dtype))
+        return [out, x.grad]
+
+    got, ref64, ref_lowp = run(fn, x, dout), run(unit_rms_reference, x.double(), dout.double()), run(unit_rms_reference, x, dout)
+    for name, a, r64, rl in zip(["out", "dx"], got, ref64, ref_lowp):
+        check_close(name, a, r64, rl, floor=floor)

@@ -23,6 +23,17 @@ def test_matches_float64_reference(B, T, H, d, dtype):
     check_norm_rope(norm_rope, x, weight, cos, sin, dout, floor=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("B,T,H,d", [(2, 17, 3, 64), (16, 2048, 2, 64), (1, 5, 1, 128)], ids=str)
+def test_unit_rms_matches_float64_reference(B, T, H, d, dtype):
+    from _norm_rope_check import check_unit_rms
+
+    from moda_kernels.norm_rope import unit_rms
+
+    x, _, dout = strided_inputs(B, T, H, d, dtype, device="cuda", seed=T)
+    check_unit_rms(unit_rms, x, dout, floor=1e-3)
+
+
 def test_float32_weight_with_bf16_activations():
     """Under bf16-mixed the norm weight stays float32: its gradient comes back in float32."""
     from moda_kernels.norm_rope import norm_rope
@@ -32,14 +43,17 @@ def test_float32_weight_with_bf16_activations():
     check_norm_rope(norm_rope, x, weight.float(), cos, sin, dout, floor=1e-3)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "moda_triton"])
-def test_model_with_fused_norm_rope_matches_the_plain_modules(monkeypatch, attention):
-    """The model's q/k path (and the depth keys') through the kernel, against the two modules."""
+@pytest.mark.parametrize("attention,depth_keys", [("sdpa", "writer"), ("moda_triton", "writer"), ("moda_triton", "reader")])
+def test_model_with_fused_norm_rope_matches_the_plain_modules(monkeypatch, attention, depth_keys):
+    """The model's q/k path (and the depth keys': rotated with the writer's norm, or unit-RMS for the
+    reader) through the kernels, against the plain modules."""
     from moda_lightning.config import MoDAConfig
     from moda_lightning.model import MoDATransformer
 
     torch.manual_seed(0)
-    model = MoDATransformer(MoDAConfig(vocab_size=97, d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, attention=attention)).cuda()
+    config = MoDAConfig(vocab_size=97, d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, attention=attention,
+                        depth_keys=depth_keys)  # fmt: skip
+    model = MoDATransformer(config).cuda()
     idx = torch.randint(0, 97, (2, 65), device="cuda")
 
     def loss_and_grads():

@@ -1,4 +1,5 @@
-"""``norm_rope``: the fused per-head RMSNorm + RoPE as an autograd function (CUDA, or the interpreter)."""
+"""``norm_rope`` (the fused per-head RMSNorm + RoPE) and ``unit_rms`` (the per-head norm alone, no
+gain) as autograd functions (CUDA, or the interpreter)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,34 @@ def norm_rope(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps: float) -
             f"norm_rope: cos/sin must be float32 [T_max >= {x.shape[1]}, {d}] tables; got {list(cos.shape)} {cos.dtype}."
         )
     return _NormRoPE.apply(x, weight, cos.contiguous(), sin.contiguous(), float(eps))
+
+
+class _UnitRMS(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float) -> Tensor:
+        B, T, H, d = x.shape
+        out = torch.empty(B, T, H, d, device=x.device, dtype=x.dtype)
+        rstd = torch.empty(B * T * H, device=x.device, dtype=torch.float32)
+        norm_rope_fwd(x, None, None, None, eps, out, rstd)
+        ctx.save_for_backward(x, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> tuple:
+        x, rstd = ctx.saved_tensors
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        norm_rope_bwd(x, None, None, None, rstd, dout.contiguous(), dx, None)
+        return dx, None
+
+
+def unit_rms(x: Tensor, eps: float) -> Tensor:
+    """``x [B, T, H, d]`` (any strides) divided by its root mean square over each head, without a gain
+    or rotation: one kernel each way, computed in float32 and rounded once to ``x``'s dtype.
+
+    Same contract as :func:`~moda_kernels.norm_rope.reference.unit_rms_reference`; the output is
+    contiguous; ``d`` must be a power of two.
+    """
+    d = x.shape[-1]
+    if x.dim() != 4 or d & (d - 1) or d < 2:
+        raise ValueError(f"unit_rms: x must be [B, T, H, d] with d a power of two; got {list(x.shape)}.")
+    return _UnitRMS.apply(x, float(eps))

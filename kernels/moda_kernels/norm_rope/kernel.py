@@ -1,4 +1,4 @@
-"""Triton kernels of the fused norm + RoPE op: one pass forward, one pass backward.
+"""Triton kernels of the fused norm + RoPE op, and of the plain unit-RMS norm: one pass each way.
 
 Unfused, a per-head RMSNorm and RoPE take about seven elementwise kernels forward (casts, the
 norm, three for RoPE) and as many backward, each a full trip through memory, and torch's
@@ -13,6 +13,9 @@ Math (``r = rsqrt(mean(x^2) + eps)``, ``y = x r w``, ``P`` the rotate-half permu
     dy  = dout * cos + P(dout * sin)          (P is its own inverse)
     dw  = sum_rows dy * x r
     dx  = r * (dy w - x r * mean(dy w * x r))
+
+The same kernels with ``SCALE`` and ``ROTATE`` off give ``out = x r`` (a depth slot's key under
+``depth_keys="reader"``: unit RMS, no gain, no rotation), ``dx = r * (dout - x r * mean(dout * x r))``.
 """
 
 from __future__ import annotations
@@ -37,22 +40,31 @@ def norm_rope_fwd_kernel(
     T, H, n_rows, eps,
     D: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    SCALE: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):  # fmt: skip
-    """``OUT [B*T*H, D]`` (contiguous) and ``RSTD [B*T*H]`` from ``X [B, T, H, D]`` (any strides)."""
+    """``OUT [B*T*H, D]`` (contiguous) and ``RSTD [B*T*H]`` from ``X [B, T, H, D]`` (any strides);
+    without ``SCALE`` no gain ``W``, without ``ROTATE`` no rotation (``COS``, ``SIN`` unread)."""
     b, t, h, mask_r = _rows(tl.program_id(0), T, H, n_rows, BLOCK_R)
     offs_d = tl.arange(0, D)
-    offs_swap = (offs_d + D // 2) % D  # rotate-half partner of each channel
     ptr_x = X + b[:, None] * stride_xb + t[:, None] * stride_xt + h[:, None] * stride_xh
-    # [BLOCK_R, D]: each row, and each row with its halves swapped
+    # [BLOCK_R, D]
     b_x = tl.load(ptr_x + offs_d[None, :] * stride_xd, mask=mask_r[:, None], other=0.0).to(tl.float32)
-    b_x_swap = tl.load(ptr_x + offs_swap[None, :] * stride_xd, mask=mask_r[:, None], other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=1) / D + eps)
-    b_y = b_x * rstd[:, None] * tl.load(W + offs_d).to(tl.float32)[None, :]
-    b_y_swap = b_x_swap * rstd[:, None] * tl.load(W + offs_swap).to(tl.float32)[None, :]
-    # [BLOCK_R, D]: the rotary tables at each row's token
-    b_cos = tl.load(COS + t[:, None] * stride_cos + offs_d[None, :], mask=mask_r[:, None], other=0.0)
-    b_sin = tl.load(SIN + t[:, None] * stride_sin + offs_d[None, :], mask=mask_r[:, None], other=0.0)
-    b_out = b_y * b_cos + b_y_swap * b_sin
+    b_out = b_x * rstd[:, None]
+    if SCALE:
+        b_out = b_out * tl.load(W + offs_d).to(tl.float32)[None, :]
+    if ROTATE:
+        offs_swap = (offs_d + D // 2) % D  # rotate-half partner of each channel
+        # [BLOCK_R, D]: each row with its halves swapped, normed the same way
+        b_y_swap = tl.load(ptr_x + offs_swap[None, :] * stride_xd, mask=mask_r[:, None], other=0.0).to(tl.float32)
+        b_y_swap = b_y_swap * rstd[:, None]
+        if SCALE:
+            b_y_swap = b_y_swap * tl.load(W + offs_swap).to(tl.float32)[None, :]
+        # [BLOCK_R, D]: the rotary tables at each row's token
+        b_cos = tl.load(COS + t[:, None] * stride_cos + offs_d[None, :], mask=mask_r[:, None], other=0.0)
+        b_sin = tl.load(SIN + t[:, None] * stride_sin + offs_d[None, :], mask=mask_r[:, None], other=0.0)
+        b_out = b_out * b_cos + b_y_swap * b_sin
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     tl.store(OUT + offs_r.to(tl.int64)[:, None] * D + offs_d[None, :], b_out.to(OUT.dtype.element_ty), mask=mask_r[:, None])
     tl.store(RSTD + offs_r, rstd, mask=mask_r)
@@ -66,28 +78,33 @@ def norm_rope_bwd_kernel(
     T, H, n_rows,
     D: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    SCALE: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):  # fmt: skip
-    """``DX [B*T*H, D]`` (contiguous) and this program's share of the weight gradient, ``DW_PARTIAL[pid]``."""
+    """``DX [B*T*H, D]`` (contiguous) and, with ``SCALE``, this program's share of the weight gradient,
+    ``DW_PARTIAL[pid]``."""
     pid_r = tl.program_id(0)
     b, t, h, mask_r = _rows(pid_r, T, H, n_rows, BLOCK_R)
     offs_d = tl.arange(0, D)
-    offs_swap = (offs_d + D // 2) % D
     offs_r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     # [BLOCK_R, D]
     b_x = tl.load(X + b[:, None] * stride_xb + t[:, None] * stride_xt + h[:, None] * stride_xh + offs_d[None, :] * stride_xd,
                   mask=mask_r[:, None], other=0.0).to(tl.float32)  # fmt: skip
     rstd = tl.load(RSTD + offs_r, mask=mask_r, other=0.0)
-    # [BLOCK_R, D]: the output gradient, and with its halves swapped (P is its own inverse)
-    b_dout = tl.load(DOUT + offs_r[:, None] * D + offs_d[None, :], mask=mask_r[:, None], other=0.0).to(tl.float32)
-    b_dout_swap = tl.load(DOUT + offs_r[:, None] * D + offs_swap[None, :], mask=mask_r[:, None], other=0.0).to(tl.float32)
-    # [BLOCK_R, D]
-    b_cos = tl.load(COS + t[:, None] * stride_cos + offs_d[None, :], mask=mask_r[:, None], other=0.0)
-    b_sin_swap = tl.load(SIN + t[:, None] * stride_sin + offs_swap[None, :], mask=mask_r[:, None], other=0.0)
-    b_dy = b_dout * b_cos + b_dout_swap * b_sin_swap
+    # [BLOCK_R, D]: the output gradient
+    b_dy = tl.load(DOUT + offs_r[:, None] * D + offs_d[None, :], mask=mask_r[:, None], other=0.0).to(tl.float32)
+    if ROTATE:
+        offs_swap = (offs_d + D // 2) % D
+        # [BLOCK_R, D]: the output gradient with its halves swapped (P is its own inverse), the tables
+        b_dout_swap = tl.load(DOUT + offs_r[:, None] * D + offs_swap[None, :], mask=mask_r[:, None], other=0.0).to(tl.float32)
+        b_cos = tl.load(COS + t[:, None] * stride_cos + offs_d[None, :], mask=mask_r[:, None], other=0.0)
+        b_sin_swap = tl.load(SIN + t[:, None] * stride_sin + offs_swap[None, :], mask=mask_r[:, None], other=0.0)
+        b_dy = b_dy * b_cos + b_dout_swap * b_sin_swap
     b_x_hat = b_x * rstd[:, None]
-    b_w = tl.load(W + offs_d).to(tl.float32)
-    tl.store(DW_PARTIAL + pid_r * D + offs_d, tl.sum(b_dy * b_x_hat, axis=0))
-    b_dx_hat = b_dy * b_w[None, :]
+    b_dx_hat = b_dy
+    if SCALE:
+        tl.store(DW_PARTIAL + pid_r * D + offs_d, tl.sum(b_dy * b_x_hat, axis=0))
+        b_dx_hat = b_dy * tl.load(W + offs_d).to(tl.float32)[None, :]
     b_dx = rstd[:, None] * (b_dx_hat - b_x_hat * (tl.sum(b_dx_hat * b_x_hat, axis=1) / D)[:, None])
     tl.store(DX + offs_r[:, None] * D + offs_d[None, :], b_dx.to(DX.dtype.element_ty), mask=mask_r[:, None])
 
@@ -95,21 +112,32 @@ def norm_rope_bwd_kernel(
 BLOCK_R = 32  # rows per program: enough to amortise the weight loads, few enough partial weight-gradient rows
 
 
-def norm_rope_fwd(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps: float, out: Tensor, rstd: Tensor) -> None:
+def norm_rope_fwd(
+    x: Tensor, weight: Tensor | None, cos: Tensor | None, sin: Tensor | None, eps: float, out: Tensor, rstd: Tensor
+) -> None:
+    """Without ``weight`` no gain, without ``cos``/``sin`` no rotation (the kernel never reads what
+    it is not given; ``x`` stands in for those pointers)."""
     B, T, H, d = x.shape
     n_rows = B * T * H
+    rotate = cos is not None
     norm_rope_fwd_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
-        x, weight, cos, sin, out, rstd, *x.stride(), cos.stride(0), sin.stride(0), T, H, n_rows, eps,
-        D=d, BLOCK_R=BLOCK_R, num_warps=4,
+        x, x if weight is None else weight, cos if rotate else x, sin if rotate else x, out, rstd, *x.stride(),
+        cos.stride(0) if rotate else 0, sin.stride(0) if rotate else 0, T, H, n_rows, eps,
+        D=d, BLOCK_R=BLOCK_R, SCALE=weight is not None, ROTATE=rotate, num_warps=4,
     )  # fmt: skip
 
 
 def norm_rope_bwd(
-    x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, rstd: Tensor, dout: Tensor, dx: Tensor, dw_partial: Tensor
-) -> None:
+    x: Tensor, weight: Tensor | None, cos: Tensor | None, sin: Tensor | None, rstd: Tensor, dout: Tensor, dx: Tensor,
+    dw_partial: Tensor | None,
+) -> None:  # fmt: skip
+    """As :func:`norm_rope_fwd`; ``dw_partial`` only with ``weight``."""
     B, T, H, d = x.shape
     n_rows = B * T * H
+    rotate = cos is not None
     norm_rope_bwd_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
-        x, weight, cos, sin, rstd, dout, dx, dw_partial, *x.stride(), cos.stride(0), sin.stride(0), T, H, n_rows,
-        D=d, BLOCK_R=BLOCK_R, num_warps=4,
+        x, x if weight is None else weight, cos if rotate else x, sin if rotate else x, rstd, dout, dx,
+        x if dw_partial is None else dw_partial, *x.stride(), cos.stride(0) if rotate else 0,
+        sin.stride(0) if rotate else 0, T, H, n_rows, D=d, BLOCK_R=BLOCK_R, SCALE=weight is not None, ROTATE=rotate,
+        num_warps=4,
     )  # fmt: skip

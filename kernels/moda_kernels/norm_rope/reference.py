@@ -1,4 +1,5 @@
-"""The definition of the fused norm + RoPE op in plain PyTorch (what the kernel is tested against)."""
+"""The definitions of the fused norm + RoPE op and of the unit-RMS norm in plain PyTorch (what the
+kernels are tested against)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,11 @@ def norm_rope_reference(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps
     rotated = torch.cat([y2, y1], dim=-1)
     out = y * cos[:T, None, :].to(work) + rotated * sin[:T, None, :].to(work)
     return out.to(x.dtype)
+
+
+def unit_rms_reference(x: Tensor, eps: float) -> Tensor:
+    """``x [B, T, H, d]`` divided by its root mean square over the last dim, in float32, cast back once.
+    A float64 ``x`` is computed in float64."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(work)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
