@@ -10,7 +10,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-from _norm_rope_check import check_norm_rope, rotary_tables, strided_inputs  # noqa: E402
+from _norm_rope_check import check_norm_rope, check_unit_rms, rotary_tables, strided_inputs  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -26,8 +26,6 @@ def test_matches_float64_reference(B, T, H, d, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("B,T,H,d", [(2, 17, 3, 64), (16, 2048, 2, 64), (1, 5, 1, 128)], ids=str)
 def test_unit_rms_matches_float64_reference(B, T, H, d, dtype):
-    from _norm_rope_check import check_unit_rms
-
     from moda_kernels.norm_rope import unit_rms
 
     x, _, dout = strided_inputs(B, T, H, d, dtype, device="cuda", seed=T)

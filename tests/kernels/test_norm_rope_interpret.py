@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(
 
 triton = pytest.importorskip("triton")
 
-from _norm_rope_check import check_norm_rope, rotary_tables, strided_inputs  # noqa: E402
+from _norm_rope_check import check_norm_rope, check_unit_rms, rotary_tables, strided_inputs  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -40,8 +40,6 @@ def test_bad_inputs_say_what_is_wrong():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("B,T,H,d", [(1, 1, 1, 16), (2, 37, 3, 16), (1, 19, 2, 64)], ids=str)
 def test_unit_rms_matches_reference(B, T, H, d, dtype):
-    from _norm_rope_check import check_unit_rms
-
     from moda_kernels.norm_rope import unit_rms
 
     x, _, dout = strided_inputs(B, T, H, d, dtype, seed=T)
