@@ -14,7 +14,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
@@ -179,6 +179,12 @@ class MoDALightningModule(L.LightningModule):
                 )
             mode = self.hparams.get("compile_mode", "default")
             self.model = torch.compile(self.model, mode=None if mode == "default" else mode)
+            # Otherwise the first steps look stuck: compiling is done in them, not here.
+            rank_zero_info(
+                f"moda: torch.compile (mode {mode!r}): the first training step, and the first validation step, "
+                "compile the network (a minute or more); the steps after them run the compiled code"
+                + (" as replayed CUDA graphs." if mode in ("reduce-overhead", "max-autotune") else ".")
+            )
 
     def _replays_cuda_graphs(self) -> bool:
         return bool(self.hparams.compile) and self.hparams.get("compile_mode") in ("reduce-overhead", "max-autotune")

@@ -197,3 +197,15 @@ def test_the_fused_backend_compiled_sums_slot_gradients_in_place_and_equals_eage
     assert compiled.keys() == eager.keys()
     for name, grad in eager.items():
         torch.testing.assert_close(compiled[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiling_says_the_first_steps_are_slow(monkeypatch, caplog, mode):
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: model)
+    module = MoDALightningModule(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                                 compile=True, compile_mode=mode)  # fmt: skip
+    with caplog.at_level("INFO"):
+        module.configure_model()
+    said = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(said) == 1 and "the first training step" in said[0], said
+    assert ("CUDA graphs" in said[0]) == (mode == "reduce-overhead")
