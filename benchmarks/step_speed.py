@@ -20,7 +20,9 @@ rate measured at the start of the same run.
 ``--fit-steps N`` trains ``configs/table6_24l.yaml`` (MoDA) and its baseline overlay with the
 shipped GPU config for N steps each on the built-in corpus and reports the median tokens/s that
 ``moda fit`` logged (``train/device/items_per_sec``), in each of ``--modes`` (eager: no compile;
-compiled: ``--model.compile=true``; graphed: also ``--model.compile_mode=reduce-overhead``).
+compiled: ``--model.compile=true``; graphed: also ``--model.compile_mode=reduce-overhead``);
+``--fit-event-timing`` adds each option with ``FlopsOverhead(sync_every_batch=false)``, whose
+throughput is timed by CUDA events rather than a synchronization after every batch.
 """
 
 from __future__ import annotations
@@ -214,6 +216,20 @@ def fit_flags(overlays: list[str], mode: str, steps: int, save_dir: Path) -> lis
     ]  # fmt: skip
 
 
+def event_timing_overlay(workdir: Path) -> str:
+    """A config file: the GPU config's callbacks, with ``FlopsOverhead`` timing training batches by
+    CUDA events instead of synchronizing after each (``moda_lightning/callbacks/event_timed_throughput.py``)."""
+    import yaml
+
+    callbacks = yaml.safe_load(Path("configs/trainer/gpu.yaml").read_text())["callbacks"]
+    for callback in callbacks:
+        if callback["class_path"].endswith(".FlopsOverhead"):
+            callback.setdefault("init_args", {})["sync_every_batch"] = False
+    path = workdir / "event_timed.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}, sort_keys=False))
+    return str(path)
+
+
 def fit_tokens_per_sec(overlays: list[str], mode: str, steps: int, workdir: Path) -> float:
     """Median tokens/s that ``moda fit`` logged training table6_24l (plus ``overlays``) for ``steps``
     steps in ``mode``."""
@@ -228,15 +244,17 @@ def fit_tokens_per_sec(overlays: list[str], mode: str, steps: int, workdir: Path
     return rates[len(rates) // 2]
 
 
-def fit_table(steps: int, modes: list[str]) -> None:
+def fit_table(steps: int, modes: list[str], event_timing: bool = False) -> None:
     print(f"\n`moda fit` table6_24l, {steps} steps, shipped GPU config (bf16-mixed, clipping 1.0), built-in corpus")
     print("| option | baseline tokens/s | MoDA tokens/s | MoDA / baseline |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as workdir:
+        timings = [("", [])] + ([(", event-timed", [event_timing_overlay(Path(workdir))])] if event_timing else [])
         for mode in modes:
-            base = fit_tokens_per_sec(["configs/variants/baseline.yaml"], mode, steps, Path(workdir))
-            moda = fit_tokens_per_sec([], mode, steps, Path(workdir))
-            print(f"| {mode} | {base:,.0f} | {moda:,.0f} | {moda / base:.3f} |")
+            for label, extra in timings:
+                base = fit_tokens_per_sec(["configs/variants/baseline.yaml", *extra], mode, steps, Path(workdir))
+                moda = fit_tokens_per_sec(extra, mode, steps, Path(workdir))
+                print(f"| {mode}{label} | {base:,.0f} | {moda:,.0f} | {moda / base:.3f} |")
 
 
 def main() -> None:
@@ -247,6 +265,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per option")
     parser.add_argument("--fit-steps", type=int, default=0, help="also time `moda fit` end to end for this many steps")
     parser.add_argument("--fit-only", action="store_true", help="with --fit-steps: only the `moda fit` table")
+    parser.add_argument("--fit-event-timing", action="store_true",
+                        help="with --fit-steps: each option also with throughput timed by CUDA events, no sync per batch")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="also profile each option: GPU time per kernel group and MoDA's TOP kernels")
     parser.add_argument("--unfused-norm-rope", action="store_true",
@@ -259,7 +279,7 @@ def main() -> None:
     if not args.fit_only:
         step_table(["table6_24l"] if args.quick else args.shapes, args.modes, args.steps, args.profile)
     if args.fit_steps:
-        fit_table(args.fit_steps, args.modes)
+        fit_table(args.fit_steps, args.modes, args.fit_event_timing)
 
 
 if __name__ == "__main__":

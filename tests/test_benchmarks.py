@@ -188,3 +188,16 @@ def test_kernel_attention_tile_check_tells_rounding_from_a_wrong_tile():
     assert relative_error(rounded, want) < TILE_TOLERANCE
     wrong = [want[0], want[1].roll(1, dims=1)]  # one tensor's rows shifted by a token
     assert relative_error(wrong, want) > 10 * TILE_TOLERANCE
+
+
+def test_step_speed_event_timed_fit_runs_keep_the_gpu_callbacks_with_event_timing(tmp_path):
+    from benchmarks.step_speed import event_timing_overlay, fit_flags
+    from moda_lightning.cli import resolved_fit_config
+
+    overlay = event_timing_overlay(tmp_path)
+    callbacks = resolved_fit_config(fit_flags([overlay], "eager", 7, tmp_path))["trainer"]["callbacks"]
+    shipped = resolved_fit_config(fit_flags([], "eager", 7, tmp_path))["trainer"]["callbacks"]
+    assert [c["class_path"] for c in callbacks] == [c["class_path"] for c in shipped]
+    flops = [c for c in callbacks if c["class_path"].endswith(".FlopsOverhead")]
+    assert len(flops) == 1 and flops[0]["init_args"]["sync_every_batch"] is False
+    assert all(c["init_args"].get("sync_every_batch", True) for c in shipped if c["class_path"].endswith(".FlopsOverhead"))

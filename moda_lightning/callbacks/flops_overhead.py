@@ -14,12 +14,12 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from moda_lightning.callbacks.depth_stats import _config_of
+from moda_lightning.callbacks.event_timed_throughput import EventTimedThroughput
 from moda_lightning.callbacks.log_media import log_text
 from moda_lightning.config import MoDAConfig
 from moda_lightning.flops import (
@@ -99,7 +99,7 @@ def executed_convention(cfg: MoDAConfig, op_names: list[str]) -> tuple[str | Non
     )
 
 
-class FlopsOverhead(ThroughputMonitor):
+class FlopsOverhead(EventTimedThroughput):
     """FLOPs and parameters of MoDA vs. the same model without it, and throughput during training.
 
     Per token, forward + backward (3x the forward), 2 FLOPs per multiply-add, causal attention
@@ -133,10 +133,17 @@ class FlopsOverhead(ThroughputMonitor):
         window_size: batches in the rolling throughput window (ThroughputMonitor).
         measure: run the ``FlopCounterMode`` cross-check at fit start.
         tolerance: relative disagreement above which the cross-check warns.
+        sync_every_batch: time training batches as ThroughputMonitor does, synchronizing the GPU at
+            every batch end; ``false`` times them with CUDA events read at logging steps
+            (``event_timed_throughput.py``), so the host may run ahead into the next step.
     """
 
-    def __init__(self, window_size: int = 50, measure: bool = True, tolerance: float = 0.05) -> None:
-        super().__init__(batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size)
+    def __init__(
+        self, window_size: int = 50, measure: bool = True, tolerance: float = 0.05, sync_every_batch: bool = True
+    ) -> None:
+        super().__init__(
+            batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size, sync_every_batch=sync_every_batch
+        )
         self.measure = measure
         self.tolerance = tolerance
         self.report: dict[str, float] = {}
