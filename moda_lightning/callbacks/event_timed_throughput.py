@@ -5,13 +5,13 @@ every batch end: the host cannot run ahead into the next step, and whatever it d
 steps (the loop's hooks, logging, the next batch) is time the GPU sits idle. With
 ``sync_every_batch=False`` a training batch's end is instead a CUDA event recorded on the stream;
 the events are read when the monitor logs (once per ``log_every_n_steps``), with one
-synchronization, and placed on the host clock by the last of them, which has just completed. The
-same window arithmetic then gives the same rates, measured where the GPU finished the work.
+synchronization, and placed on the host clock through an event recorded when training started
+(at the host time the monitor's clock starts). The same window arithmetic then gives the same
+rates, measured where the GPU finished the work.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import lightning as L
@@ -33,6 +33,8 @@ class EventTimedThroughput(ThroughputMonitor):
         self.sync_every_batch = sync_every_batch
         # (end-of-batch event, samples, items, FLOPs) of the training batches not yet counted
         self._pending: list[tuple[Any, int, int, float | None]] = []
+        self._start_event: Any = None  # recorded when training starts, at host time self._start_host
+        self._start_host = 0.0
 
     def _times_by_events(self, trainer: L.Trainer) -> bool:
         return (
@@ -40,6 +42,14 @@ class EventTimedThroughput(ThroughputMonitor):
             and trainer.strategy.root_device.type == "cuda"
             and trainer.state.stage == RunningStage.TRAINING
         )
+
+    def _start(self, trainer: L.Trainer) -> None:
+        super()._start(trainer)
+        if self._times_by_events(trainer):
+            self._pending.clear()
+            self._start_event = torch.cuda.Event(enable_timing=True)
+            self._start_event.record()
+            self._start_host = self._t0s[RunningStage.TRAINING]
 
     def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
         if not self._times_by_events(trainer):
@@ -65,18 +75,17 @@ class EventTimedThroughput(ThroughputMonitor):
 
     def _count_pending(self) -> None:
         """Wait for the last pending batch, then add every pending batch to the training window at
-        the host time its event marks."""
+        the host time its event marks: the start's host time plus the GPU time since the start."""
         stage = RunningStage.TRAINING
-        last = self._pending[-1][0]
-        last.synchronize()
-        now = time.perf_counter()
+        self._pending[-1][0].synchronize()
         throughput = self._throughputs[stage]
         for end, samples, items, flops in self._pending:
             self._samples[stage] += samples
             self._lengths[stage] += items
             self._batches[stage] += 1
+            host_time = self._start_host + self._start_event.elapsed_time(end) / 1000
             throughput.update(
-                time=now - end.elapsed_time(last) / 1000 - self._t0s[stage],
+                time=host_time - self._t0s[stage],  # the monitor's clock, moved past validations
                 batches=self._batches[stage],
                 samples=self._samples[stage],
                 lengths=self._lengths[stage] if self.length_fn is not None else None,
