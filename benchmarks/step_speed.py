@@ -190,8 +190,10 @@ def print_profile(option: str, base_kernels: dict, moda_kernels: dict, top: int)
     for name, (ms, calls) in sorted(moda_kernels.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"  {ms:7.2f} {calls // 2:5d}  {name[:110]}")
     # What MoDA adds, kernel by kernel: the same kernel in both networks counts only its extra time.
-    extra = {name: (ms - base_kernels.get(name, (0.0, 0))[0], calls - base_kernels.get(name, (0.0, 0))[1])
-             for name, (ms, calls) in moda_kernels.items()}  # fmt: skip
+    extra = {}
+    for name, (ms, calls) in moda_kernels.items():
+        base_ms, base_calls = base_kernels.get(name, (0.0, 0))
+        extra[name] = (ms - base_ms, calls - base_calls)
     print(f"MoDA's {top} largest additions over the baseline: extra ms per step, extra calls per step, name")
     for name, (ms, calls) in sorted(extra.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"  {ms:+7.2f} {calls // 2:+5d}  {name[:110]}")

@@ -42,24 +42,39 @@ def test_the_fused_backend_compiles_into_one_graph_that_equals_eager(options):
         assert (compiled[name] - grad).abs().max() / scale < 0.05, name
 
 
+def tiny_module(compile_mode: str | None) -> MoDALightningModule:
+    """The tiny fused-backend module these runs train, seeded; ``compile_mode`` None: eager."""
+    L.seed_everything(0)
+    return MoDALightningModule(**SHAPE, attention="moda_triton", lr=1e-3, warmup_steps=2,
+                               compile=compile_mode is not None, compile_mode=compile_mode or "default")  # fmt: skip
+
+
+def token_windows(n: int, generator: torch.Generator) -> list[torch.Tensor]:
+    return [torch.randint(0, 256, (129,), generator=generator) for _ in range(n)]
+
+
+def gpu_trainer(**kwargs) -> L.Trainer:
+    """bf16-mixed on one GPU with clipping 1.0, and nothing saved or shown unless ``kwargs`` say so."""
+    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", gradient_clip_val=1.0, **(defaults | kwargs))
+
+
+class RecordLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
 def train_losses(compile_mode: str | None, steps: int = 6) -> list[float]:
     """Per-step training losses of a tiny run: bf16-mixed, clipping 1.0, 2 micro-batches per step."""
-    L.seed_everything(0)
-    module = MoDALightningModule(**SHAPE, attention="moda_triton", lr=1e-3, warmup_steps=2,
-                                 compile=compile_mode is not None, compile_mode=compile_mode or "default")  # fmt: skip
-    generator = torch.Generator().manual_seed(0)
-    data = [torch.randint(0, 256, (129,), generator=generator) for _ in range(4 * 2 * steps)]
-    losses: list[float] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps, gradient_clip_val=1.0,
-                        accumulate_grad_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[Record()])  # fmt: skip
+    module = tiny_module(compile_mode)
+    data = token_windows(4 * 2 * steps, torch.Generator().manual_seed(0))
+    record = RecordLosses()
+    trainer = gpu_trainer(max_steps=steps, accumulate_grad_batches=2, limit_val_batches=0, callbacks=[record])
     trainer.fit(module, DataLoader(data, batch_size=4))
-    return losses
+    return record.losses
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
@@ -71,7 +86,7 @@ def test_a_compiled_or_graphed_training_step_trains_as_the_eager_one(mode):
         assert abs(a - b) < 0.02 * abs(a), f"micro-batch {step}: eager {a:.4f}, {mode} {b:.4f}"
 
 
-def fit_with_validation(compile_mode: str | None, save_dir) -> tuple[list[float], dict[str, float]]:
+def fit_with_validation(compile_mode: str | None, save_dir) -> tuple[list[float], list[float]]:
     """Validation losses and the depth probe's last mean mass of a tiny run with the GPU config's
     callbacks: validation and the probe every 2 steps, both between replayed training steps."""
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -79,18 +94,13 @@ def fit_with_validation(compile_mode: str | None, save_dir) -> tuple[list[float]
     from moda_lightning.callbacks import DepthAttentionStats, FlopsOverhead
     from moda_lightning.study.results import read_scalars
 
-    L.seed_everything(0)
-    module = MoDALightningModule(**SHAPE, attention="moda_triton", lr=1e-3, warmup_steps=2,
-                                 compile=compile_mode is not None, compile_mode=compile_mode or "default")  # fmt: skip
+    module = tiny_module(compile_mode)
     generator = torch.Generator().manual_seed(0)
-    train = [torch.randint(0, 256, (129,), generator=generator) for _ in range(4 * 6)]
-    val = [torch.randint(0, 256, (129,), generator=generator) for _ in range(4 * 2)]
+    train, val = token_windows(4 * 6, generator), token_windows(4 * 2, generator)
     logger = TensorBoardLogger(save_dir, name="", version=str(compile_mode))
     callbacks = [DepthAttentionStats(every_n_steps=2, probe_batch_size=2), FlopsOverhead(window_size=2)]
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=6, gradient_clip_val=1.0,
-                        val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=logger,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=callbacks)  # fmt: skip
+    trainer = gpu_trainer(max_steps=6, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                          logger=logger, callbacks=callbacks)  # fmt: skip
     trainer.fit(module, DataLoader(train, batch_size=4), DataLoader(val, batch_size=4))
     scalars = read_scalars(logger.log_dir)
     return [v for _, v in scalars["val/loss"]], [v for _, v in scalars["depth_attn/mean_mass"]]
@@ -109,24 +119,14 @@ def test_a_graphed_run_validates_and_probes_depth_as_the_eager_one(tmp_path):
 def graphed_losses(max_steps: int, save_to=None, resume_from=None) -> list[float]:
     """Per-step losses of a tiny CUDA-graphed run over 4 batches an epoch (unshuffled), saving a
     checkpoint at its end to ``save_to`` or resuming from ``resume_from``."""
-    L.seed_everything(0)
-    module = MoDALightningModule(**SHAPE, attention="moda_triton", lr=1e-3, warmup_steps=2, compile=True,
-                                 compile_mode="reduce-overhead")  # fmt: skip
-    generator = torch.Generator().manual_seed(0)
-    data = [torch.randint(0, 256, (129,), generator=generator) for _ in range(4 * 4)]
-    losses: list[float] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=max_steps, gradient_clip_val=1.0,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[Record()])  # fmt: skip
+    module = tiny_module("reduce-overhead")
+    data = token_windows(4 * 4, torch.Generator().manual_seed(0))
+    record = RecordLosses()
+    trainer = gpu_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=[record])
     trainer.fit(module, DataLoader(data, batch_size=4), ckpt_path=resume_from)
     if save_to is not None:
         trainer.save_checkpoint(save_to)
-    return losses
+    return record.losses
 
 
 def test_a_graphed_run_resumed_from_its_checkpoint_trains_on_as_the_uninterrupted_one(tmp_path):

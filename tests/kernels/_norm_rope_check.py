@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from _tolerance import check_close
 
-from moda_kernels.norm_rope import norm_rope_reference
+from moda_kernels.norm_rope import norm_rope_reference, unit_rms_reference
 
 
 def rotary_tables(t_max: int, d: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,31 +24,27 @@ def strided_inputs(B, T, H, d, dtype, device="cpu", seed=0):
     return wide[:, :, 1:], weight, dout
 
 
-def outputs_and_grads(fn, x, weight, cos, sin, dout, eps=1e-6):
-    xs = [x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()]
-    out = fn(xs[0], xs[1], cos, sin, eps)
+def outputs_and_grads(fn, leaves, rest, dout, eps=1e-6):
+    """``fn(*leaves, *rest, eps)``'s output and the gradients of ``leaves`` for ``dout``."""
+    xs = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*xs, *rest, eps)
     out.backward(dout.to(out.dtype))
-    return [out, xs[0].grad, xs[1].grad]
+    return [out, *(t.grad for t in xs)]
+
+
+def _check_against_reference(fn, reference, leaves, rest, dout, names, floor: float) -> None:
+    """``fn`` against ``reference`` in float64 and in the inputs' own dtype (``check_close``)."""
+    got = outputs_and_grads(fn, leaves, rest, dout)
+    ref64 = outputs_and_grads(reference, [t.double() for t in leaves], [t.double() for t in rest], dout.double())
+    ref_lowp = outputs_and_grads(reference, leaves, rest, dout)
+    for name, a, r64, rl in zip(names, got, ref64, ref_lowp):
+        check_close(name, a, r64, rl, floor=floor)
 
 
 def check_norm_rope(fn, x, weight, cos, sin, dout, floor: float) -> None:
-    got = outputs_and_grads(fn, x, weight, cos, sin, dout)
-    ref64 = outputs_and_grads(norm_rope_reference, x.double(), weight.double(), cos.double(), sin.double(), dout.double())
-    ref_lowp = outputs_and_grads(norm_rope_reference, x, weight, cos, sin, dout)
-    for name, a, r64, rl in zip(["out", "dx", "dweight"], got, ref64, ref_lowp):
-        check_close(name, a, r64, rl, floor=floor)
+    _check_against_reference(fn, norm_rope_reference, [x, weight], [cos, sin], dout, ["out", "dx", "dweight"], floor)
 
 
 def check_unit_rms(fn, x, dout, floor: float) -> None:
     """``fn(x, eps)``'s output and input gradient against the float64 reference."""
-    from moda_kernels.norm_rope import unit_rms_reference
-
-    def run(f, x, dout):
-        x = x.detach().clone().requires_grad_()
-        out = f(x, 1e-6)
-        out.backward(dout.to(out.dtype))
-        return [out, x.grad]
-
-    got, ref64, ref_lowp = run(fn, x, dout), run(unit_rms_reference, x.double(), dout.double()), run(unit_rms_reference, x, dout)
-    for name, a, r64, rl in zip(["out", "dx"], got, ref64, ref_lowp):
-        check_close(name, a, r64, rl, floor=floor)
+    _check_against_reference(fn, unit_rms_reference, [x], [], dout, ["out", "dx"], floor)

@@ -57,8 +57,8 @@ def norm_rope_fwd_kernel(
     if ROTATE:
         offs_swap = (offs_d + D // 2) % D  # rotate-half partner of each channel
         # [BLOCK_R, D]: each row with its halves swapped, normed the same way
-        b_y_swap = tl.load(ptr_x + offs_swap[None, :] * stride_xd, mask=mask_r[:, None], other=0.0).to(tl.float32)
-        b_y_swap = b_y_swap * rstd[:, None]
+        b_x_swap = tl.load(ptr_x + offs_swap[None, :] * stride_xd, mask=mask_r[:, None], other=0.0).to(tl.float32)
+        b_y_swap = b_x_swap * rstd[:, None]
         if SCALE:
             b_y_swap = b_y_swap * tl.load(W + offs_swap).to(tl.float32)[None, :]
         # [BLOCK_R, D]: the rotary tables at each row's token
