@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -233,6 +234,13 @@ class MoDACLI(LightningCLI):
         _reserved_run_dirs.append(root / f"version_{version}")
         init_args.version = version
         os.environ[_RUN_VERSION_ENV] = str(version)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
+        # The checkpoint callback is this CLI's own; `--trainer.enable_checkpointing=false` asks for
+        # no checkpoints, which Lightning would refuse beside it.
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_classes(self) -> None:
         try:

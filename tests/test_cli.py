@@ -168,6 +168,17 @@ def test_training_without_a_logger_runs(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "runs").exists()
 
 
+def test_training_without_checkpoints_runs_and_writes_none(tmp_path, monkeypatch, capsys):
+    """`--trainer.enable_checkpointing=false` trains and validates without the CLI's checkpoint
+    callback (Lightning refuses the flag beside one), and the summary names no checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *TINY, f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.enable_checkpointing=false",
+          "--trainer.max_steps=2", "--trainer.val_check_interval=2"])  # fmt: skip
+    assert not list(tmp_path.rglob("*.ckpt"))
+    out = capsys.readouterr().out
+    assert "final validation" in out and "checkpoint" not in out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_a_gpu_config_on_a_cpu_is_refused_before_the_data_is_built(tmp_path, monkeypatch):
     """One line naming the flags that run it here, and no tokenizer trained or corpus tokenized first."""
