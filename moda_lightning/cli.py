@@ -339,6 +339,8 @@ def check_before_building(config: Any) -> None:
     accelerator = str(config.trainer.accelerator)
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         portable = " --model.attention=moda_torch" if attention == "moda_triton" else ""
+        if model.get("compile"):
+            portable += " --model.compile=false"  # compiling for a CPU needs a C++ toolchain and takes minutes
         raise RuntimeError(
             f"this config trains on a GPU (trainer.accelerator={accelerator}) and no CUDA GPU is visible here; "
             f"to train on this machine's CPU add --trainer.accelerator=cpu{portable}"

@@ -178,6 +178,7 @@ class MoDALightningModule(L.LightningModule):
                     "steps both ways."
                 )
             mode = self.hparams.get("compile_mode", "default")
+            check_graphs_on_one_process(mode, self._trainer.world_size if self._trainer is not None else 1)
             self.model = torch.compile(self.model, mode=None if mode == "default" else mode)
             # Otherwise the first steps look stuck: compiling is done in them, not here.
             rank_zero_info(
@@ -289,6 +290,17 @@ class MoDALightningModule(L.LightningModule):
                 "(--data.tokenizer=<run folder>/tokenizer.json, or the same corpus and --data.tokenizer_vocab_size)."
             )
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+
+
+def check_graphs_on_one_process(compile_mode: str, world_size: int) -> None:
+    """Refuse CUDA-graph replay in a run of several processes: it is tested on one GPU only (a
+    replayed backward hands its gradients back in the graph's memory, and DDP's and FSDP's gradient
+    hooks and buckets have not been checked against that)."""
+    if compile_mode in ("reduce-overhead", "max-autotune") and world_size > 1:
+        raise ValueError(
+            f"compile_mode={compile_mode!r} replays CUDA graphs, tested on one GPU only; for {world_size} processes "
+            "pass --model.compile=false (eager, as docs/scaling.md measures several GPUs) or --model.compile_mode=default"
+        )
 
 
 def check_training_args(

@@ -186,7 +186,7 @@ def test_a_gpu_config_on_a_cpu_is_refused_before_the_data_is_built(tmp_path, mon
     gpu_config = str(Path(__file__).parents[1] / "configs" / "table6_24l.yaml")
     cache = f"--data.cache_dir={tmp_path / 'cache'}"
     with pytest.raises(RuntimeError, match=r"no CUDA GPU is visible here; to train on this machine's CPU add "
-                                           r"--trainer.accelerator=cpu --model.attention=moda_torch$"):  # fmt: skip
+                                           r"--trainer.accelerator=cpu --model.attention=moda_torch --model.compile=false$"):  # fmt: skip
         main(["fit", "--config", gpu_config, cache])
     with pytest.raises(RuntimeError, match=r"'moda_triton' needs a CUDA GPU.*--model.attention=moda_torch"):
         main(["fit", "--config", gpu_config, cache, "--trainer.accelerator=cpu"])

@@ -209,3 +209,22 @@ def test_compiling_says_the_first_steps_are_slow(monkeypatch, caplog, mode):
     said = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
     assert len(said) == 1 and "the first training step" in said[0], said
     assert ("CUDA graphs" in said[0]) == (mode == "reduce-overhead")
+
+
+@pytest.mark.parametrize("mode, refused", [("reduce-overhead", True), ("max-autotune", True), ("default", False)])
+def test_cuda_graphs_are_refused_in_a_run_of_several_processes(monkeypatch, mode, refused):
+    """Graph replay is tested on one GPU only: with two processes the run stops before compiling,
+    naming the flag that trains it eagerly; compiling without graphs goes on."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: model)
+    module = MoDALightningModule(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                                 compile=True, compile_mode=mode)  # fmt: skip
+    module._trainer = SimpleNamespace(world_size=2)
+    if refused:
+        with pytest.raises(ValueError, match=r"tested on one GPU only; for 2 processes pass --model.compile=false"):
+            module.configure_model()
+    else:
+        module.configure_model()
+    module._trainer = SimpleNamespace(world_size=1)
+    module.configure_model()  # one process: compiles whatever the mode
