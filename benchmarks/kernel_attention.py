@@ -5,6 +5,7 @@
     PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --impls moda,moda_fused,sdpa_cudnn --json out.json
     PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --quick --breakdown   # cuDNN and depth kernels timed apart
     PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --quick --depth-configs 16x64,32x64,16x128w2s4   # depth tiles
+    PYTHONPATH=kernels:. python benchmarks/kernel_attention.py --shapes 10 --slots 2,12,24,46 --breakdown   # per layer
 
 Prints, per shape and implementation, forward and forward+backward milliseconds (median of
 ``triton.testing.do_bench``), TFLOP/s (causal FLOPs actually needed, ``4*B*Hq*d*(T(T+1)/2+T*L)``
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -279,6 +280,17 @@ def tune_depth(shapes: list[Shape], tiles: dict[str, dict[str, str]]) -> None:
         torch.cuda.empty_cache()
 
 
+def chosen_shapes(quick: bool, indices: str, slots: str) -> list[Shape]:
+    """The shapes to time: the grid (or the quick one), those at ``indices`` ("0,3,8") if given, each
+    at every depth-slot count in ``slots`` ("2,24,46") if given."""
+    shapes = QUICK if quick else GRID
+    if indices:
+        shapes = [shapes[int(i)] for i in indices.split(",")]
+    if slots:
+        shapes = [replace(s, L=int(n)) for s in shapes for n in slots.split(",")]
+    return shapes
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="three small shapes instead of the full grid")
@@ -287,15 +299,15 @@ def main() -> None:
     p.add_argument("--json", default="", help="write all numbers to this file")
     p.add_argument("--breakdown", action="store_true", help="time cuDNN and the depth kernels separately")
     p.add_argument("--depth-configs", default="", help="tune the depth kernels: ROWSxCOLS[wWARPS][sSTAGES][t],... (times 'moda' only)")
+    p.add_argument("--slots", default="", help="time each chosen shape at these depth-slot counts instead of its own, "
+                   "e.g. 2,8,24,46 with --shapes 10 --breakdown: the depth kernels' rate layer by layer of a model")
     args = p.parse_args()
     try:  # a mistyped tile fails here, before any GPU work
         tiles = {spec: depth_tile(spec) for spec in args.depth_configs.split(",") if spec}
     except ValueError as err:
         p.error(f"--depth-configs: {err}")
     torch.manual_seed(0)
-    shapes = QUICK if args.quick else GRID
-    if args.shapes:
-        shapes = [shapes[int(i)] for i in args.shapes.split(",")]
+    shapes = chosen_shapes(args.quick, args.shapes, args.slots)
     wanted = args.impls.split(",")
     dev = torch.cuda.get_device_name()
     bw, peak = measure_ceilings()

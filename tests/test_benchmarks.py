@@ -201,3 +201,12 @@ def test_step_speed_event_timed_fit_runs_keep_the_gpu_callbacks_with_event_timin
     flops = [c for c in callbacks if c["class_path"].endswith(".FlopsOverhead")]
     assert len(flops) == 1 and flops[0]["init_args"]["sync_every_batch"] is False
     assert all(c["init_args"].get("sync_every_batch", True) for c in shipped if c["class_path"].endswith(".FlopsOverhead"))
+
+
+def test_kernel_attention_times_a_shape_at_each_slot_count_asked():
+    from benchmarks.kernel_attention import GRID, chosen_shapes
+
+    swept = chosen_shapes(False, "10", "2,24,46")
+    assert [s.L for s in swept] == [2, 24, 46]
+    assert all((s.B, s.T, s.Hq, s.Hk, s.d) == (GRID[10].B, GRID[10].T, GRID[10].Hq, GRID[10].Hk, GRID[10].d) for s in swept)
+    assert chosen_shapes(False, "10,8", "") == [GRID[10], GRID[8]] and chosen_shapes(False, "", "") == GRID
