@@ -332,7 +332,7 @@ def check_before_building(config: Any) -> None:
     """
     from moda_lightning.attention import build_backend
     from moda_lightning.config import MoDAConfig
-    from moda_lightning.lightning_module import check_training_args
+    from moda_lightning.lightning_module import check_graphs_on_one_process, check_training_args
 
     model = dict(config.get("model") or {})
     attention = model.get("attention")
@@ -354,6 +354,27 @@ def check_before_building(config: Any) -> None:
     seq_len = (config.get("data") or {}).get("seq_len")
     if seq_len is not None and model.get("max_seq_len") is not None:
         check_sequence_length(seq_len, model["max_seq_len"])
+    if model.get("compile"):
+        check_graphs_on_one_process(model.get("compile_mode", "default"), planned_processes(config.trainer))
+
+
+def planned_processes(trainer: Any) -> int:
+    """How many processes a trainer config starts: devices per node, as Lightning reads them for a
+    GPU (``auto`` and ``-1``: every visible GPU) or a CPU, times the nodes. 1 where the devices value
+    cannot be read: Lightning refuses it itself, with its own message."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    devices = trainer.get("devices", "auto")
+    try:
+        if str(trainer.get("accelerator")) in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+            every = devices in ("auto", -1, "-1")
+            per_node = len(CUDAAccelerator.parse_devices(CUDAAccelerator.auto_device_count() if every else devices) or [0])
+        else:
+            per_node = int(devices) if str(devices).isdigit() else 1
+    except (MisconfigurationException, ValueError, TypeError):
+        return 1
+    return per_node * int(trainer.get("num_nodes") or 1)
 
 
 def check_sequence_length(seq_len: int, max_seq_len: int) -> None:

@@ -29,6 +29,8 @@ from moda_lightning.model import MoDATransformer
 _NOT_ARCHITECTURE = {"attention", "plugins", "init_std", "init_scheme", "max_seq_len"}
 _SAME_MATH = [{"moda_torch", "moda_triton"}]
 
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that replay CUDA graphs
+
 
 def check_same_architecture(config: MoDAConfig, exported: MoDAConfig, folder: str) -> None:
     """Raise ValueError, listing the ``--model.*`` flags that would match, if the exported folder's
@@ -184,11 +186,11 @@ class MoDALightningModule(L.LightningModule):
             rank_zero_info(
                 f"moda: torch.compile (mode {mode!r}): the first training step, and the first validation step, "
                 "compile the network (a minute or more); the steps after them run the compiled code"
-                + (" as replayed CUDA graphs." if mode in ("reduce-overhead", "max-autotune") else ".")
+                + (" as replayed CUDA graphs." if mode in GRAPH_MODES else ".")
             )
 
     def _replays_cuda_graphs(self) -> bool:
-        return bool(self.hparams.compile) and self.hparams.get("compile_mode") in ("reduce-overhead", "max-autotune")
+        return bool(self.hparams.compile) and self.hparams.get("compile_mode") in GRAPH_MODES
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._replays_cuda_graphs():
@@ -296,7 +298,7 @@ def check_graphs_on_one_process(compile_mode: str, world_size: int) -> None:
     """Refuse CUDA-graph replay in a run of several processes: it is tested on one GPU only (a
     replayed backward hands its gradients back in the graph's memory, and DDP's and FSDP's gradient
     hooks and buckets have not been checked against that)."""
-    if compile_mode in ("reduce-overhead", "max-autotune") and world_size > 1:
+    if compile_mode in GRAPH_MODES and world_size > 1:
         raise ValueError(
             f"compile_mode={compile_mode!r} replays CUDA graphs, tested on one GPU only; for {world_size} processes "
             "pass --model.compile=false (eager, as docs/scaling.md measures several GPUs) or --model.compile_mode=default"

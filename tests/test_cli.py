@@ -191,3 +191,23 @@ def test_a_gpu_config_on_a_cpu_is_refused_before_the_data_is_built(tmp_path, mon
     with pytest.raises(RuntimeError, match=r"'moda_triton' needs a CUDA GPU.*--model.attention=moda_torch"):
         main(["fit", "--config", gpu_config, cache, "--trainer.accelerator=cpu"])
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_cuda_graphs_with_several_processes_are_refused_before_the_data_is_built(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"compile_mode='reduce-overhead' replays CUDA graphs, tested on one GPU only; "
+                                         r"for 4 processes pass --model.compile=false"):  # fmt: skip
+        main(["fit", *TINY, f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.accelerator=cpu", "--trainer.devices=2",
+              "--trainer.num_nodes=2", "--trainer.strategy=ddp", "--model.compile=true",
+              "--model.compile_mode=reduce-overhead"])  # fmt: skip
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_planned_processes_reads_devices_and_nodes_as_lightning_does():
+    from jsonargparse import Namespace
+
+    from moda_lightning.cli import planned_processes
+
+    assert planned_processes(Namespace(accelerator="cpu", devices=3, num_nodes=2)) == 6
+    assert planned_processes(Namespace(accelerator="cpu", devices="auto", num_nodes=1)) == 1
+    assert planned_processes(Namespace(accelerator="cpu", devices="1", num_nodes=None)) == 1
