@@ -42,10 +42,10 @@ def test_the_fused_backend_compiles_into_one_graph_that_equals_eager(options):
         assert (compiled[name] - grad).abs().max() / scale < 0.05, name
 
 
-def tiny_module(compile_mode: str | None) -> MoDALightningModule:
+def tiny_module(compile_mode: str | None, **options) -> MoDALightningModule:
     """The tiny fused-backend module these runs train, seeded; ``compile_mode`` None: eager."""
     L.seed_everything(0)
-    return MoDALightningModule(**SHAPE, attention="moda_triton", lr=1e-3, warmup_steps=2,
+    return MoDALightningModule(**SHAPE, attention="moda_triton", lr=1e-3, warmup_steps=2, **options,
                                compile=compile_mode is not None, compile_mode=compile_mode or "default")  # fmt: skip
 
 
@@ -67,9 +67,9 @@ class RecordLosses(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def train_losses(compile_mode: str | None, steps: int = 6) -> list[float]:
+def train_losses(compile_mode: str | None, steps: int = 6, **options) -> list[float]:
     """Per-step training losses of a tiny run: bf16-mixed, clipping 1.0, 2 micro-batches per step."""
-    module = tiny_module(compile_mode)
+    module = tiny_module(compile_mode, **options)
     data = token_windows(4 * 2 * steps, torch.Generator().manual_seed(0))
     record = RecordLosses()
     trainer = gpu_trainer(max_steps=steps, accumulate_grad_batches=2, limit_val_batches=0, callbacks=[record])
@@ -77,10 +77,13 @@ def train_losses(compile_mode: str | None, steps: int = 6) -> list[float]:
     return record.losses
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "activation checkpointing"])
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_a_compiled_or_graphed_training_step_trains_as_the_eager_one(mode):
-    eager = train_losses(None)
-    other = train_losses(mode)
+def test_a_compiled_or_graphed_training_step_trains_as_the_eager_one(mode, checkpointing):
+    """With activation checkpointing the network compiles in several graphs (the stream's writes
+    are replayed), each replayed as its own CUDA graph in reduce-overhead."""
+    eager = train_losses(None, activation_checkpointing=checkpointing)
+    other = train_losses(mode, activation_checkpointing=checkpointing)
     assert len(other) == len(eager) == 12
     for step, (a, b) in enumerate(zip(eager, other)):
         assert abs(a - b) < 0.02 * abs(a), f"micro-batch {step}: eager {a:.4f}, {mode} {b:.4f}"
