@@ -55,11 +55,12 @@ def group_of(name: str) -> str:
 
 
 def profiled_times(
-    step: Callable[[], None], steps: int, trace: str | None = None
+    step: Callable[[], None], steps: int, trace: str | None = None, launches: list[tuple[float, str, float]] | None = None
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Run ``step`` ``steps`` times under torch.profiler. Returns the GPU kernels (name -> [ms per
     step, calls]) and the host time of MoDA-related ops (name -> ms per step, inclusive); writes a
-    Chrome trace to ``trace`` if given."""
+    Chrome trace to ``trace`` if given, and appends every kernel launch to ``launches`` if given
+    (start in µs, name, ms), for what the totals hide: which launch of a kernel took the time."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -72,6 +73,8 @@ def profiled_times(
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name][0] += event.device_time_total / 1000 / steps
             kernels[event.name][1] += 1
+            if launches is not None:
+                launches.append((event.time_range.start, event.name, event.device_time_total / 1000))
         elif event.name.startswith(("moda::", "aten::_scaled_dot", "DepthStream", "_WriteSlot", "_ReadSlots", "autograd::")):
             cpu_ops[event.name] += event.cpu_time_total / 1000 / steps
     return dict(kernels), dict(cpu_ops)

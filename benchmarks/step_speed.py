@@ -5,7 +5,7 @@
     PYTHONPATH=kernels:. python benchmarks/step_speed.py --shapes 700M --modes eager graphed   # a part of the table
     PYTHONPATH=kernels:. python benchmarks/step_speed.py --fit-steps 300 # also `moda fit` table6_24l end to end
     PYTHONPATH=kernels:. python benchmarks/step_speed.py --fit-steps 300 --fit-only --modes eager graphed
-    PYTHONPATH=kernels:. python benchmarks/step_speed.py --quick --modes graphed --profile 15   # where the time goes
+    PYTHONPATH=kernels:. python benchmarks/step_speed.py --quick --modes graphed --profile 15   # where the time goes, layer by layer too
 
 Options compared: ``eager``; ``compiled`` (``torch.compile`` of the whole network);
 ``graphed`` (``torch.compile(mode="reduce-overhead")``: the compiled forward and backward
@@ -88,10 +88,10 @@ def first_loss(network, tokens: torch.Tensor) -> float:
 
 def measure(
     fields: dict, attention: str, mode: str, batch: int, steps: int, profile: bool = False
-) -> tuple[float, float, float, dict] | str:
-    """(median step ms, peak GiB, |loss - eager loss|, GPU kernels) of one option, or 'OOM'. The
-    kernels (name -> [ms per step, calls]) come from two more, profiled steps with ``profile``, else
-    are empty."""
+) -> tuple[float, float, float, dict, list] | str:
+    """(median step ms, peak GiB, |loss - eager loss|, GPU kernels, kernel launches) of one option,
+    or 'OOM'. The kernels (name -> [ms per step, calls]) and the launches (start µs, name, ms) come
+    from :data:`PROFILED_STEPS` more, profiled steps with ``profile``, else are empty."""
     torch.cuda.empty_cache()
     model = network = step = None
     try:
@@ -119,8 +119,9 @@ def measure(
         torch.cuda.reset_peak_memory_stats()
         step_ms = median_step_ms(step, steps)
         peak = torch.cuda.max_memory_allocated() / 2**30
-        kernels = profiled_times(step, 2)[0] if profile else {}
-        return step_ms, peak, loss_error, kernels
+        launches: list[tuple[float, str, float]] = []
+        kernels = profiled_times(step, PROFILED_STEPS, launches=launches)[0] if profile else {}
+        return step_ms, peak, loss_error, kernels, launches
     except torch.OutOfMemoryError:
         return "OOM"
     finally:
@@ -128,6 +129,53 @@ def measure(
         gc.collect()
         torch._dynamo.reset()
         torch.cuda.empty_cache()
+
+
+PROFILED_STEPS = 2
+DEPTH_KERNEL_NAMES = {"forward": "moda_depth_fwd", "backward": "moda_depth_bwd"}
+
+
+def depth_kernel_layers(launches: list[tuple[float, str, float]], fields: dict, batch: int, steps: int) -> list[dict] | str:
+    """The depth kernels layer by layer: for each layer that reads depth, its slots, the milliseconds
+    per step of its forward and backward depth kernels, and the byte rate (TB/s) of each. A forward
+    moves the slots' keys and values once and the layer's query rows 3 times (``q``; ``o`` read and
+    written by the merge); a backward reads the slots and reads and writes their gradient sums, and
+    moves the query rows 5 times (``q``, ``o``, ``do``; ``dq`` read and written). Forward launches
+    run in layer order, backward ones in reverse; a message instead where the launch count does not
+    match ``steps`` steps of the model (another kernel path)."""
+    cfg = MoDAConfig(attention="moda_triton", **fields)
+    readers = [(layer, slots) for layer, slots in enumerate(depth_slots_read(cfg)) if slots > 0]
+    slot_bytes = batch * cfg.max_seq_len * cfg.n_kv_heads * cfg.head_dim * 2
+    row_bytes = batch * cfg.max_seq_len * cfg.n_heads * cfg.head_dim * 2
+    ms_per_layer = {}
+    for part, name in DEPTH_KERNEL_NAMES.items():
+        times = [ms for _, kernel, ms in sorted(launches) if name in kernel]
+        if len(times) != steps * len(readers):
+            return f"{len(times)} {name} launches in {steps} steps of {len(readers)} reading layers: not one a layer"
+        mean = [sum(times[step * len(readers) + i] for step in range(steps)) / steps for i in range(len(readers))]
+        ms_per_layer[part] = mean if part == "forward" else mean[::-1]
+    rows = []
+    for i, (layer, slots) in enumerate(readers):
+        gb = {"forward": (2 * slots * slot_bytes + 3 * row_bytes) / 1e9, "backward": (6 * slots * slot_bytes + 5 * row_bytes) / 1e9}
+        row = dict(layer=layer, slots=slots)
+        for part in DEPTH_KERNEL_NAMES:
+            ms = ms_per_layer[part][i]
+            row[part] = (ms, gb[part] / ms if ms > 0 else float("nan"))  # GB per ms is TB/s
+        rows.append(row)
+    return rows
+
+
+def print_depth_kernel_layers(rows: list[dict] | str, copy_rate: float) -> None:
+    if isinstance(rows, str):
+        print(f"depth kernels layer by layer: {rows}\n")
+        return
+    print("depth kernels layer by layer (profiled steps' mean; rate: bytes moved / kernel time)")
+    print("| layer | slots | forward µs | forward TB/s | backward µs | backward TB/s |\n|---|---|---|---|---|---|")
+    for row in rows:
+        (fwd_ms, fwd_rate), (bwd_ms, bwd_rate) = row["forward"], row["backward"]
+        print(f"| {row['layer']} | {row['slots']} | {fwd_ms * 1e3:.0f} | {fwd_rate:.2f} | {bwd_ms * 1e3:.0f} | {bwd_rate:.2f} |")
+    total = {part: sum(row[part][0] for row in rows) for part in DEPTH_KERNEL_NAMES}
+    print(f"sum: forward {total['forward']:.2f} ms, backward {total['backward']:.2f} ms (copy rate {copy_rate:.2f} TB/s)\n")
 
 
 def step_table(shapes: list[str], modes: list[str], steps: int, profile_top: int = 0) -> None:
@@ -166,6 +214,7 @@ def step_table(shapes: list[str], modes: list[str], steps: int, profile_top: int
                     if kernel_ms:
                         print(f"depth kernels: {kernel_gb:.1f} GB in {kernel_ms:.2f} ms, {kernel_gb / kernel_ms:.2f} TB/s "
                               f"({kernel_gb / kernel_ms / rate:.0%} of the copy rate)\n")  # fmt: skip
+                        print_depth_kernel_layers(depth_kernel_layers(moda[4], fields, batch, PROFILED_STEPS), rate)
                 for arm, result in (("sdpa", base), ("moda", moda)):
                     if arm not in best or result[0] < best[arm][1][0]:
                         best[arm] = (mode, result)
@@ -270,7 +319,7 @@ def main() -> None:
     parser.add_argument("--fit-event-timing", action="store_true",
                         help="with --fit-steps: each option also with throughput timed by CUDA events, no sync per batch")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
-                        help="also profile each option: GPU time per kernel group and MoDA's TOP kernels")
+                        help="also profile each option: GPU time per kernel group, MoDA's TOP kernels and additions, its depth kernels layer by layer")
     parser.add_argument("--unfused-norm-rope", action="store_true",
                         help="the q/k and depth-key norms (and RoPE) as separate torch ops, eager (the before of their kernels)")
     args = parser.parse_args()

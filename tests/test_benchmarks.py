@@ -132,7 +132,7 @@ def test_step_table_holds_each_row_against_its_floor_and_rates_the_depth_kernels
         moda = attention != "sdpa"
         kernels = {"gemm": [56.0, 460] if moda else [50.0, 400]}
         kernels |= {"moda_depth_fwd_kernel": [5.0, 46], "moda_depth_bwd_kernel": [15.0, 46]} if moda else {}
-        return (130.0 if moda else 104.0, 19.5 if moda else 19.0, 1e-3, kernels)
+        return (130.0 if moda else 104.0, 19.5 if moda else 19.0, 1e-3, kernels, [])
 
     monkeypatch.setattr(step_speed, "copy_bytes_per_s", lambda: 3.0e12)
     monkeypatch.setattr(step_speed, "measure", fake_measure)
@@ -146,6 +146,30 @@ def test_step_table_holds_each_row_against_its_floor_and_rates_the_depth_kernels
     # the two largest additions: the backward depth kernel, then the baseline's kernel run more often
     additions = out.split("largest additions over the baseline")[1].splitlines()[1:3]
     assert [line.split() for line in additions] == [["+15.00", "+23", "moda_depth_bwd_kernel"], ["+6.00", "+30", "gemm"]]
+    assert "depth kernels layer by layer: 0 moda_depth_fwd launches in 2 steps of 23 reading layers" in out
+
+
+def test_step_speed_depth_kernels_layer_by_layer_pairs_each_launch_with_its_layer():
+    """Fake launches of two steps of a 3-layer model with FFN slots (layers 1 and 2 read 2 and 4 slots):
+    forward launches run in layer order, backward ones in reverse, other kernels between them; each
+    layer gets the mean of its two launches, and its rate is its bytes over that time."""
+    from benchmarks.step_speed import depth_kernel_layers
+
+    fields = dict(vocab_size=64, d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=256)
+    launches = []
+    for step, t0 in enumerate((0.0, 1e6)):
+        forward = [(t0 + 10, "moda_depth_fwd_kernel", 0.010 + step * 0.002), (t0 + 30, "moda_depth_fwd_kernel", 0.020)]
+        backward = [(t0 + 50, "moda_depth_bwd_kernel", 0.060), (t0 + 70, "moda_depth_bwd_kernel", 0.030)]
+        launches += forward + backward + [(t0 + 20, "gemm", 1.0), (t0 + 60, "moda_merge_kernel", 0.5)]
+    rows = depth_kernel_layers(launches[::-1], fields, batch=2, steps=2)  # any order: sorted by start
+    slot_bytes, row_bytes = 2 * 256 * 2 * 32 * 2, 2 * 256 * 4 * 32 * 2
+    assert [(row["layer"], row["slots"]) for row in rows] == [(1, 2), (2, 4)]
+    assert [row["forward"][0] for row in rows] == pytest.approx([0.011, 0.020])
+    assert [row["backward"][0] for row in rows] == pytest.approx([0.030, 0.060])  # the last layer's backward runs first
+    assert rows[1]["forward"][1] == pytest.approx((2 * 4 * slot_bytes + 3 * row_bytes) / 1e9 / 0.020)
+    assert rows[0]["backward"][1] == pytest.approx((6 * 2 * slot_bytes + 5 * row_bytes) / 1e9 / 0.030)
+    message = depth_kernel_layers(launches[1:], fields, batch=2, steps=2)  # one forward launch missing
+    assert isinstance(message, str) and "not one a layer" in message
 
 
 def test_kernel_attention_depth_tiles_parse_and_a_mistyped_one_fails_before_any_gpu_work():
