@@ -211,3 +211,18 @@ def test_planned_processes_reads_devices_and_nodes_as_lightning_does():
     assert planned_processes(Namespace(accelerator="cpu", devices=3, num_nodes=2)) == 6
     assert planned_processes(Namespace(accelerator="cpu", devices="auto", num_nodes=1)) == 1
     assert planned_processes(Namespace(accelerator="cpu", devices="1", num_nodes=None)) == 1
+
+
+def test_planned_processes_counts_the_gpus_lightning_would_use(monkeypatch):
+    """On a (pretended) machine of 4 GPUs: `auto` and -1 are all four, a count or a list is itself."""
+    import lightning.fabric.accelerators.cuda as cuda
+    import lightning.pytorch.accelerators.cuda as pl_cuda
+    from jsonargparse import Namespace
+
+    from moda_lightning.cli import planned_processes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "_get_all_visible_cuda_devices", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(pl_cuda, "num_cuda_devices", lambda: 4)
+    for devices, expected in (("auto", 4), (-1, 4), (2, 2), ([1, 3], 2), ("0,1,2", 3)):
+        assert planned_processes(Namespace(accelerator="gpu", devices=devices, num_nodes=2)) == 2 * expected, devices
