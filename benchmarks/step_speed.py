@@ -56,6 +56,13 @@ SHAPES = {
 }  # fmt: skip
 
 
+def slot_and_row_bytes(cfg: MoDAConfig, batch: int) -> tuple[int, int]:
+    """Bytes of one depth slot's keys (or values), ``batch * T * Hk * d``, and of one layer's query
+    rows, ``batch * T * Hq * d``, in bf16."""
+    per_head = batch * cfg.max_seq_len * cfg.head_dim * 2
+    return per_head * cfg.n_kv_heads, per_head * cfg.n_heads
+
+
 def depth_traffic_gb(fields: dict, batch: int) -> float:
     """Bytes (GB) the depth stream moves in one MoDA training step at the least: every (reader, slot)
     pair reads the slot's key and value in the forward and again in the backward, and adds to their
@@ -64,8 +71,7 @@ def depth_traffic_gb(fields: dict, batch: int) -> float:
     cfg = MoDAConfig(attention="moda_triton", **fields)
     pairs = sum(depth_slots_read(cfg))
     slots = (cfg.n_layers - 1) * cfg.slots_per_layer
-    slot_bytes = batch * cfg.max_seq_len * cfg.n_kv_heads * cfg.head_dim * 2
-    return (pairs * 8 - slots * 2) * slot_bytes / 1e9
+    return (pairs * 8 - slots * 2) * slot_and_row_bytes(cfg, batch)[0] / 1e9
 
 
 def depth_kernel_traffic_gb(fields: dict, batch: int) -> float:
@@ -76,8 +82,7 @@ def depth_kernel_traffic_gb(fields: dict, batch: int) -> float:
     reading layer (the fp32 log-sum-exps, 1/d of that, left out)."""
     cfg = MoDAConfig(attention="moda_triton", **fields)
     readers = sum(1 for slots in depth_slots_read(cfg) if slots > 0)
-    row_bytes = batch * cfg.max_seq_len * cfg.n_heads * cfg.head_dim * 2
-    return depth_traffic_gb(fields, batch) + readers * 8 * row_bytes / 1e9
+    return depth_traffic_gb(fields, batch) + readers * 8 * slot_and_row_bytes(cfg, batch)[1] / 1e9
 
 
 def first_loss(network, tokens: torch.Tensor) -> float:
@@ -145,11 +150,11 @@ def depth_kernel_layers(launches: list[tuple[float, str, float]], fields: dict, 
     match ``steps`` steps of the model (another kernel path)."""
     cfg = MoDAConfig(attention="moda_triton", **fields)
     readers = [(layer, slots) for layer, slots in enumerate(depth_slots_read(cfg)) if slots > 0]
-    slot_bytes = batch * cfg.max_seq_len * cfg.n_kv_heads * cfg.head_dim * 2
-    row_bytes = batch * cfg.max_seq_len * cfg.n_heads * cfg.head_dim * 2
+    slot_bytes, row_bytes = slot_and_row_bytes(cfg, batch)
+    in_order = sorted(launches)
     ms_per_layer = {}
     for part, name in DEPTH_KERNEL_NAMES.items():
-        times = [ms for _, kernel, ms in sorted(launches) if name in kernel]
+        times = [ms for _, kernel, ms in in_order if name in kernel]
         if len(times) != steps * len(readers):
             return f"{len(times)} {name} launches in {steps} steps of {len(readers)} reading layers: not one a layer"
         mean = [sum(times[step * len(readers) + i] for step in range(steps)) / steps for i in range(len(readers))]
@@ -237,7 +242,7 @@ def print_profile(option: str, base_kernels: dict, moda_kernels: dict, top: int)
     print(f"| all kernels | {total_base:.2f} | {total_moda:.2f} | {total_moda - total_base:+.2f} |")
     print(f"MoDA's top {top} kernels: ms per step, calls per step, name")
     for name, (ms, calls) in sorted(moda_kernels.items(), key=lambda kv: -kv[1][0])[:top]:
-        print(f"  {ms:7.2f} {calls // 2:5d}  {name[:110]}")
+        print(f"  {ms:7.2f} {calls // PROFILED_STEPS:5d}  {name[:110]}")
     # What MoDA adds, kernel by kernel: the same kernel in both networks counts only its extra time.
     extra = {}
     for name, (ms, calls) in moda_kernels.items():
@@ -245,7 +250,7 @@ def print_profile(option: str, base_kernels: dict, moda_kernels: dict, top: int)
         extra[name] = (ms - base_ms, calls - base_calls)
     print(f"MoDA's {top} largest additions over the baseline: extra ms per step, extra calls per step, name")
     for name, (ms, calls) in sorted(extra.items(), key=lambda kv: -kv[1][0])[:top]:
-        print(f"  {ms:+7.2f} {calls // 2:+5d}  {name[:110]}")
+        print(f"  {ms:+7.2f} {calls // PROFILED_STEPS:+5d}  {name[:110]}")
     print()
     return moda
 

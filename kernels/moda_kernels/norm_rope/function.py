@@ -6,27 +6,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moda_kernels.norm_rope.kernel import BLOCK_R, norm_rope_bwd, norm_rope_fwd
+from moda_kernels.norm_rope.kernel import norm_rope_bwd, norm_rope_fwd
+
+
+def _check_heads(x: Tensor, op: str) -> None:
+    d = x.shape[-1]
+    if x.dim() != 4 or d & (d - 1) or d < 2:
+        raise ValueError(f"{op}: x must be [B, T, H, d] with d a power of two; got {list(x.shape)}.")
 
 
 class _NormRoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps: float) -> Tensor:
-        B, T, H, d = x.shape
-        out = torch.empty(B, T, H, d, device=x.device, dtype=x.dtype)
-        rstd = torch.empty(B * T * H, device=x.device, dtype=torch.float32)
-        norm_rope_fwd(x, weight, cos, sin, eps, out, rstd)
+        out, rstd = norm_rope_fwd(x, weight, cos, sin, eps)
         ctx.save_for_backward(x, weight, cos, sin, rstd)
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple:
         x, weight, cos, sin, rstd = ctx.saved_tensors
-        B, T, H, d = x.shape
-        dx = torch.empty(B, T, H, d, device=x.device, dtype=x.dtype)
-        dw_partial = torch.empty(-(-B * T * H // BLOCK_R), d, device=x.device, dtype=torch.float32)
-        norm_rope_bwd(x, weight, cos, sin, rstd, dout.contiguous(), dx, dw_partial)
-        return dx, dw_partial.sum(0).to(weight.dtype), None, None, None
+        dx, dweight = norm_rope_bwd(x, weight, cos, sin, rstd, dout)
+        return dx, dweight, None, None, None
 
 
 def norm_rope(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps: float) -> Tensor:
@@ -37,9 +37,8 @@ def norm_rope(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps: float) -
     ``T_max >= T``; the output is contiguous, in ``x``'s dtype; gradients flow to ``x`` and
     ``weight``. ``d`` must be a power of two (the head dims the attention kernels take).
     """
+    _check_heads(x, "norm_rope")
     d = x.shape[-1]
-    if x.dim() != 4 or d & (d - 1) or d < 2:
-        raise ValueError(f"norm_rope: x must be [B, T, H, d] with d a power of two; got {list(x.shape)}.")
     if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.shape[0] < x.shape[1] or cos.shape[1] != d:
         raise ValueError(
             f"norm_rope: cos/sin must be float32 [T_max >= {x.shape[1]}, {d}] tables; got {list(cos.shape)} {cos.dtype}."
@@ -50,19 +49,14 @@ def norm_rope(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps: float) -
 class _UnitRMS(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, eps: float) -> Tensor:
-        B, T, H, d = x.shape
-        out = torch.empty(B, T, H, d, device=x.device, dtype=x.dtype)
-        rstd = torch.empty(B * T * H, device=x.device, dtype=torch.float32)
-        norm_rope_fwd(x, None, None, None, eps, out, rstd)
+        out, rstd = norm_rope_fwd(x, None, None, None, eps)
         ctx.save_for_backward(x, rstd)
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple:
         x, rstd = ctx.saved_tensors
-        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        norm_rope_bwd(x, None, None, None, rstd, dout.contiguous(), dx, None)
-        return dx, None
+        return norm_rope_bwd(x, None, None, None, rstd, dout)[0], None
 
 
 def unit_rms(x: Tensor, eps: float) -> Tensor:
@@ -72,7 +66,5 @@ def unit_rms(x: Tensor, eps: float) -> Tensor:
     Same contract as :func:`~moda_kernels.norm_rope.reference.unit_rms_reference`; the output is
     contiguous; ``d`` must be a power of two.
     """
-    d = x.shape[-1]
-    if x.dim() != 4 or d & (d - 1) or d < 2:
-        raise ValueError(f"unit_rms: x must be [B, T, H, d] with d a power of two; got {list(x.shape)}.")
+    _check_heads(x, "unit_rms")
     return _UnitRMS.apply(x, float(eps))

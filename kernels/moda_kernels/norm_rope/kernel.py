@@ -20,6 +20,7 @@ The same kernels with ``SCALE`` and ``ROTATE`` off give ``out = x r`` (a depth s
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -112,32 +113,44 @@ def norm_rope_bwd_kernel(
 BLOCK_R = 32  # rows per program: enough to amortise the weight loads, few enough partial weight-gradient rows
 
 
+def _optional_inputs(x: Tensor, weight: Tensor | None, cos: Tensor | None, sin: Tensor | None) -> tuple:
+    """The gain and rotary-table arguments of both kernels: (pointers, table strides, switches). What
+    is not given is switched off, and ``x`` stands in for its pointer (the kernels never read it)."""
+    rotate = cos is not None
+    pointers = (x if weight is None else weight, cos if rotate else x, sin if rotate else x)
+    strides = (cos.stride(0), sin.stride(0)) if rotate else (0, 0)
+    return pointers, strides, dict(SCALE=weight is not None, ROTATE=rotate)
+
+
 def norm_rope_fwd(
-    x: Tensor, weight: Tensor | None, cos: Tensor | None, sin: Tensor | None, eps: float, out: Tensor, rstd: Tensor
-) -> None:
-    """Without ``weight`` no gain, without ``cos``/``sin`` no rotation (the kernel never reads what
-    it is not given; ``x`` stands in for those pointers)."""
+    x: Tensor, weight: Tensor | None, cos: Tensor | None, sin: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``(out [B, T, H, d] contiguous, rstd [B*T*H] float32)``. Without ``weight`` no gain, without
+    ``cos``/``sin`` no rotation."""
     B, T, H, d = x.shape
     n_rows = B * T * H
-    rotate = cos is not None
+    out = torch.empty(B, T, H, d, device=x.device, dtype=x.dtype)
+    rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+    pointers, strides, switches = _optional_inputs(x, weight, cos, sin)
     norm_rope_fwd_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
-        x, x if weight is None else weight, cos if rotate else x, sin if rotate else x, out, rstd, *x.stride(),
-        cos.stride(0) if rotate else 0, sin.stride(0) if rotate else 0, T, H, n_rows, eps,
-        D=d, BLOCK_R=BLOCK_R, SCALE=weight is not None, ROTATE=rotate, num_warps=4,
+        x, *pointers, out, rstd, *x.stride(), *strides, T, H, n_rows, eps,
+        D=d, BLOCK_R=BLOCK_R, **switches, num_warps=4,
     )  # fmt: skip
+    return out, rstd
 
 
 def norm_rope_bwd(
-    x: Tensor, weight: Tensor | None, cos: Tensor | None, sin: Tensor | None, rstd: Tensor, dout: Tensor, dx: Tensor,
-    dw_partial: Tensor | None,
-) -> None:  # fmt: skip
-    """As :func:`norm_rope_fwd`; ``dw_partial`` only with ``weight``."""
+    x: Tensor, weight: Tensor | None, cos: Tensor | None, sin: Tensor | None, rstd: Tensor, dout: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """``(dx, dweight)`` as :func:`norm_rope_fwd` took them; ``dweight`` None without ``weight``."""
     B, T, H, d = x.shape
     n_rows = B * T * H
-    rotate = cos is not None
-    norm_rope_bwd_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
-        x, x if weight is None else weight, cos if rotate else x, sin if rotate else x, rstd, dout, dx,
-        x if dw_partial is None else dw_partial, *x.stride(), cos.stride(0) if rotate else 0,
-        sin.stride(0) if rotate else 0, T, H, n_rows, D=d, BLOCK_R=BLOCK_R, SCALE=weight is not None, ROTATE=rotate,
-        num_warps=4,
+    dx = torch.empty(B, T, H, d, device=x.device, dtype=x.dtype)
+    grid = triton.cdiv(n_rows, BLOCK_R)
+    dw_partial = None if weight is None else torch.empty(grid, d, device=x.device, dtype=torch.float32)
+    pointers, strides, switches = _optional_inputs(x, weight, cos, sin)
+    norm_rope_bwd_kernel[(grid,)](
+        x, *pointers, rstd, dout.contiguous(), dx, x if dw_partial is None else dw_partial, *x.stride(), *strides,
+        T, H, n_rows, D=d, BLOCK_R=BLOCK_R, **switches, num_warps=4,
     )  # fmt: skip
+    return dx, None if dw_partial is None else dw_partial.sum(0).to(weight.dtype)
