@@ -82,3 +82,22 @@ class DepthSlots:
         if n == 0:
             return None, None, 0
         return list(self.keys), list(self.values), n
+
+
+def trace_checkpointed_writes() -> None:
+    """Let ``torch.compile`` trace activation-checkpointed layers, stream writes and all, into the one graph.
+
+    A checkpointed layer appends its slots to the stream's lists, a Python side effect. Eagerly,
+    the recomputation in backward replays it (``seek``, then the same writes). Traced, the compiler
+    recomputes the layer's tensors inside the graph and no Python runs again, so the replay is not
+    needed; dynamo's default refuses such a side effect inside a checkpoint and falls back to eager
+    for the model's whole forward, compiling each layer apart, and that fallback stays with the
+    forward's code for the rest of the process: a later model without checkpointing then compiles
+    in pieces, whose per-slot gradient sums cross from one graph to another, and its backward
+    fails (a sum that one graph saved is changed in place by another's backward). The switch is
+    dynamo's, process-wide, and changes only checkpointed code with side effects.
+    """
+    import torch._dynamo
+
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moda_lightning.attention import AttentionBackend, build_backend
 from moda_lightning.config import MoDAConfig
-from moda_lightning.depth_slots import DepthSlots
+from moda_lightning.depth_slots import DepthSlots, trace_checkpointed_writes
 from moda_lightning.depth_stream import DepthStream, run_eagerly_under_compile
 from moda_lightning.generation.kv_cache import KVCache, LayerCache
 from moda_lightning.init import draw_base_seed, init_parameters
@@ -287,6 +287,8 @@ class MoDATransformer(nn.Module):
         self.reset_parameters()
         if config.reads_depth and not backend.reads_slot_lists:
             run_eagerly_under_compile()
+        elif config.reads_depth and config.activation_checkpointing:
+            trace_checkpointed_writes()
         if config.last_layer_depth_proj:
             # No layer reads the last layer's slots: its projections would never get a gradient,
             # which DDP reports as an error. Frozen, they still count as parameters.

@@ -29,11 +29,12 @@ def tiny_model(n_layers: int, **options) -> MoDATransformer:
 @pytest.mark.parametrize(
     "options",
     [dict(), dict(norm="post", depth_keys="reader"), dict(attn_kv_proj=True, depth_keys="writer", qk_norm_scope="full"),
-     dict(ffn_kv=False, norm="olmo2")],
+     dict(ffn_kv=False, norm="olmo2"), dict(activation_checkpointing=True)],
     ids=str,
 )
 def test_the_depth_stream_compiles_into_one_graph(options):
-    """The slot-list stream is plain tensors passed from writer to readers: nothing for dynamo to break on."""
+    """The slot-list stream is plain tensors passed from writer to readers: nothing for dynamo to break on.
+    Checkpointed layers too, whose writes to the stream the compiler recomputes rather than replays."""
     explained = torch._dynamo.explain(tiny_model(3, **options))(torch.randint(0, VOCAB, (2, 9)))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), [str(r.reason) for r in explained.break_reasons]
 
@@ -189,9 +190,8 @@ def test_the_fused_backend_compiled_sums_slot_gradients_in_place_and_equals_eage
     eager_loss, eager = loss_and_grads(model)
     assert InterpretedTriton.calls_with_sums == 0
     torch._dynamo.reset()
-    # activation checkpointing replays the stream's writes, a side effect dynamo does not trace
-    # into one graph: that model compiles in parts
-    compiled_loss, compiled = loss_and_grads(torch.compile(model, fullgraph=not checkpointing))
+    # one graph with activation checkpointing too: the compiler recomputes the layers (trace_checkpointed_writes)
+    compiled_loss, compiled = loss_and_grads(torch.compile(model, fullgraph=True))
     assert InterpretedTriton.calls_with_sums >= 2  # layers 1 and 2 read depth
     torch.testing.assert_close(compiled_loss, eager_loss)
     assert compiled.keys() == eager.keys()
@@ -228,3 +228,30 @@ def test_cuda_graphs_are_refused_in_a_run_of_several_processes(monkeypatch, mode
         module.configure_model()
     module._trainer = SimpleNamespace(world_size=1)
     module.configure_model()  # one process: compiles whatever the mode
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernels in the interpreter")
+def test_a_network_compiled_after_a_checkpointed_one_trains_as_eager():
+    """Regression: compiling a checkpointed network made dynamo give up on the model's forward for the
+    rest of the process (it refused the stream writes inside the checkpoint), so the next network,
+    without checkpointing, compiled layer by layer; its per-slot gradient sums then crossed graphs and
+    its backward failed: "one of the variables needed for gradient computation has been modified by
+    an inplace operation"."""
+    shape = dict(vocab_size=VOCAB, n_layers=3, max_seq_len=16, d_model=64, n_heads=2, n_kv_heads=2,
+                 attention="_interpreted_triton")  # fmt: skip
+    idx = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def grads(checkpointing: bool, compiled: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = MoDATransformer(MoDAConfig(activation_checkpointing=checkpointing, **shape))
+        network = torch.compile(model, backend="aot_eager") if compiled else model
+        torch.nn.functional.cross_entropy(network(idx).flatten(0, 1), idx.flatten()).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    grads(checkpointing=True, compiled=True)
+    compiled, eager = grads(checkpointing=False, compiled=True), grads(checkpointing=False, compiled=False)
+    assert compiled.keys() == eager.keys()
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    torch._dynamo.reset()
