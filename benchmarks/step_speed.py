@@ -18,7 +18,8 @@ least bytes (every slot read forward and backward, its gradient read and written
 rate measured at the start of the same run.
 
 ``--fit-steps N`` trains ``configs/table6_24l.yaml`` (MoDA) and its baseline overlay with the
-shipped GPU config for N steps each on the built-in corpus and reports the median tokens/s that
+shipped GPU config for N steps each on the built-in corpus (``--fit-files``: on those files, e.g. the
+study's corpus, whose tokenizer reaches the config's 50,303 tokens) and reports the median tokens/s that
 ``moda fit`` logged (``train/device/items_per_sec``), in each of ``--modes`` (eager: no compile;
 compiled: ``--model.compile=true``; graphed: also ``--model.compile_mode=reduce-overhead``);
 ``--fit-event-timing`` adds each option with ``FlopsOverhead(sync_every_batch=false)``, whose
@@ -255,9 +256,10 @@ def print_profile(option: str, base_kernels: dict, moda_kernels: dict, top: int)
     return moda
 
 
-def fit_flags(overlays: list[str], mode: str, steps: int, save_dir: Path) -> list[str]:
+def fit_flags(overlays: list[str], mode: str, steps: int, save_dir: Path, files: str = "") -> list[str]:
     """The ``moda fit`` flags of one end-to-end run: table6_24l plus ``overlays``, ``mode`` one of
-    :data:`MODES` as ``--model.compile`` / ``--model.compile_mode``, ``steps`` steps, no validation."""
+    :data:`MODES` as ``--model.compile`` / ``--model.compile_mode``, ``steps`` steps, no validation;
+    trained on ``files`` (``--data.files``) or, empty, the built-in corpus."""
     configs = [arg for config in ["configs/table6_24l.yaml", *overlays] for arg in ("--config", config)]
     # eager says so too: the configs may ship compile=true
     compiled = ["--model.compile=false"]
@@ -269,6 +271,7 @@ def fit_flags(overlays: list[str], mode: str, steps: int, save_dir: Path) -> lis
         "--trainer.logger.class_path=lightning.pytorch.loggers.TensorBoardLogger",
         f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.logger.init_args.name=",
         "--trainer.logger.init_args.version=run", "--trainer.enable_checkpointing=false",
+        *([f"--data.files={files}"] if files else []),
     ]  # fmt: skip
 
 
@@ -286,13 +289,13 @@ def event_timing_overlay(workdir: Path) -> str:
     return str(path)
 
 
-def fit_tokens_per_sec(overlays: list[str], mode: str, steps: int, workdir: Path) -> float:
+def fit_tokens_per_sec(overlays: list[str], mode: str, steps: int, workdir: Path, files: str = "") -> float:
     """Median tokens/s that ``moda fit`` logged training table6_24l (plus ``overlays``) for ``steps``
     steps in ``mode``."""
     from moda_lightning.study.results import read_scalars
 
     save_dir = workdir / f"{'_'.join(Path(o).stem for o in overlays) or 'moda'}_{mode}"
-    command = [sys.executable, "-m", "moda_lightning.cli", "fit", *fit_flags(overlays, mode, steps, save_dir)]
+    command = [sys.executable, "-m", "moda_lightning.cli", "fit", *fit_flags(overlays, mode, steps, save_dir, files)]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     rates = sorted(value for _, value in read_scalars(save_dir / "run").get("train/device/items_per_sec", []))
     if not rates:
@@ -300,16 +303,17 @@ def fit_tokens_per_sec(overlays: list[str], mode: str, steps: int, workdir: Path
     return rates[len(rates) // 2]
 
 
-def fit_table(steps: int, modes: list[str], event_timing: bool = False) -> None:
-    print(f"\n`moda fit` table6_24l, {steps} steps, shipped GPU config (bf16-mixed, clipping 1.0), built-in corpus")
+def fit_table(steps: int, modes: list[str], event_timing: bool = False, files: str = "") -> None:
+    corpus = f"--data.files={files}" if files else "built-in corpus"
+    print(f"\n`moda fit` table6_24l, {steps} steps, shipped GPU config (bf16-mixed, clipping 1.0), {corpus}")
     print("| option | baseline tokens/s | MoDA tokens/s | MoDA / baseline |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as workdir:
         timings = [("", [])] + ([(", event-timed", [event_timing_overlay(Path(workdir))])] if event_timing else [])
         for mode in modes:
             for label, extra in timings:
-                base = fit_tokens_per_sec(["configs/variants/baseline.yaml", *extra], mode, steps, Path(workdir))
-                moda = fit_tokens_per_sec(extra, mode, steps, Path(workdir))
+                base = fit_tokens_per_sec(["configs/variants/baseline.yaml", *extra], mode, steps, Path(workdir), files)
+                moda = fit_tokens_per_sec(extra, mode, steps, Path(workdir), files)
                 print(f"| {mode}{label} | {base:,.0f} | {moda:,.0f} | {moda / base:.3f} |")
 
 
@@ -321,6 +325,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per option")
     parser.add_argument("--fit-steps", type=int, default=0, help="also time `moda fit` end to end for this many steps")
     parser.add_argument("--fit-only", action="store_true", help="with --fit-steps: only the `moda fit` table")
+    parser.add_argument("--fit-files", default="", metavar="FILES",
+                        help="with --fit-steps: train on these (moda fit's --data.files, e.g. [pkg:torch,pkg:transformers,pkg:sympy], "
+                        "the study's corpus, whose tokenizer has the config's 50,303 tokens) instead of the built-in corpus")
     parser.add_argument("--fit-event-timing", action="store_true",
                         help="with --fit-steps: each option also with throughput timed by CUDA events, no sync per batch")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
@@ -335,7 +342,7 @@ def main() -> None:
     if not args.fit_only:
         step_table(["table6_24l"] if args.quick else args.shapes, args.modes, args.steps, args.profile)
     if args.fit_steps:
-        fit_table(args.fit_steps, args.modes, args.fit_event_timing)
+        fit_table(args.fit_steps, args.modes, args.fit_event_timing, args.fit_files)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,8 @@ def test_step_speed_fit_runs_parse_as_moda_fit_commands(mode, tmp_path):
         assert model["compile"] is (MODES[mode] is not None)
         assert mode == "eager" or model["compile_mode"] == MODES[mode]
         assert model["attention"] == ("sdpa" if overlays else "moda_triton")
+    files = "[pkg:torch,pkg:sympy]"  # the study's kind of corpus, for the config's full vocabulary
+    assert resolved_fit_config(fit_flags([], mode, 7, tmp_path, files))["data"]["files"] == ["pkg:torch", "pkg:sympy"]
 
 
 def test_step_table_holds_each_row_against_its_floor_and_rates_the_depth_kernels(monkeypatch, capsys):
