@@ -215,23 +215,24 @@ def breakdown(shapes: list[Shape]) -> None:
 
 
 def depth_tile(spec: str) -> dict[str, str]:
-    """``ROWSxCOLS[wWARPS][sSTAGES][t]`` (``t``: the token-block-fast grid) as the depth kernels'
-    environment variables; warps and stages left out keep the kernels' defaults."""
+    """``ROWSxCOLS[wWARPS][sSTAGES][t][e]`` (``t``: the token-block-fast grid; ``e``: the backward loads
+    the gradient sums early) as the depth kernels' environment variables; warps and stages left out
+    keep the kernels' defaults."""
     import re
 
     from moda_kernels.moda_attn.fwd import DEPTH_TILE_DEFAULTS, DEPTH_TILE_VARS
 
-    match = re.fullmatch(r"(\d+)x(\d+)(?:w(\d+))?(?:s(\d+))?(t?)", spec)
+    match = re.fullmatch(r"(\d+)x(\d+)(?:w(\d+))?(?:s(\d+))?(t?)(e?)", spec)
     if match is None:
-        raise ValueError(f"depth tile {spec!r} is not ROWSxCOLS[wWARPS][sSTAGES][t], e.g. 16x64, 16x128w8s4 or 32x64t")
-    rows, cols, warps, stages, token_fast = match.groups()
+        raise ValueError(f"depth tile {spec!r} is not ROWSxCOLS[wWARPS][sSTAGES][t][e], e.g. 16x64, 16x128w8s4 or 32x64te")
+    rows, cols, warps, stages, token_fast, early_sums = match.groups()
     for name, value in (("rows", rows), ("columns", cols)):
         n = int(value)
         if n < 16 or n & (n - 1):  # the tensor-core products need 16 or more along each side
             raise ValueError(f"depth tile {spec!r}: {name} must be a power of two of 16 or more, not {n}")
     tile = dict(
         rows=rows, cols=cols, warps=warps or DEPTH_TILE_DEFAULTS["warps"], stages=stages or DEPTH_TILE_DEFAULTS["stages"],
-        hk_fast="0" if token_fast else "1",
+        hk_fast="0" if token_fast else "1", early_sums="1" if early_sums else "0",
     )  # fmt: skip
     return {DEPTH_TILE_VARS[key]: str(value) for key, value in tile.items()}
 
@@ -253,21 +254,42 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 TILE_TOLERANCE = 3e-2
 
 
-def tune_depth(shapes: list[Shape], tiles: dict[str, dict[str, str]]) -> None:
+def training_path(s: Shape, sums: tuple[torch.Tensor, torch.Tensor]):
+    """The op as a training step calls it: the depth gradients added into ``sums`` (the depth stream's
+    gradient sums, read and written by the backward kernel), not returned."""
+    from moda_kernels.moda_attn import moda_attn
+    from moda_kernels.moda_attn.function import set_seq_backend
+
+    def f(q, k, v, dk, dv):
+        set_seq_backend("auto")
+        return moda_attn(q, k, v, dk, dv, num_depth=s.L, depth_grad_into=sums)
+
+    return f
+
+
+def tune_depth(shapes: list[Shape], tiles: dict[str, dict[str, str]], grad_into: bool = False) -> None:
     """Time the cuDNN + depth-kernel path with several depth tiles (name -> :func:`depth_tile` variables),
-    each checked first against the shipped tile's output and gradients."""
+    each checked first against the shipped tile's output and gradients; ``grad_into``: the training
+    path (:func:`training_path`), whose sums are checked too."""
     from moda_kernels.moda_attn.fwd import depth_tile_overrides
 
     for s in shapes:
         inputs = make_inputs(s)
         do = torch.randn(s.B, s.T, s.Hq, s.d, device="cuda", dtype=torch.bfloat16)
-        f = impl_fns(s)["moda"]
+        sums = (torch.zeros_like(inputs[3]), torch.zeros_like(inputs[4]))
+        f = training_path(s, sums) if grad_into else impl_fns(s)["moda"]
+
+        def checked() -> list[torch.Tensor]:
+            for t in sums:
+                t.zero_()
+            return outputs_and_grads(f, inputs, do) + ([t.clone() for t in sums] if grad_into else [])
+
         with depth_tile_overrides({}):
-            shipped = outputs_and_grads(f, inputs, do)
+            shipped = checked()
         for name, env in tiles.items():
             with depth_tile_overrides(env):
                 try:
-                    err = relative_error(outputs_and_grads(f, inputs, do), shipped)
+                    err = relative_error(checked(), shipped)
                     fwd, fb = time_impl(f, inputs, do)
                 except Exception as exc:  # a tile the compiler rejects: report it and go on
                     last_line = (str(exc).splitlines() or [""])[-1]
@@ -276,7 +298,7 @@ def tune_depth(shapes: list[Shape], tiles: dict[str, dict[str, str]]) -> None:
             verdict = "" if err < TILE_TOLERANCE else "  DIFFERS from the shipped tile: not a valid timing"
             print(f"{s.name:<28} depth tile {name:>10}: fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms  "
                   f"max rel. diff to shipped {err:.1e}{verdict}", flush=True)  # fmt: skip
-        del inputs, do, shipped
+        del inputs, do, shipped, sums
         torch.cuda.empty_cache()
 
 
@@ -298,7 +320,9 @@ def main() -> None:
     p.add_argument("--shapes", default="", help="indices into the grid, e.g. 0,3,8")
     p.add_argument("--json", default="", help="write all numbers to this file")
     p.add_argument("--breakdown", action="store_true", help="time cuDNN and the depth kernels separately")
-    p.add_argument("--depth-configs", default="", help="tune the depth kernels: ROWSxCOLS[wWARPS][sSTAGES][t],... (times 'moda' only)")
+    p.add_argument("--depth-configs", default="", help="tune the depth kernels: ROWSxCOLS[wWARPS][sSTAGES][t][e],... (times 'moda' only)")
+    p.add_argument("--grad-into", action="store_true", help="with --depth-configs: time the training path, whose "
+                   "backward adds the depth gradients into the stream's sums (what the 'e' tiles change)")
     p.add_argument("--slots", default="", help="time each chosen shape at these depth-slot counts instead of its own, "
                    "e.g. 2,8,24,46 with --shapes 10 --breakdown: the depth kernels' rate layer by layer of a model")
     args = p.parse_args()
@@ -317,7 +341,7 @@ def main() -> None:
         breakdown(shapes)
         return
     if tiles:
-        tune_depth(shapes, tiles)
+        tune_depth(shapes, tiles, args.grad_into)
         return
     rows = []
     for s in shapes:

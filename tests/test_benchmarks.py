@@ -182,18 +182,20 @@ def test_kernel_attention_depth_tiles_parse_and_a_mistyped_one_fails_before_any_
     assert depth_tile("16x64") == {  # warps and stages left out: the kernels' own
         "MODA_DEPTH_ROWS": "16", "MODA_DEPTH_COLS": "64", "MODA_DEPTH_WARPS": str(DEPTH_TILE_DEFAULTS["warps"]),
         "MODA_DEPTH_STAGES": str(DEPTH_TILE_DEFAULTS["stages"]), "MODA_DEPTH_HK_FAST": "1",
+        "MODA_DEPTH_EARLY_SUMS": "0",
     }  # fmt: skip
     assert depth_tile("32x128w8s4t") == {
         "MODA_DEPTH_ROWS": "32", "MODA_DEPTH_COLS": "128", "MODA_DEPTH_WARPS": "8",
-        "MODA_DEPTH_STAGES": "4", "MODA_DEPTH_HK_FAST": "0",
+        "MODA_DEPTH_STAGES": "4", "MODA_DEPTH_HK_FAST": "0", "MODA_DEPTH_EARLY_SUMS": "0",
     }  # fmt: skip
+    assert depth_tile("16x32w2e")["MODA_DEPTH_EARLY_SUMS"] == "1" and depth_tile("16x32te")["MODA_DEPTH_HK_FAST"] == "0"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
         [sys.executable, "benchmarks/kernel_attention.py", "--depth-configs", "16x64,16by128"],
         cwd=ROOT, env={**env, "PYTHONPATH": f"kernels{os.pathsep}."}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "--depth-configs: depth tile '16by128' is not ROWSxCOLS[wWARPS][sSTAGES][t]" in result.stderr
+    assert "--depth-configs: depth tile '16by128' is not ROWSxCOLS[wWARPS][sSTAGES][t][e]" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -252,6 +252,40 @@ def test_depth_gradients_are_added_into_depth_grad_into(seq, route, lazy, q_dept
         torch.testing.assert_close(total - first, ref, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("layout", ["buffer", "slot lists"])
+def test_early_sum_loads_add_the_same_gradients(layout):
+    """``early_sums``: the depth backward loads the sums it adds to before its products instead of
+    after them. The same additions in the same order: bitwise the same sums and gradients, with the
+    stream as one buffer and as slot lists (whose sums it addresses through the gradient table)."""
+    from moda_kernels.moda_attn import function
+    from moda_kernels.moda_attn.fwd import depth_tile_overrides
+
+    inputs, do = _inputs(2, 9, 6, 2, 16, 5, torch.float32, seed=4)
+    g = torch.Generator().manual_seed(2)
+    start = (torch.randn(inputs[3].shape, generator=g), torch.randn(inputs[4].shape, generator=g))
+
+    def run(early: bool) -> list[torch.Tensor]:
+        xs = [x.detach().clone().requires_grad_() for x in inputs[:3]]
+        into = tuple(t.clone() for t in start)
+        depth_k, depth_v, num_depth = inputs[3], inputs[4], 4  # the first 4 of 5 slots
+        if layout == "slot lists":  # a list is read whole; its sums are [B, T, 4, Hk, d]
+            depth_k, depth_v = [t.contiguous() for t in depth_k.unbind(2)[:4]], [t.contiguous() for t in depth_v.unbind(2)[:4]]
+            num_depth = None
+            into = tuple(t[:, :, :4].contiguous() for t in start)
+        function.set_seq_backend("triton_split")
+        try:
+            with depth_tile_overrides({"MODA_DEPTH_EARLY_SUMS": "1"} if early else {}):
+                function.moda_attn(*xs, depth_k, depth_v, num_depth=num_depth, depth_grad_into=into).backward(do)
+        finally:
+            function.set_seq_backend("auto")
+        return [x.grad for x in xs] + list(into)
+
+    late, early = run(False), run(True)
+    assert not torch.equal(late[3], start[0][:, :, : late[3].shape[2]])  # the sums were added to
+    for name, a, b in zip(["dq", "dk", "dv", "d_depth_k sums", "d_depth_v sums"], late, early):
+        assert torch.equal(a, b), name
+
+
 # ----------------------------------------------------------------------------- separate depth query
 
 

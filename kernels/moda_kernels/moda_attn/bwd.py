@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moda_kernels.moda_attn.fwd import LOG2E, Depth, _next_pow2, depth_config, depth_grid
+from moda_kernels.moda_attn.fwd import LOG2E, Depth, _next_pow2, depth_config, depth_early_sums, depth_grid
 from moda_kernels.moda_attn.slot_table import depth_flags, depth_pointers
 from moda_kernels.moda_attn.tiles import depth_columns, load_rows, packed_rows, slot_offsets
 
@@ -369,6 +369,7 @@ def moda_depth_bwd_kernel(
     SLOTS_ALIGNED: tl.constexpr,
     GRAD_SLOT_TABLE: tl.constexpr,  # the same for the gradients (GK, GV: slot 0; GK_SLOTS, GV_SLOTS: offsets)
     GRAD_SLOTS_ALIGNED: tl.constexpr,
+    EARLY_SUMS: tl.constexpr,  # with ACCUM_DEPTH: load the sums at the top of a step, beside the slots
 ):  # fmt: skip
     """Depth gradients and the depth part of dq (added to DQ), from the merged ``o`` and ``lse``.
 
@@ -408,6 +409,13 @@ def moda_depth_bwd_kernel(
         # [BLOCK_N, D]
         b_dk = tl.load(ptr_dk[:, None] + at_k[:, None] + offs_d[None, :] * stride_dkd, mask=mask_c[:, None], other=0.0)
         b_dv = tl.load(ptr_dv[:, None] + at_v[:, None] + offs_d[None, :] * stride_dvd, mask=mask_c[:, None], other=0.0)
+        slot_gk = slot_offsets(slot, slot < num_depth, stride_gks, GK_SLOTS, GRAD_SLOT_TABLE, GRAD_SLOTS_ALIGNED)
+        slot_gv = slot_offsets(slot, slot < num_depth, stride_gvs, GV_SLOTS, GRAD_SLOT_TABLE, GRAD_SLOTS_ALIGNED)
+        at_gk = ptr_gk[:, None] + slot_gk[:, None] + offs_d[None, :] * stride_gkd
+        at_gv = ptr_gv[:, None] + slot_gv[:, None] + offs_d[None, :] * stride_gvd
+        if ACCUM_DEPTH and EARLY_SUMS:  # issued with the slots' loads, so both wait on memory once
+            sum_gk = tl.load(at_gk, mask=mask_c[:, None], other=0.0)
+            sum_gv = tl.load(at_gv, mask=mask_c[:, None], other=0.0)
         # [BLOCK_M, BLOCK_N]: probabilities of the depth keys, recomputed from the merged lse
         p = tl.exp2(tl.dot(b_q, tl.trans(b_dk)) * qk_scale - lse2[:, None])
         p = tl.where(same_token & (slot < num_depth)[None, :], p, 0.0)
@@ -417,13 +425,12 @@ def moda_depth_bwd_kernel(
         # [BLOCK_N, D]: each (token, slot) sums over its own token's G rows (others are masked)
         g_dv = tl.dot(tl.trans(p.to(b_do.dtype)), b_do)
         g_dk = tl.dot(tl.trans(ds.to(b_q.dtype)), b_q) * sm_scale
-        slot_gk = slot_offsets(slot, slot < num_depth, stride_gks, GK_SLOTS, GRAD_SLOT_TABLE, GRAD_SLOTS_ALIGNED)
-        slot_gv = slot_offsets(slot, slot < num_depth, stride_gvs, GV_SLOTS, GRAD_SLOT_TABLE, GRAD_SLOTS_ALIGNED)
-        at_gk = ptr_gk[:, None] + slot_gk[:, None] + offs_d[None, :] * stride_gkd
-        at_gv = ptr_gv[:, None] + slot_gv[:, None] + offs_d[None, :] * stride_gvd
         if ACCUM_DEPTH:  # the caller sums many layers' gradients of a slot: add here, not in another pass
-            g_dk += tl.load(at_gk, mask=mask_c[:, None], other=0.0).to(tl.float32)
-            g_dv += tl.load(at_gv, mask=mask_c[:, None], other=0.0).to(tl.float32)
+            if not EARLY_SUMS:
+                sum_gk = tl.load(at_gk, mask=mask_c[:, None], other=0.0)
+                sum_gv = tl.load(at_gv, mask=mask_c[:, None], other=0.0)
+            g_dk += sum_gk.to(tl.float32)
+            g_dv += sum_gv.to(tl.float32)
         tl.store(at_gk, g_dk.to(GK.dtype.element_ty), mask=mask_c[:, None])
         tl.store(at_gv, g_dv.to(GV.dtype.element_ty), mask=mask_c[:, None])
 
@@ -470,5 +477,5 @@ def moda_depth_bwd(
         T, Hk, num_depth, scale, scale * LOG2E,
         G=Hq // Hk, D=d, ACCUM_DQ=accum_dq, ACCUM_DEPTH=accum_depth, HK_FAST=hk_fast,
         **depth_flags(depth_k, depth_v), GRAD_SLOT_TABLE=grad_flags["SLOT_TABLE"],
-        GRAD_SLOTS_ALIGNED=grad_flags["SLOTS_ALIGNED"], **cfg,
+        GRAD_SLOTS_ALIGNED=grad_flags["SLOTS_ALIGNED"], EARLY_SUMS=depth_early_sums(), **cfg,
     )  # fmt: skip

@@ -395,11 +395,13 @@ def moda_merge(o: torch.Tensor, lse: torch.Tensor, o_depth: torch.Tensor, lse_de
 # 16 packed query rows x 32 (token, slot) key columns a step, 2 warps, 3 pipeline stages, KV heads on
 # the fast grid axis. Of the tiles timed on an H200 (docs/benchmarks.md), the fastest at the 700M
 # training shape (2 query heads per KV head) and within 1.2% of the fastest at table6_24l's (3, padded to 4).
-DEPTH_TILE_DEFAULTS = dict(rows=16, cols=32, warps=2, stages=3, hk_fast=1)
+# early_sums=1: the backward loads the slot gradient sums it adds to at the top of each step, beside
+# the slots, rather than after its products (one memory round trip a step instead of two; not timed yet).
+DEPTH_TILE_DEFAULTS = dict(rows=16, cols=32, warps=2, stages=3, hk_fast=1, early_sums=0)
 # tuning overrides, read at import and by depth_tile_overrides (benchmarks/kernel_attention.py --depth-configs)
 DEPTH_TILE_VARS = dict(
     rows="MODA_DEPTH_ROWS", cols="MODA_DEPTH_COLS", warps="MODA_DEPTH_WARPS",
-    stages="MODA_DEPTH_STAGES", hk_fast="MODA_DEPTH_HK_FAST",
+    stages="MODA_DEPTH_STAGES", hk_fast="MODA_DEPTH_HK_FAST", early_sums="MODA_DEPTH_EARLY_SUMS",
 )  # fmt: skip
 
 
@@ -438,6 +440,11 @@ def depth_config(G: int, interpret: bool) -> dict[str, int]:
     sc = max(_depth_tile["cols"] // block_t, 1) if not interpret else 2
     stages = 1 if interpret else _depth_tile["stages"]
     return dict(G_PAD=G_PAD, BLOCK_T=block_t, SC=sc, num_warps=_depth_tile["warps"], num_stages=stages)
+
+
+def depth_early_sums() -> bool:
+    """Whether the depth backward loads the gradient sums it adds to at the top of a step (``early_sums``)."""
+    return _depth_tile["early_sums"] == 1
 
 
 def depth_grid(cfg: dict[str, int], T: int, B: int, Hk: int) -> tuple[tuple[int, int], bool]:
