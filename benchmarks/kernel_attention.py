@@ -276,13 +276,13 @@ def tune_depth(shapes: list[Shape], tiles: dict[str, dict[str, str]], grad_into:
     for s in shapes:
         inputs = make_inputs(s)
         do = torch.randn(s.B, s.T, s.Hq, s.d, device="cuda", dtype=torch.bfloat16)
-        sums = (torch.zeros_like(inputs[3]), torch.zeros_like(inputs[4]))
+        sums = (torch.zeros_like(inputs[3]), torch.zeros_like(inputs[4])) if grad_into else ()
         f = training_path(s, sums) if grad_into else impl_fns(s)["moda"]
 
         def checked() -> list[torch.Tensor]:
             for t in sums:
                 t.zero_()
-            return outputs_and_grads(f, inputs, do) + ([t.clone() for t in sums] if grad_into else [])
+            return outputs_and_grads(f, inputs, do) + [t.clone() for t in sums]
 
         with depth_tile_overrides({}):
             shipped = checked()
