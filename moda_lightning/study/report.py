@@ -239,28 +239,49 @@ def _curves(runs: list[RunResult]) -> tuple[list[int], list[list[float]]]:
     return runs[0].val_tokens[:n], [list(p) for p in zip(*(r.val_loss[:n] for r in runs))]
 
 
-def _plot_paired(ax, first: list[RunResult], second: list[RunResult], colour: str, label: str) -> None:
+def _plot_paired(ax, first: list[RunResult], second: list[RunResult], colour: str, label: str) -> list[tuple[int, float, float]]:
     """The curve of ``first`` minus ``second`` at the seeds both have, mean over those seeds, with a
-    95% t band where there are two or more."""
+    95% t band where there are two or more. Returns ``(tokens, low, high)`` per point: the band, or
+    the mean where there is none."""
     pairs = _seed_pairs(first, second)
     if not pairs:
-        return
+        return []
     n = min(min(len(a.val_loss), len(b.val_loss)) for a, b in pairs)
     tokens = pairs[0][0].val_tokens[:n]
     diffs = [[a.val_loss[j] - b.val_loss[j] for a, b in pairs] for j in range(n)]
     d_mean = [statistics.fmean(d) for d in diffs]
     ax.plot(tokens, d_mean, color=colour, label=f"{label} ({len(pairs)} pair{'s' if len(pairs) > 1 else ''})")
+    half = [0.0] * n
     if len(pairs) > 1:
         half = [t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d)) for d in diffs]
         ax.fill_between(tokens, [m - h for m, h in zip(d_mean, half)], [m + h for m, h in zip(d_mean, half)],
                         color=colour, alpha=0.2, linewidth=0)  # fmt: skip
+    return [(t, m - h, m + h) for t, m, h in zip(tokens, d_mean, half)]
+
+
+def _focus_after_first_third(ax, points: list[tuple[int, float, float]]) -> None:
+    """Fit the y-range to the curves and bands from a third of training on, zero included: early in
+    training the differences and their bands are many times wider (two seeds give a t factor of 12.7)
+    and would squash the part a reader compares; the early points run off the panel, which says so."""
+    if not points:
+        return
+    first, last = min(t for t, _, _ in points), max(t for t, _, _ in points)
+    late = [(lo, hi) for t, lo, hi in points if t >= first + (last - first) / 3]
+    lo, hi = min(0.0, *(lo for lo, _ in late)), max(0.0, *(hi for _, hi in late))
+    if all(lo <= p_lo and p_hi <= hi for _, p_lo, p_hi in points) or hi <= lo:
+        return
+    pad = 0.08 * (hi - lo)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.text(0.99, 0.02, "y-range fitted from a third of training on;\nearlier points run off the panel",
+            transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small", color="dimgray")
 
 
 def figure(spec: StudySpec, results: list[RunResult]):
     """Panels against training tokens: validation loss per arm (mean over seeds, band from min to
     max), the same zoomed on the last third, each arm's paired difference to the reference with its
     95% interval over seeds (below zero: lower loss than the reference), and, when the study file
-    names ``comparisons``, those paired differences."""
+    names ``comparisons``, those paired differences; the difference panels' y-range is fitted from a
+    third of training on (:func:`_focus_after_first_third`)."""
     from matplotlib.figure import Figure
 
     by_arm = {arm.name: sorted((r for r in results if r.arm == arm.name), key=lambda r: r.seed) for arm in spec.arms}
@@ -268,6 +289,7 @@ def figure(spec: StudySpec, results: list[RunResult]):
     fig = Figure(figsize=(21 if named else 16, 4.5), layout="constrained")
     full, zoom, paired, *rest = fig.subplots(1, 4 if named else 3)
     zoom_lo, zoom_hi, zoom_start = math.inf, -math.inf, None
+    paired_points: list[tuple[int, float, float]] = []
     for i, arm in enumerate(spec.arms):
         colour = f"C{i % 10}"
         runs = by_arm[arm.name]
@@ -285,7 +307,7 @@ def figure(spec: StudySpec, results: list[RunResult]):
         tail = [j for j, t in enumerate(tokens) if t >= zoom_start]
         zoom_lo, zoom_hi = min(zoom_lo, min(lo[j] for j in tail)), max(zoom_hi, max(hi[j] for j in tail))
         if arm.name != spec.reference:
-            _plot_paired(paired, runs, by_arm[spec.reference], colour, arm.name)
+            paired_points += _plot_paired(paired, runs, by_arm[spec.reference], colour, arm.name)
     if zoom_start is not None:
         zoom.set_xlim(zoom_start, max(r.val_tokens[-1] for r in results) * 1.01)
     if zoom_lo < zoom_hi:
@@ -294,10 +316,11 @@ def figure(spec: StudySpec, results: list[RunResult]):
     full.set_title(f"{spec.name}: validation loss (mean over seeds, band: min to max)", fontsize="medium")
     zoom.set_title("last third of training", fontsize="medium")
     paired.set_title(f"paired difference to {spec.reference} (band: 95% CI)", fontsize="medium")
-    for j, (a, b) in enumerate(named):
-        _plot_paired(rest[0], by_arm[a], by_arm[b], f"C{j % 10}", f"{a} - {b}")
+    named_points = [p for j, (a, b) in enumerate(named) for p in _plot_paired(rest[0], by_arm[a], by_arm[b], f"C{j % 10}", f"{a} - {b}")]
+    _focus_after_first_third(paired, paired_points)
     if rest:
         rest[0].set_title("named comparisons: first minus second (band: 95% CI)", fontsize="medium")
+        _focus_after_first_third(rest[0], named_points)
     for ax in (full, zoom, paired, *rest):
         ax.set_xlabel("training tokens")
         ax.grid(alpha=0.3)

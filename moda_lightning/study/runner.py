@@ -365,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
             if state != "done":
                 print("    moda " + " ".join(fit_command(run)[3:]))
         return 0
+    if args.report_only and not any(run_state(run) == "done" for run in runs):
+        print(f"moda study: --report-only found no finished run of {spec.path} under {out_dir}; pass --out with "
+              "the folder the study wrote (default runs/studies/<name>), or run the study first", file=sys.stderr)  # fmt: skip
+        return 2
     failed = [] if args.report_only else execute(spec, runs, max_runs=args.max_runs, arms=arms)
     results, missing = collect(runs)
     if results:

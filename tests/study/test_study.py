@@ -166,6 +166,31 @@ def test_an_unknown_arm_is_one_error_line(tmp_path):
     assert result.returncode == 2 and "--arms names ['bsae']" in result.stderr and "its arms: ['base', 'moda']" in result.stderr
 
 
+def test_report_only_without_finished_runs_is_one_error_line(tmp_path):
+    write_study(tmp_path)
+    result = moda_study(tmp_path, "--report-only", "--out", "nowhere")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "no finished run" in result.stderr and "--out" in result.stderr
+
+
+def test_paired_panels_fit_their_range_to_the_later_differences():
+    """Early differences (and two-pair bands, t factor 12.7) are many times the late ones: the
+    difference panels fit their y-range from a third of training on, zero and the late bands inside."""
+    tokens = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    early = [0.8, -0.6, 0.3]  # seed-to-seed swings of the first evaluations
+    base = {seed: [3.0 - 0.01 * i for i in range(10)] for seed in (0, 1)}
+    arm = {seed: [b + (early[i] * (1 if seed else -1) if i < 3 else 0.01 + 0.002 * seed) for i, b in enumerate(base[seed])]
+           for seed in (0, 1)}  # fmt: skip
+    results = [RunResult(name, seed, 10, 100, tokens, losses[seed], None, 1.0, 1.0)
+               for name, losses in (("base", base), ("moda", arm)) for seed in (0, 1)]  # fmt: skip
+    spec = SimpleNamespace(name="t", arms=[SimpleNamespace(name="base"), SimpleNamespace(name="moda")], reference="base",
+                           comparisons=())  # fmt: skip
+    low, high = figure(spec, results).axes[2].get_ylim()
+    late_half_width = t975(1) * 0.002 / math.sqrt(2) / math.sqrt(2)  # sd of (0.010, 0.012) / sqrt(2), times t
+    assert low < 0 < 0.011 + late_half_width < high  # zero and the late band are inside
+    assert high < 0.2 and low > -0.2  # the early swings (0.3-0.8) run off the panel
+
+
 def test_bad_study_file_is_one_error_line(tmp_path):
     write_study(tmp_path, reference="baseline", seeds=[1, 1], tokens=0, arms={"a": {"confgs": []}})
     result = moda_study(tmp_path)
