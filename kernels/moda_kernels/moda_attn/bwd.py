@@ -345,6 +345,17 @@ def moda_bwd(
 
 
 @triton.jit
+def _grad_slot_pointers(ptr_gk, ptr_gv, slot, num_depth, offs_d, stride_gks, stride_gvs, stride_gkd, stride_gvd,
+                        GK_SLOTS, GV_SLOTS, GRAD_SLOT_TABLE: tl.constexpr, GRAD_SLOTS_ALIGNED: tl.constexpr):  # fmt: skip
+    """``[BLOCK_N, D]`` addresses of a step's (token, slot) rows in the key and value gradients."""
+    slot_gk = slot_offsets(slot, slot < num_depth, stride_gks, GK_SLOTS, GRAD_SLOT_TABLE, GRAD_SLOTS_ALIGNED)
+    slot_gv = slot_offsets(slot, slot < num_depth, stride_gvs, GV_SLOTS, GRAD_SLOT_TABLE, GRAD_SLOTS_ALIGNED)
+    at_gk = ptr_gk[:, None] + slot_gk[:, None] + offs_d[None, :] * stride_gkd
+    at_gv = ptr_gv[:, None] + slot_gv[:, None] + offs_d[None, :] * stride_gvd
+    return at_gk, at_gv
+
+
+@triton.jit
 def moda_depth_bwd_kernel(
     Q, DK, DV, DK_SLOTS, DV_SLOTS, O, DO, LSE, DQ, GK, GV, GK_SLOTS, GV_SLOTS,
     stride_qb, stride_qt, stride_qh, stride_qd,
@@ -409,11 +420,10 @@ def moda_depth_bwd_kernel(
         # [BLOCK_N, D]
         b_dk = tl.load(ptr_dk[:, None] + at_k[:, None] + offs_d[None, :] * stride_dkd, mask=mask_c[:, None], other=0.0)
         b_dv = tl.load(ptr_dv[:, None] + at_v[:, None] + offs_d[None, :] * stride_dvd, mask=mask_c[:, None], other=0.0)
-        slot_gk = slot_offsets(slot, slot < num_depth, stride_gks, GK_SLOTS, GRAD_SLOT_TABLE, GRAD_SLOTS_ALIGNED)
-        slot_gv = slot_offsets(slot, slot < num_depth, stride_gvs, GV_SLOTS, GRAD_SLOT_TABLE, GRAD_SLOTS_ALIGNED)
-        at_gk = ptr_gk[:, None] + slot_gk[:, None] + offs_d[None, :] * stride_gkd
-        at_gv = ptr_gv[:, None] + slot_gv[:, None] + offs_d[None, :] * stride_gvd
         if ACCUM_DEPTH and EARLY_SUMS:  # issued with the slots' loads, so both wait on memory once
+            at_gk, at_gv = _grad_slot_pointers(ptr_gk, ptr_gv, slot, num_depth, offs_d, stride_gks, stride_gvs,
+                                               stride_gkd, stride_gvd, GK_SLOTS, GV_SLOTS, GRAD_SLOT_TABLE,
+                                               GRAD_SLOTS_ALIGNED)  # fmt: skip
             sum_gk = tl.load(at_gk, mask=mask_c[:, None], other=0.0)
             sum_gv = tl.load(at_gv, mask=mask_c[:, None], other=0.0)
         # [BLOCK_M, BLOCK_N]: probabilities of the depth keys, recomputed from the merged lse
@@ -425,6 +435,10 @@ def moda_depth_bwd_kernel(
         # [BLOCK_N, D]: each (token, slot) sums over its own token's G rows (others are masked)
         g_dv = tl.dot(tl.trans(p.to(b_do.dtype)), b_do)
         g_dk = tl.dot(tl.trans(ds.to(b_q.dtype)), b_q) * sm_scale
+        if not (ACCUM_DEPTH and EARLY_SUMS):  # here, not above: the pointers are not kept alive across the products
+            at_gk, at_gv = _grad_slot_pointers(ptr_gk, ptr_gv, slot, num_depth, offs_d, stride_gks, stride_gvs,
+                                               stride_gkd, stride_gvd, GK_SLOTS, GV_SLOTS, GRAD_SLOT_TABLE,
+                                               GRAD_SLOTS_ALIGNED)  # fmt: skip
         if ACCUM_DEPTH:  # the caller sums many layers' gradients of a slot: add here, not in another pass
             if not EARLY_SUMS:
                 sum_gk = tl.load(at_gk, mask=mask_c[:, None], other=0.0)
