@@ -238,3 +238,27 @@ def test_kernel_attention_times_a_shape_at_each_slot_count_asked():
     assert [s.L for s in swept] == [2, 24, 46]
     assert all((s.B, s.T, s.Hq, s.Hk, s.d) == (GRID[10].B, GRID[10].T, GRID[10].Hq, GRID[10].Hk, GRID[10].d) for s in swept)
     assert chosen_shapes(False, "10,8", "") == [GRID[10], GRID[8]] and chosen_shapes(False, "", "") == GRID
+
+
+def test_kernel_registers_compiles_the_depth_kernels_for_a_gpu_here():
+    """benchmarks/kernel_registers.py needs no GPU: Triton compiles for sm_90a and its ptxas counts
+    registers and spills. One tile, both kernels; a mistyped tile is one error line."""
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": f"kernels{os.pathsep}."}
+    script = [sys.executable, "benchmarks/kernel_registers.py"]
+    result = subprocess.run([*script, "--tiles", "16x32w2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 16x32w2 |")]
+    assert [row[1].strip() for row in rows] == ["fwd", "bwd"]
+    for _, _, registers, spills, warps in rows:
+        assert 32 <= int(registers) <= 255 and int(spills) >= 0 and 2 <= int(warps) <= 64
+    bad = subprocess.run([*script, "--tiles", "16by32"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--tiles: depth tile '16by32'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_warps_per_sm_counts_whole_programs_by_registers():
+    from benchmarks.kernel_registers import warps_per_sm
+
+    assert warps_per_sm(208, 2) == 8  # 208 x 32 registers a warp: 9 warps fit, 4 programs of 2
+    assert warps_per_sm(128, 4) == 16
+    assert warps_per_sm(32, 4) == 64  # capped by the SM's 64 warps
+    assert warps_per_sm(255, 1) == 8  # 255 rounds up to 256 a thread
