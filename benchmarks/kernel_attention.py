@@ -79,10 +79,24 @@ def make_inputs(s: Shape, dtype=torch.bfloat16):
     return q, k, v, depth_k, depth_v
 
 
+def moda_op(s: Shape, seq: str, overlap: bool = False, grad_into: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """f(q, k, v, depth_k, depth_v) -> o: ``moda_attn`` on the sequence path ``seq``; with ``grad_into``
+    as a training step calls it, the depth gradients added into those sums (the depth stream's,
+    read and written by the backward kernel) rather than returned."""
+    from moda_kernels.moda_attn import moda_attn
+    from moda_kernels.moda_attn.function import set_overlap, set_seq_backend
+
+    def f(q, k, v, dk, dv):
+        set_seq_backend(seq)
+        set_overlap(overlap)
+        return moda_attn(q, k, v, dk, dv, num_depth=s.L, depth_grad_into=grad_into)
+
+    return f
+
+
 def impl_fns(s: Shape):
     """name -> f(q, k, v, depth_k, depth_v) -> o [B, T, Hq, d]; None where it cannot run."""
-    from moda_kernels.moda_attn import moda_attn, moda_attn_reference
-    from moda_kernels.moda_attn.function import set_overlap, set_seq_backend
+    from moda_kernels.moda_attn import moda_attn_reference
 
     def sdpa(backend):
         def f(q, k, v, dk, dv):
@@ -94,21 +108,13 @@ def impl_fns(s: Shape):
 
         return f
 
-    def moda(seq, overlap=False):
-        def f(q, k, v, dk, dv):
-            set_seq_backend(seq)
-            set_overlap(overlap)
-            return moda_attn(q, k, v, dk, dv, num_depth=s.L)
-
-        return f
-
     fns = {
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
-        "moda": moda("auto"),
-        "moda_overlap": moda("cudnn", overlap=True),
-        "moda_fused": moda("fused"),
-        "moda_split": moda("triton_split"),
+        "moda": moda_op(s, "auto"),
+        "moda_overlap": moda_op(s, "cudnn", overlap=True),
+        "moda_fused": moda_op(s, "fused"),
+        "moda_split": moda_op(s, "triton_split"),
         "reference": None,
     }
     try:
@@ -254,30 +260,17 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 TILE_TOLERANCE = 3e-2
 
 
-def training_path(s: Shape, sums: tuple[torch.Tensor, torch.Tensor]):
-    """The op as a training step calls it: the depth gradients added into ``sums`` (the depth stream's
-    gradient sums, read and written by the backward kernel), not returned."""
-    from moda_kernels.moda_attn import moda_attn
-    from moda_kernels.moda_attn.function import set_seq_backend
-
-    def f(q, k, v, dk, dv):
-        set_seq_backend("auto")
-        return moda_attn(q, k, v, dk, dv, num_depth=s.L, depth_grad_into=sums)
-
-    return f
-
-
 def tune_depth(shapes: list[Shape], tiles: dict[str, dict[str, str]], grad_into: bool = False) -> None:
     """Time the cuDNN + depth-kernel path with several depth tiles (name -> :func:`depth_tile` variables),
     each checked first against the shipped tile's output and gradients; ``grad_into``: the training
-    path (:func:`training_path`), whose sums are checked too."""
+    path (:func:`moda_op` adding into the sums), whose sums are checked too."""
     from moda_kernels.moda_attn.fwd import depth_tile_overrides
 
     for s in shapes:
         inputs = make_inputs(s)
         do = torch.randn(s.B, s.T, s.Hq, s.d, device="cuda", dtype=torch.bfloat16)
         sums = (torch.zeros_like(inputs[3]), torch.zeros_like(inputs[4])) if grad_into else ()
-        f = training_path(s, sums) if grad_into else impl_fns(s)["moda"]
+        f = moda_op(s, "auto", grad_into=sums or None)
 
         def checked() -> list[torch.Tensor]:
             for t in sums:

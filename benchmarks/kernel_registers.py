@@ -47,8 +47,7 @@ def ptxas_path() -> str:
 def compile_for_gpu(kernel, constants: dict, num_warps: int, num_stages: int, arch: int = 90) -> str:
     """PTX of ``kernel`` for ``sm_{arch}`` with ``constants`` set, specialised as a launch would be."""
     constants = dict(constants)
-    params = [p for p in kernel.params if not p.is_constexpr]
-    for p in params:
+    for p in kernel.params:
         if p.name.startswith("stride_") and (p.name.endswith("d") or p.name == "stride_lt"):
             constants[p.name] = 1
     signature, attrs = {}, {}
