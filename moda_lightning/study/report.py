@@ -26,6 +26,9 @@ _T975 = [
 ]  # fmt: skip
 
 
+PLANNING_LIMIT = 10_000  # pairs; a sign that needs more is reported as "more than" this
+
+
 def t975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom (``df >= 1``)."""
     return _T975[df - 1] if df <= len(_T975) else 1.96
@@ -73,6 +76,18 @@ class PairedDifference:
             return None
         half = t975(len(self.diffs) - 1) * statistics.stdev(self.diffs) / math.sqrt(len(self.diffs))
         return self.mean - half, self.mean + half
+
+    def pairs_to_clear_zero(self, most: int = PLANNING_LIMIT) -> int | None:
+        """The fewest pairs whose 95% interval would leave out zero if the mean and sd of these pairs
+        held: a planning guess for how many seeds would settle the sign. ``None`` with one pair or a
+        zero mean; ``most + 1`` where even ``most`` pairs would not do."""
+        if len(self.diffs) < 2 or self.mean == 0:
+            return None
+        sd = statistics.stdev(self.diffs)
+        for n in range(2, most + 1):
+            if t975(n - 1) * sd / math.sqrt(n) < abs(self.mean):
+                return n
+        return most + 1
 
 
 def summarize_arms(spec: StudySpec, results: list[RunResult]) -> list[ArmSummary]:
@@ -141,8 +156,18 @@ def _paired_rows(diffs: list[PairedDifference]) -> list[str]:
         ci = d.ci95
         ci_text = "— (one pair)" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
         per_seed = ", ".join(f"{s}: {x:+.4f}" for s, x in zip(d.seeds, d.diffs))
-        rows.append(f"| {d.arm} | {len(d.diffs)} | {d.mean:+.4f} | {ci_text} | {per_seed} |")
+        rows.append(f"| {d.arm} | {len(d.diffs)} | {d.mean:+.4f} | {ci_text} | {_to_clear_zero(d)} | {per_seed} |")
     return rows
+
+
+def _to_clear_zero(d: PairedDifference) -> str:
+    ci = d.ci95
+    if ci is not None and (ci[0] > 0 or ci[1] < 0):
+        return "clear now"
+    needed = d.pairs_to_clear_zero()
+    if needed is None:
+        return "—"
+    return f"more than {PLANNING_LIMIT:,}" if needed > PLANNING_LIMIT else f"{needed:,}"
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -159,6 +184,13 @@ def _throughput(arm: ArmSummary) -> str:
     if arm.throughput_device:
         shared += f" on {arm.throughput_device.removeprefix('NVIDIA ')}"
     return f"{arm.tokens_per_sec:,.0f} ({shared}; {arm.throughput_runs} run{'s' if arm.throughput_runs > 1 else ''})"
+
+
+PAIRS_TO_CLEAR_ZERO = (
+    "\"Pairs to clear 0\": how many pairs would put the interval clear of zero if the mean and sd of "
+    "the pairs so far held (a planning guess from few pairs: both will move as seeds are added; "
+    "\"clear now\": the interval already leaves zero out)."
+)
 
 
 def markdown(spec: StudySpec, results: list[RunResult], missing: list[str]) -> str:
@@ -192,10 +224,11 @@ def markdown(spec: StudySpec, results: list[RunResult], missing: list[str]) -> s
         lines += [
             "",
             f"Paired differences to `{spec.reference}` (arm minus reference, same seed: same shared initial "
-            "weights and data order; negative = lower loss than the reference), with a 95% t interval over seeds:",
+            "weights and data order; negative = lower loss than the reference), with a 95% t interval over seeds. "
+            + PAIRS_TO_CLEAR_ZERO,
             "",
-            "| arm | pairs | mean difference | 95% CI | per seed |",
-            "|---|---|---|---|---|",
+            "| arm | pairs | mean difference | 95% CI | pairs to clear 0 | per seed |",
+            "|---|---|---|---|---|---|",
             *_paired_rows(diffs),
         ]
     named = named_comparisons(spec, results)
@@ -205,8 +238,8 @@ def markdown(spec: StudySpec, results: list[RunResult], missing: list[str]) -> s
             "Paired differences the study file names (first arm minus second, same seed; negative = the first "
             "has the lower loss), with a 95% t interval over seeds:",
             "",
-            "| comparison | pairs | mean difference | 95% CI | per seed |",
-            "|---|---|---|---|---|",
+            "| comparison | pairs | mean difference | 95% CI | pairs to clear 0 | per seed |",
+            "|---|---|---|---|---|---|",
             *_paired_rows(named),
         ]
     if missing:

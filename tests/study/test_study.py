@@ -14,7 +14,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from moda_lightning.study.report import PairedDifference, _throughput, figure, summarize_arms, t975, write_report
+from moda_lightning.study.report import PairedDifference, _throughput, figure, markdown, summarize_arms, t975, write_report
 from moda_lightning.study.results import RunResult, final_depth_mass
 from moda_lightning.study.spec import load_study
 
@@ -233,7 +233,8 @@ def test_report_adds_the_comparisons_the_study_file_names(tmp_path):
     named = (tmp_path / "study.md").read_text().split("Paired differences the study file names")[1]
     pre = [loss["moda_pre", s] - loss["base_pre", s] for s in (0, 1, 2)]
     lo, hi = PairedDifference("x", [0, 1, 2], pre).ci95
-    assert (f"| moda_pre - base_pre | 3 | {sum(pre) / 3:+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
+    # mean -0.0167, sd 0.0252: t_{0.975,11} * sd / sqrt(12) = 0.0160 is the first half-width below 0.0167
+    assert (f"| moda_pre - base_pre | 3 | {sum(pre) / 3:+.4f} | [{lo:+.4f}, {hi:+.4f}] | 12 | "
             f"0: {pre[0]:+.4f}, 1: {pre[1]:+.4f}, 2: {pre[2]:+.4f} |") in named  # fmt: skip
     # only the seeds both arms finished are paired
     post = [loss["moda_pre", s] - loss["moda_post", s] for s in (0, 1)]
@@ -479,3 +480,23 @@ def test_peak_gpu_memory_is_logged_on_a_gpu_at_the_logging_steps(monkeypatch):
     trainer.loggers = []
     PeakGPUMemory().on_train_batch_end(trainer, module, None, None, 0)
     assert len(logged) == 2
+
+
+def test_pairs_to_clear_zero_is_the_first_count_whose_interval_leaves_zero_out():
+    # mean 0.02, sd 0.0141: half-widths 0.127 (2 pairs), 0.0351 (3), 0.0225 (4), 0.0176 (5)
+    assert PairedDifference("x", [0, 1], [0.01, 0.03]).pairs_to_clear_zero() == 5
+    assert PairedDifference("x", [0], [0.01]).pairs_to_clear_zero() is None  # no spread to plan with
+    assert PairedDifference("x", [0, 1], [-0.01, 0.01]).pairs_to_clear_zero() is None  # a zero mean never clears
+    assert PairedDifference("x", [0, 1], [-0.5, 0.5001]).pairs_to_clear_zero(most=50) == 51  # past the limit
+
+
+def test_report_says_when_a_difference_is_clear_of_zero_already_or_past_the_planning_limit(tmp_path):
+    spec = SimpleNamespace(name="s", path="s.yaml", arms=[SimpleNamespace(name=n) for n in ("ref", "a", "b")],
+                           seeds=[0, 1, 2], reference="ref", comparisons=())  # fmt: skip
+    loss = {("ref", 0): 2.0, ("ref", 1): 2.1, ("ref", 2): 2.2,
+            ("a", 0): 1.9, ("a", 1): 2.0, ("a", 2): 2.11,  # -0.10, -0.10, -0.09: clear of zero
+            ("b", 0): 2.5, ("b", 1): 1.6, ("b", 2): 2.2001}  # +0.5, -0.5, +0.0001: a mean of 0.00003
+    results = [RunResult(arm, seed, 4, 64, [64], [value], None, 1.0, 1.0) for (arm, seed), value in loss.items()]
+    paired = markdown(spec, results, []).split("Paired differences to")[1].splitlines()
+    assert next(line for line in paired if line.startswith("| a | 3 |")).split(" | ")[4] == "clear now"
+    assert next(line for line in paired if line.startswith("| b | 3 |")).split(" | ")[4] == "more than 10,000"
