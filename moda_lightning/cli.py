@@ -240,6 +240,12 @@ class MoDACLI(LightningCLI):
         # no checkpoints, which Lightning would refuse beside it.
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        if config.get("limit_val_batches") == 0:
+            # No validation, so no validation loss to rank checkpoints by: keep `last.ckpt` alone,
+            # where Lightning would warn at every save that the monitored key is missing.
+            for ckpt in callbacks:
+                if isinstance(ckpt, ModelCheckpoint) and ckpt.monitor == "val/loss":
+                    ckpt.monitor, ckpt.save_top_k = None, 0
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_classes(self) -> None:

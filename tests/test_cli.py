@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,19 @@ def test_training_without_checkpoints_runs_and_writes_none(tmp_path, monkeypatch
     assert not list(tmp_path.rglob("*.ckpt"))
     out = capsys.readouterr().out
     assert "final validation" in out and "checkpoint" not in out
+
+
+def test_training_without_validation_keeps_the_last_checkpoint_without_warnings(tmp_path, monkeypatch, capsys):
+    """`--trainer.limit_val_batches=0` turns validation off: the checkpoint callback, which ranks by the
+    validation loss, keeps `last.ckpt` alone instead of warning that the loss is missing."""
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", *TINY, f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.limit_val_batches=0",
+              "--trainer.max_steps=2"])  # fmt: skip
+    assert not [w for w in caught if "monitored key" in str(w.message)]
+    assert [p.name for p in tmp_path.rglob("*.ckpt")] == ["last.ckpt"]
+    assert "last checkpoint" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
