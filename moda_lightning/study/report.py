@@ -156,12 +156,12 @@ def _paired_rows(diffs: list[PairedDifference]) -> list[str]:
         ci = d.ci95
         ci_text = "— (one pair)" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
         per_seed = ", ".join(f"{s}: {x:+.4f}" for s, x in zip(d.seeds, d.diffs))
-        rows.append(f"| {d.arm} | {len(d.diffs)} | {d.mean:+.4f} | {ci_text} | {_to_clear_zero(d)} | {per_seed} |")
+        rows.append(f"| {d.arm} | {len(d.diffs)} | {d.mean:+.4f} | {ci_text} | {_to_clear_zero(d, ci)} | {per_seed} |")
     return rows
 
 
-def _to_clear_zero(d: PairedDifference) -> str:
-    ci = d.ci95
+def _to_clear_zero(d: PairedDifference, ci: tuple[float, float] | None) -> str:
+    """The planning column's text for ``d``, whose 95% interval ``ci`` the row already holds."""
     if ci is not None and (ci[0] > 0 or ci[1] < 0):
         return "clear now"
     needed = d.pairs_to_clear_zero()
